@@ -1,0 +1,116 @@
+"""Safe, atomic, verifiable state files: safetensors tensors + a JSON metadata header.
+
+Nothing here unpickles: loading a file can only produce tensors and JSON. Every file written by
+:func:`save_state` carries a SHA-256 of its tensor bytes in the header, so bit rot and truncation
+are detected on load (safetensors itself rejects a truncated or malformed header).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import ModelError
+from .io import atomic_path
+
+_KEY = "latentdiff"
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_state(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict | None = None):
+    """Write tensors + JSON-able `meta` to `path` atomically (tmp file, fsync, rename)."""
+    tensors = {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}
+    header = {_KEY: json.dumps(meta or {}), "sha256": _digest(tensors)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+
+
+def load_state(path: str | Path, device: str | torch.device = "cpu", verify: bool = True):
+    """Read a file written by :func:`save_state`: (tensors, meta). Corruption -> ModelError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"missing file: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises several types for malformed files
+        raise ModelError(f"{path} is not a valid safetensors file (truncated or corrupted?): {e}") from None
+    if verify and "sha256" in header and _digest(tensors) != header["sha256"]:
+        raise ModelError(f"{path} is corrupted: its checksum does not match its contents")
+    try:
+        meta = json.loads(header.get(_KEY, "{}"))
+    except json.JSONDecodeError:
+        raise ModelError(f"{path} has an unreadable metadata header") from None
+    return {k: v.to(device) for k, v in tensors.items()}, meta
+
+
+# --- optimizer state <-> flat tensors + JSON ----------------------------------------------------
+
+def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for idx, st in state["state"].items():
+        for key, value in st.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{idx}.{key}"] = value
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = value
+    for name, value in meta.get("scalars", {}).items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# --- checkpoint directories ---------------------------------------------------------------------
+
+def checkpoint_path(directory: Path, stage: str, step: int) -> Path:
+    return Path(directory) / f"{stage}-{step:08d}.safetensors"
+
+
+def list_checkpoints(directory: Path, stage: str) -> list[Path]:
+    """Checkpoints of `stage`, newest first."""
+    pattern = re.compile(rf"^{re.escape(stage)}-(\d{{8}})\.safetensors$")
+    found = [(int(m.group(1)), p) for p in Path(directory).glob(f"{stage}-*.safetensors")
+             if (m := pattern.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def load_latest(directory: Path, stage: str, device="cpu", warn=print):
+    """The newest intact checkpoint (tensors, meta, path), skipping corrupt ones with a warning; None if none."""
+    for path in list_checkpoints(directory, stage):
+        try:
+            tensors, meta = load_state(path, device)
+            return tensors, meta, path
+        except ModelError as e:
+            warn(f"warning: skipping checkpoint: {e}")
+    return None
+
+
+def prune_checkpoints(directory: Path, stage: str, keep: int):
+    for path in list_checkpoints(directory, stage)[keep:]:
+        path.unlink(missing_ok=True)

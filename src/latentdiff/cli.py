@@ -1,0 +1,288 @@
+"""The `latentdiff` command: one subcommand per user task.
+
+Every user error (bad option, missing file, invalid config) prints one line starting with
+``latentdiff: error:`` and exits with code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import ConfigError, LatentDiffError
+
+SAMPLER_NAMES = ("ddpm", "ddim")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2
+        sys.stderr.write(f"latentdiff: error: {message} (see `{self.prog} --help`)\n")
+        raise SystemExit(2)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _unit_float(text: str) -> float:
+    value = _nonneg_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def _add_config_options(p: argparse.ArgumentParser):
+    g = p.add_argument_group("configuration (a preset or YAML file, then overrides)")
+    g.add_argument("--config", metavar="YAML", help="YAML config file (see configs/); may name a `preset:`")
+    g.add_argument("--preset", choices=("demo", "fashion-mnist", "tiny", "default"),
+                   help="start from a named preset instead of / below the YAML file (default: default)")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config field, e.g. --set training.lr=5e-4 (repeatable)")
+    g.add_argument("--run-dir", default="runs/latentdiff", metavar="DIR",
+                   help="where checkpoints, samples and the final model go (default: runs/latentdiff)")
+    g.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in RUN_DIR")
+    g.add_argument("--data", metavar="SOURCE",
+                   help="'bundled' (packaged 10k subset), 'fashion-mnist' (full IDX files) or a folder of images")
+    g.add_argument("--data-dir", metavar="DIR", help="directory holding the four Fashion-MNIST IDX .gz files")
+    g.add_argument("--image-size", type=_positive_int, metavar="N", help="resize images to N×N")
+    g.add_argument("--steps", type=_positive_int, metavar="N", help="training steps for this stage")
+    g.add_argument("--batch-size", type=_positive_int, metavar="N", help="global batch size for this stage")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to train (default: auto)")
+    g.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+
+
+def _load_cfg(args, stage_key: str):
+    from .config import load_config
+
+    over = list(args.overrides)
+    if args.data:
+        over.append(f"data.source={args.data}")
+    if args.data_dir:
+        over.append(f"data.data_dir={args.data_dir}")
+    if args.image_size:
+        over.append(f"data.image_size={args.image_size}")
+    if args.steps:
+        over.append(f"{stage_key}.steps={args.steps}")
+    if args.batch_size:
+        over.append(f"{stage_key}.batch_size={args.batch_size}")
+    if args.device:
+        over.append(f"device={args.device}")
+    return load_config(args.config, args.preset, over)
+
+
+def cmd_train_autoencoder(args):
+    from .train import train_autoencoder
+
+    cfg = _load_cfg(args, "autoencoder_training")
+    train_autoencoder(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress)
+
+
+def cmd_train(args):
+    from .train import train_diffusion
+
+    cfg = _load_cfg(args, "training")
+    train_diffusion(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress)
+
+
+def cmd_sample(args):
+    import numpy as np
+
+    from .io import save_individual, save_samples
+    from .pipeline import LatentDiffusion, resolve_device
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".png", ".npz"):
+        raise ConfigError(f"--out must end in .png or .npz, got {out}")
+    pipe = LatentDiffusion.load(args.model, resolve_device(args.device))
+    labels = None
+    if args.class_ is not None:
+        labels = np.full(args.n, args.class_)
+    elif pipe.num_classes and not args.unconditional:
+        labels = np.arange(args.n) % pipe.num_classes  # every class in turn
+    bar = _bar(args.n, "sampling", not args.no_progress)
+    t0 = time.perf_counter()
+    images, used = pipe.generate(args.n, sampler=args.sampler, steps=args.steps, seed=args.seed, labels=labels,
+                                 guidance=args.guidance, eta=args.eta, batch_size=args.batch_size,
+                                 progress=bar.update if bar else None)
+    dt = time.perf_counter() - t0
+    if bar:
+        bar.close()
+    meta = {"Software": f"latentdiff {__version__}",
+            "latentdiff": {"model": str(args.model), "sampler": args.sampler or pipe.cfg.sample.sampler,
+                           "steps": args.steps or pipe.cfg.sample.steps, "seed": args.seed,
+                           "guidance": pipe.cfg.sample.guidance if args.guidance is None else args.guidance,
+                           "class": args.class_, "synthetic": True}}
+    nrow = pipe.num_classes if (used is not None and args.class_ is None and args.n % pipe.num_classes == 0) else None
+    save_samples(images, out, used, meta, nrow=nrow)
+    if args.save_individual:
+        save_individual(images, args.save_individual, meta)
+    print(f"wrote {len(images)} images to {out} ({len(images) / dt:.1f} images/s on {pipe.device})")
+
+
+def cmd_demo(args):
+    from .config import load_config
+    from .io import make_grid, save_png
+    from .train import train_autoencoder, train_diffusion
+
+    over = [f"device={args.device}"] if args.device else []
+    cfg = load_config(preset="demo", overrides=over)
+    t0 = time.perf_counter()
+    train_autoencoder(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress)
+    pipe = train_diffusion(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress)
+    import numpy as np
+
+    labels = np.repeat(np.arange(pipe.num_classes), 8)
+    images, _ = pipe.generate(len(labels), labels=labels, seed=args.seed)
+    save_png(make_grid(images, 8), args.out, {"Software": f"latentdiff {__version__}",
+                                              "latentdiff": {"demo": True, "seed": args.seed, "synthetic": True}},
+             scale=2)
+    print(f"demo finished in {time.perf_counter() - t0:.0f} s: {args.out} (one row per class: "
+          f"{', '.join(pipe.class_names)}); model in {args.run_dir}")
+
+
+def cmd_download(args):
+    from .data import download_fashion_mnist
+
+    path = download_fashion_mnist(args.dest, progress=not args.no_progress)
+    print(f"Fashion-MNIST is in {path}")
+
+
+def cmd_info(args):
+    from .pipeline import LatentDiffusion
+
+    pipe = LatentDiffusion.load(args.model)
+    n_ae = sum(p.numel() for p in pipe.autoencoder.parameters())
+    n_den = sum(p.numel() for p in pipe.denoiser.parameters())
+    print(json.dumps({"image_shape": pipe.image_shape, "latent_shape": pipe.autoencoder.latent_shape,
+                      "classes": list(pipe.class_names), "autoencoder_parameters": n_ae,
+                      "denoiser_parameters": n_den, "scale_factor": float(pipe.autoencoder.scale_factor),
+                      "prediction": pipe.denoiser.prediction, "schedule": pipe.cfg.diffusion.schedule,
+                      "num_train_steps": pipe.cfg.diffusion.num_train_steps}, indent=2))
+
+
+def _bar(total, desc, enabled):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="latentdiff", description="Latent diffusion models: train an autoencoder, train a "
+                     "diffusion model in its latent space, and sample from it.",
+                     epilog="Quick start: `latentdiff demo`, then `latentdiff sample --model "
+                            "pretrained:fashion-mnist --n 64 --out samples.png`.")
+    parser.add_argument("--version", action="version", version=f"latentdiff {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("demo", help="train a small model on the bundled data (CPU, minutes) and write samples.png",
+                       description="Train a small autoencoder and class-conditional latent diffusion model on the "
+                                   "bundled Fashion-MNIST subset, then write a grid of samples (one row per class).")
+    p.add_argument("--out", default="samples.png", help="where the sample grid goes (default: samples.png)")
+    p.add_argument("--run-dir", default="demo-run", help="where the demo model goes (default: demo-run)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to train (default: auto)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted demo run")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train-autoencoder", help="stage 1: train the KL autoencoder (reports PSNR/SSIM)",
+                       description="Train the KL-regularised autoencoder on images, estimate the latent scale "
+                                   "factor, and report PSNR/SSIM on the held-out split. Writes "
+                                   "RUN_DIR/autoencoder.safetensors.")
+    _add_config_options(p)
+    p.set_defaults(func=cmd_train_autoencoder)
+
+    p = sub.add_parser("train", help="stage 2: train the latent diffusion model (needs stage 1 in RUN_DIR)",
+                       description="Train the U-Net denoiser on latents of the frozen autoencoder in RUN_DIR. "
+                                   "When it finishes, RUN_DIR is a model directory usable with `sample --model`.")
+    _add_config_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="generate images from a trained model",
+                       description="Generate images. --out FILE.png writes a grid; --out FILE.npz writes uint8 "
+                                   "`images` (N×H×W or N×H×W×C) and `labels` for conditional models.")
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="a model directory, or pretrained:NAME (e.g. pretrained:fashion-mnist)")
+    p.add_argument("--n", type=_positive_int, default=64, help="number of images (default: 64)")
+    p.add_argument("--steps", type=_positive_int, help="sampling steps (default: the model's, e.g. 50)")
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, help="ddpm (ancestral) or ddim (default: the model's)")
+    p.add_argument("--eta", type=_unit_float, default=0.0, help="DDIM stochasticity η in [0, 1] (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same images (default: 0)")
+    p.add_argument("--class", dest="class_", type=_nonneg_int, metavar="K",
+                   help="generate only class K (conditional models); default: all classes in turn")
+    p.add_argument("--unconditional", action="store_true", help="ignore classes (null label) on a conditional model")
+    p.add_argument("--guidance", type=_nonneg_float, help="classifier-free guidance scale (1 = none; default: model's)")
+    p.add_argument("--out", default="samples.png", help=".png grid or .npz archive (default: samples.png)")
+    p.add_argument("--save-individual", metavar="DIR", help="also write one PNG per image into DIR")
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="images per batch (default: 256)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: auto")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("download", help="download the full Fashion-MNIST (checksum-verified)",
+                       description="Download the four official Fashion-MNIST IDX files, verify their MD5 "
+                                   "checksums, and store them in DEST (default: the latentdiff cache directory).")
+    p.add_argument("dataset", choices=("fashion-mnist",), help="data set to download")
+    p.add_argument("--dest", help="target directory (default: cache directory)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("info", help="describe a model directory", description="Print a model's shapes and settings.")
+    p.add_argument("--model", required=True, metavar="DIR", help="a model directory or pretrained:NAME")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        args.func(args)
+    except LatentDiffError as e:
+        sys.stderr.write(f"latentdiff: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("latentdiff: interrupted\n")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

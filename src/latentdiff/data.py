@@ -1,0 +1,543 @@
+"""Image data sets: the bundled Fashion-MNIST subset, the full Fashion-MNIST IDX files, image folders.
+
+Everything is returned as :class:`ImageData` holding uint8 ``N×H×W×C`` arrays; :func:`to_tensor`
+and :func:`to_uint8` convert to and from the float ``N×C×H×W`` tensors in ``[-1, 1]`` that the
+models use. Every problem with the data itself raises :class:`~latentdiff.errors.DataError` with a
+message that names the offending file and says what to do.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import http.client
+import os
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+import zlib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from latentdiff.errors import DataError
+
+CLASS_NAMES: tuple[str, ...] = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+
+OFFICIAL_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+# MD5 of the .gz files as published by Zalando Research. A module-level dict so tests can patch it.
+# Debian's dataset-fashion-mnist rewrites the gzip header (drops the file name, changes the
+# timestamp), so its files hash differently although the compressed data is byte-identical.
+FASHION_MNIST_MD5: dict[str, str] = {
+    "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+    "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+    "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+}
+FASHION_MNIST_SPLITS: dict[str, tuple[str, str]] = {  # split -> (images file, labels file)
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+# Where `apt-get install dataset-fashion-mnist` puts the files (a system location, not a user's).
+SYSTEM_FASHION_MNIST_DIR = Path(os.sep, "usr", "share", "datasets", "fashion-mnist")
+FASHION_MNIST_DIR_ENV = "LATENTDIFF_FASHION_MNIST_DIR"
+CACHE_ENV = "LATENTDIFF_CACHE"
+
+SOURCES = ("bundled", "fashion-mnist")  # plus: a path to a folder of images
+SPLITS = ("train", "test")
+BUNDLED_NPZ = "fashion_mnist_subset.npz"
+BUNDLED_SIZES = {"train": 10_000, "test": 2_000}
+
+_IDX_IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
+_IDX_LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dimension
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+@dataclass
+class ImageData:
+    """A set of images (uint8 ``N×H×W×C``, C = 1 or 3) with optional integer class labels."""
+
+    images: np.ndarray
+    labels: np.ndarray | None  # int64 N, or None when the source has no labels
+    num_classes: int  # 0 when unlabeled
+    class_names: tuple[str, ...]  # () when unlabeled
+    source: str  # human description, e.g. "bundled Fashion-MNIST subset (train)"
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[3] not in (1, 3):
+            raise ValueError(f"images must be uint8 N×H×W×C with C in (1, 3), got "
+                             f"{self.images.dtype} {self.images.shape}")
+        if self.labels is not None and self.labels.shape != (len(self.images),):
+            raise ValueError(f"labels shape {self.labels.shape} does not match {len(self.images)} images")
+        if len(self.class_names) != self.num_classes:
+            raise ValueError(f"{self.num_classes} classes but {len(self.class_names)} class names")
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return int(self.images.shape[1]), int(self.images.shape[2])
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[3])
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+# ----------------------------------------------------------------------------- tensors
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``N×H×W×C`` -> float32 ``N×C×H×W`` in [-1, 1] (x / 127.5 - 1)."""
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"expected uint8 N×H×W×C images, got {images.dtype} {images.shape}")
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # N×C×H×W
+    return x.float().div_(127.5).sub_(1.0).contiguous()
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Inverse of :func:`to_tensor`: float ``N×C×H×W`` (clamped to [-1, 1]) -> uint8 ``N×H×W×C``."""
+    if x.ndim != 4:
+        raise ValueError(f"expected an N×C×H×W tensor, got shape {tuple(x.shape)}")
+    x = x.detach().to("cpu", torch.float32)
+    if torch.isnan(x).any():  # a NaN would become an arbitrary byte; make the upstream bug visible
+        raise ValueError("tensor contains NaN; cannot convert it to an image")
+    x = x.clamp(-1.0, 1.0).add(1.0).mul(127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).contiguous().numpy()  # N×H×W×C
+
+
+# ----------------------------------------------------------------------------- IDX files
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file of unsigned bytes (images 0x00000803 or labels 0x00000801), gzip or raw.
+
+    Validates the magic number, the dimensions and the exact byte length.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            is_gzip = f.read(2) == b"\x1f\x8b"  # sniff, so a misnamed file still reads
+        opener = gzip.open if is_gzip else open
+        with opener(path, "rb") as f:
+            data = bytearray(f.read())  # bytearray: np.frombuffer then gives a writable array
+    except FileNotFoundError:
+        raise DataError(f"IDX file not found: {path}") from None
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: truncated or corrupt gzip data ({e}); download the file again") from e
+    except OSError as e:
+        raise DataError(f"cannot read IDX file {path}: {e}") from e
+
+    if len(data) < 4:
+        raise DataError(f"{path}: not an IDX file: only {len(data)} bytes")
+    magic = int.from_bytes(data[:4], "big")
+    if magic not in (_IDX_IMAGES_MAGIC, _IDX_LABELS_MAGIC):
+        raise DataError(
+            f"{path}: bad IDX magic number 0x{magic:08x} (expected 0x{_IDX_IMAGES_MAGIC:08x} for "
+            f"images or 0x{_IDX_LABELS_MAGIC:08x} for labels); not a Fashion-MNIST/MNIST IDX file"
+        )
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{path}: IDX header truncated: {len(data)} bytes, need {header}")
+    dims = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    if 0 in dims:
+        raise DataError(f"{path}: IDX dimensions {dims} contain a zero; the file holds no data")
+    expected = header + int(np.prod(dims, dtype=object))
+    if len(data) != expected:
+        what = "truncated" if len(data) < expected else "has trailing bytes"
+        raise DataError(
+            f"{path}: wrong size for IDX dimensions {dims}: expected {expected} bytes, found "
+            f"{len(data)} ({what}); download the file again"
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _locate(directory: Path, name: str) -> Path | None:
+    """The file ``name`` (.gz) in ``directory``, or its uncompressed twin, or None."""
+    for candidate in (directory / name, directory / name.removesuffix(".gz")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _missing(directory: Path) -> list[str]:
+    return [name for name in FASHION_MNIST_MD5 if _locate(directory, name) is None]
+
+
+def cache_dir() -> Path:
+    """``$LATENTDIFF_CACHE``, else ``$XDG_CACHE_HOME/latentdiff``, else ``~/.cache/latentdiff``."""
+    if os.environ.get(CACHE_ENV):  # an empty variable counts as unset, as XDG says
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "latentdiff"
+    return Path.home() / ".cache" / "latentdiff"
+
+
+def find_fashion_mnist(data_dir: str | os.PathLike | None = None) -> Path:
+    """The folder holding the four Fashion-MNIST IDX files (each .gz or uncompressed).
+
+    Search order: ``data_dir``; ``$LATENTDIFF_FASHION_MNIST_DIR``; the Debian package's folder;
+    ``cache_dir()/fashion-mnist``. A folder named explicitly (argument or environment variable)
+    must be complete: falling back elsewhere would hide the user's mistake.
+    """
+    explicit = [(Path(data_dir).expanduser(), "--data-dir")] if data_dir is not None else []
+    if not explicit and os.environ.get(FASHION_MNIST_DIR_ENV):
+        explicit = [(Path(os.environ[FASHION_MNIST_DIR_ENV]).expanduser(), f"${FASHION_MNIST_DIR_ENV}")]
+    for directory, how in explicit:
+        if not directory.is_dir():
+            raise DataError(f"Fashion-MNIST folder {directory} (from {how}) does not exist")
+        missing = _missing(directory)
+        if missing:
+            raise DataError(
+                f"Fashion-MNIST folder {directory} (from {how}) is missing {', '.join(missing)} "
+                f"(.gz or uncompressed); run `latentdiff download fashion-mnist --dest {directory}`"
+            )
+        return directory
+
+    searched = [SYSTEM_FASHION_MNIST_DIR, cache_dir() / "fashion-mnist"]
+    partial = []
+    for directory in searched:
+        if directory.is_dir():
+            missing = _missing(directory)
+            if not missing:
+                return directory
+            partial.append(f"{directory} lacks {', '.join(missing)}")
+    raise DataError(
+        "Fashion-MNIST not found (searched "
+        + ", ".join(str(d) for d in searched)
+        + ("; " + "; ".join(partial) if partial else "")
+        + "). Get it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or "
+        "`latentdiff download fashion-mnist`, or point --data-dir (or "
+        f"${FASHION_MNIST_DIR_ENV}) at a folder with {', '.join(FASHION_MNIST_MD5)}; "
+        "or use the bundled subset (--data bundled)"
+    )
+
+
+def _load_fashion_mnist(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    images_path, labels_path = (_locate(directory, name) for name in FASHION_MNIST_SPLITS[split])
+    assert images_path is not None and labels_path is not None  # find_fashion_mnist checked
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.ndim != 3:
+        raise DataError(f"{images_path}: expected an IDX image file (3 dims), found {images.ndim} dims")
+    if labels.ndim != 1:
+        raise DataError(f"{labels_path}: expected an IDX label file (1 dim), found {labels.ndim} dims")
+    if len(images) != len(labels):
+        raise DataError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
+    if labels.max() >= len(CLASS_NAMES):
+        raise DataError(f"{labels_path}: label {labels.max()} out of range 0..{len(CLASS_NAMES) - 1}")
+    return images, labels.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- download
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable; not possible on every platform, hence best effort."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fetch(url: str, target: Path, expected_md5: str, *, timeout: float, progress: bool) -> None:
+    """Download ``url`` to a temporary file beside ``target``; rename it once the MD5 matches."""
+    tmp: Path | None = None
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            total = int(response.headers.get("Content-Length") or 0)
+            fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+            tmp = Path(tmp_name)
+            h, done = hashlib.md5(usedforsecurity=False), 0
+            with os.fdopen(fd, "wb") as f:
+                while chunk := response.read(1 << 16):
+                    f.write(chunk)
+                    h.update(chunk)
+                    done += len(chunk)
+                    if progress and sys.stderr.isatty():
+                        of = f" / {total / 1e6:.1f}" if total else ""
+                        print(f"\r  {target.name}: {done / 1e6:.1f}{of} MB", end="", file=sys.stderr)
+                f.flush()
+                os.fsync(f.fileno())
+        if progress:
+            print(f"\r  {target.name}: {done / 1e6:.1f} MB done", file=sys.stderr)
+        actual = h.hexdigest()
+        if actual != expected_md5:
+            raise DataError(
+                f"checksum mismatch for {target.name} downloaded from {url}: expected MD5 "
+                f"{expected_md5}, got {actual}; the download was discarded, try again later"
+            )
+        os.replace(tmp, target)
+        tmp = None
+        _fsync_dir(target.parent)
+    except urllib.error.HTTPError as e:
+        raise DataError(f"could not download {url}: HTTP {e.code} {e.reason}") from e
+    except urllib.error.URLError as e:
+        raise DataError(f"could not download {url}: {e.reason}; check the network connection") from e
+    except (OSError, http.client.HTTPException) as e:  # timeouts, resets, short reads, disk full
+        raise DataError(f"could not download {url} to {target}: {e!r}") from e
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+
+
+def download_fashion_mnist(
+    dest: str | os.PathLike | None = None,
+    *,
+    base_url: str = OFFICIAL_URL,
+    progress: bool = True,
+    timeout: float = 30,
+) -> Path:
+    """Download the four Fashion-MNIST .gz files into ``dest`` (default ``cache_dir()/fashion-mnist``).
+
+    Files already present with the right MD5 are kept; each new file is written to a temporary
+    file, checked against :data:`FASHION_MNIST_MD5`, fsynced and renamed into place.
+    """
+    dest = Path(dest).expanduser() if dest is not None else cache_dir() / "fashion-mnist"
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create download folder {dest}: {e}") from e
+    for name, expected in FASHION_MNIST_MD5.items():
+        target = dest / name
+        if target.is_file() and _md5(target) == expected:
+            if progress:
+                print(f"  {name}: already present, checksum ok", file=sys.stderr)
+            continue
+        url = base_url.rstrip("/") + "/" + name
+        if progress:
+            print(f"downloading {url}", file=sys.stderr)
+        _fetch(url, target, expected, timeout=timeout, progress=progress)
+    return dest
+
+
+# ----------------------------------------------------------------------------- bundled subset
+
+
+@functools.lru_cache(maxsize=1)
+def _bundled_arrays() -> dict[str, np.ndarray]:
+    """The packaged subset, loaded once per process; read-only so no caller can corrupt the cache."""
+    ref = resources.files("latentdiff") / "assets" / BUNDLED_NPZ
+    try:
+        with resources.as_file(ref) as path, np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"bundled data set {ref} is missing or corrupt ({e}); reinstall latentdiff "
+                        "or regenerate it with scripts/make_bundled_subset.py") from e
+    for split, n in BUNDLED_SIZES.items():
+        images, labels = arrays.get(f"{split}_images"), arrays.get(f"{split}_labels")
+        if (images is None or labels is None or images.shape != (n, 28, 28) or images.dtype != np.uint8
+                or labels.shape != (n,) or labels.min() < 0 or labels.max() >= len(CLASS_NAMES)):
+            raise DataError(f"bundled data set {ref} has unexpected contents for split {split!r}; "
+                            "reinstall latentdiff or regenerate it with scripts/make_bundled_subset.py")
+        arrays[f"{split}_labels"] = labels.astype(np.int64)
+    for a in arrays.values():
+        a.setflags(write=False)
+    return arrays
+
+
+# ----------------------------------------------------------------------------- image folders
+
+
+def _is_gray(mode: str) -> bool:
+    return mode in ("1", "L", "LA") or mode.startswith("I")
+
+
+def _open_image(path: Path) -> Image.Image:
+    """Fully decode one image file; any failure names the file (never skipped silently)."""
+    try:
+        with Image.open(path) as im:
+            im.verify()  # checks PNG chunk CRCs and completeness even if truncated loads are allowed
+        im = Image.open(path)
+        im.load()
+        return ImageOps.exif_transpose(im)
+    # Decoders of untrusted bytes raise a zoo of types (OSError, SyntaxError, struct.error, ...).
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}; fix or remove the file") from e
+
+
+def _as_mode(im: Image.Image, channels: int) -> Image.Image:
+    """Convert to 'L' (channels=1) or 'RGB' (channels=3); alpha is dropped."""
+    if im.mode.startswith("I"):  # 16/32-bit gray: PIL's convert would clip, so rescale to 8 bits
+        a = np.asarray(im).astype(np.int64)
+        if im.mode.startswith("I;16") or a.max() > 255:
+            a = (a.clip(0, 65535) + 128) // 257
+        im = Image.fromarray(a.clip(0, 255).astype(np.uint8), "L")
+    if im.mode == "P":  # via RGBA so palette transparency converts without a warning
+        im = im.convert("RGBA")
+    return im.convert("L" if channels == 1 else "RGB")
+
+
+def _resize_crop(im: Image.Image, size: int) -> Image.Image:
+    """Resize so the shorter side is ``size``, then centre-crop to ``size×size``."""
+    w, h = im.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
+def _image_files(root: Path) -> list[Path]:
+    """Image files under ``root``, sorted; hidden files and folders (e.g. macOS ``._x.png``) skipped."""
+    files = []
+    for p in root.rglob("*"):
+        rel = p.relative_to(root)
+        if p.suffix.lower() in _IMAGE_SUFFIXES and not any(s.startswith(".") for s in rel.parts) and p.is_file():
+            files.append(p)
+    return sorted(files, key=lambda p: p.relative_to(root).parts)
+
+
+def load_image_folder(
+    path: str | os.PathLike,
+    *,
+    image_size: int | None = None,
+    channels: int | None = None,
+    limit: int | None = None,
+) -> ImageData:
+    """Load every *.png/*.jpg/*.jpeg under ``path`` (recursively, sorted).
+
+    Labels come from first-level subfolder names when every image lies in one (class names
+    sorted); otherwise the data is unlabeled. ``channels`` defaults to 1 when every image is
+    grayscale, else 3. Images of different sizes need ``image_size`` (resize shorter side,
+    centre-crop to a square).
+    """
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist or is not a folder")
+    files = _image_files(root)
+    if not files:
+        raise DataError(f"image folder {root} contains no .png/.jpg/.jpeg images")
+    labeled = all(len(p.relative_to(root).parts) >= 2 for p in files)
+    # Class names come from every file, so `limit` never changes the label mapping.
+    class_names = tuple(sorted({p.relative_to(root).parts[0] for p in files})) if labeled else ()
+    files = files[:limit]
+
+    loaded = [_open_image(p) for p in files]
+    if channels is None:
+        channels = 1 if all(_is_gray(im.mode) for im in loaded) else 3
+    arrays, first = [], None
+    for p, im in zip(files, loaded):
+        im = _as_mode(im, channels)
+        if image_size is not None:
+            im = _resize_crop(im, image_size)
+        elif first is None:
+            first = (p, im.size)
+        elif im.size != first[1]:
+            raise DataError(
+                f"images in {root} have different sizes: {first[0]} is {first[1][0]}×{first[1][1]} "
+                f"but {p} is {im.size[0]}×{im.size[1]}; pass --image-size N (image_size=N) to "
+                "resize and centre-crop them all to N×N"
+            )
+        arrays.append(np.asarray(im, dtype=np.uint8).reshape(im.size[1], im.size[0], channels))
+    labels = None
+    if labeled:
+        index = {name: i for i, name in enumerate(class_names)}
+        labels = np.array([index[p.relative_to(root).parts[0]] for p in files], dtype=np.int64)
+    return ImageData(np.stack(arrays), labels, len(class_names), class_names, f"image folder {root}")
+
+
+# ----------------------------------------------------------------------------- load_dataset
+
+
+def _resize_array(images: np.ndarray, size: int) -> np.ndarray:
+    """Resize N×H×W×C uint8 images to size×size with PIL bilinear."""
+    mode = "L" if images.shape[3] == 1 else "RGB"
+    out = [
+        np.asarray(Image.fromarray(img.squeeze(2) if mode == "L" else img, mode)
+                   .resize((size, size), Image.Resampling.BILINEAR))
+        for img in images
+    ]
+    return np.stack(out).reshape(len(images), size, size, images.shape[3])
+
+
+def _set_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    if images.shape[3] == channels:
+        return images
+    if channels == 3:
+        return np.repeat(images, 3, axis=3)
+    rgb = images.astype(np.uint32)  # ITU-R 601-2 luma with PIL's fixed-point rounding
+    luma = (rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000) >> 16
+    return luma.astype(np.uint8)[..., None]
+
+
+def _check_args(split: str, image_size: int | None, channels: int | None, limit: int | None) -> None:
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    if image_size is not None and image_size < 1:
+        raise DataError(f"image_size must be a positive number of pixels, got {image_size}")
+    if channels not in (None, 1, 3):
+        raise DataError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+    if limit is not None and limit < 1:
+        raise DataError(f"limit must be at least 1, got {limit}")
+
+
+def load_dataset(
+    source: str = "bundled",
+    split: str = "train",
+    *,
+    data_dir: str | os.PathLike | None = None,
+    image_size: int | None = None,
+    channels: int | None = None,
+    limit: int | None = None,
+) -> ImageData:
+    """Load a data set as :class:`ImageData`.
+
+    ``source``: ``"bundled"`` (the packaged 10k/2k subset), ``"fashion-mnist"`` (the full IDX files,
+    found by :func:`find_fashion_mnist`), or a path to a folder of images (``split`` picks the
+    ``train/`` or ``test/`` subfolder when both exist, and is ignored otherwise). ``image_size``
+    resizes, ``channels`` converts (1 gray, 3 RGB), ``limit`` keeps the first N images.
+    """
+    _check_args(split, image_size, channels, limit)
+    if source in SOURCES:
+        if source == "bundled":
+            arrays = _bundled_arrays()
+            images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+            description = f"bundled Fashion-MNIST subset ({split})"
+        else:
+            directory = find_fashion_mnist(data_dir)
+            images, labels = _load_fashion_mnist(directory, split)
+            description = f"Fashion-MNIST ({split}) from {directory}"
+        images = np.array(images[:limit, :, :, None])  # N×H×W×1, a copy: the cache stays read-only
+        labels = np.array(labels[:limit])
+        if image_size is not None and images.shape[1:3] != (image_size, image_size):
+            images = _resize_array(images, image_size)
+        images = _set_channels(images, channels or images.shape[3])
+        return ImageData(images, labels, len(CLASS_NAMES), CLASS_NAMES, description)
+
+    root = Path(source).expanduser()
+    if not root.exists():
+        raise DataError(f"unknown data source {source!r}: expected {', '.join(SOURCES)} or a path "
+                        "to a folder of images (no such folder)")
+    if not root.is_dir():
+        raise DataError(f"data source {root} is a file; expected {', '.join(SOURCES)} or a folder of images")
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        data = load_image_folder(root / split, image_size=image_size, channels=channels, limit=limit)
+        data.source = f"image folder {root} ({split})"
+        return data
+    return load_image_folder(root, image_size=image_size, channels=channels, limit=limit)

@@ -1,0 +1,101 @@
+"""Writing results: atomic file writes, image grids, PNGs with provenance metadata, sample archives."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+from .errors import DataError
+
+
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path beside `path`; on success fsync it and rename it into place.
+
+    A crash or exception leaves any previous file at `path` intact and no partial file behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        try:  # make the rename itself durable
+            dfd = os.open(path.parent, os.O_RDONLY)
+            os.fsync(dfd)
+            os.close(dfd)
+        except OSError:
+            pass
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text_atomic(path: str | Path, text: str):
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2, pad_value: int = 255) -> np.ndarray:
+    """uint8 N×H×W×C -> one uint8 image (rows of `nrow` images with `pad` pixels between)."""
+    if images.ndim == 3:
+        images = images[..., None]
+    n, h, w, c = images.shape
+    nrow = nrow or max(1, int(math.ceil(math.sqrt(n))))
+    rows = int(math.ceil(n / nrow))
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), pad_value, dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, col = divmod(i, nrow)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = img
+    return grid
+
+
+def to_pil(img: np.ndarray) -> Image.Image:
+    if img.ndim == 3 and img.shape[-1] == 1:
+        img = img[..., 0]
+    return Image.fromarray(img, mode="L" if img.ndim == 2 else "RGB")
+
+
+def save_png(img: np.ndarray, path: str | Path, metadata: dict | None = None, scale: int = 1):
+    """Save one uint8 H×W[×C] image atomically; `metadata` goes into PNG text chunks (provenance)."""
+    pil = to_pil(img)
+    if scale > 1:
+        pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+    info = PngImagePlugin.PngInfo()
+    for key, value in (metadata or {}).items():
+        info.add_text(str(key), value if isinstance(value, str) else json.dumps(value))
+    with atomic_path(path) as tmp:
+        pil.save(tmp, format="PNG", pnginfo=info)
+
+
+def save_samples(images: np.ndarray, path: str | Path, labels: np.ndarray | None = None,
+                 metadata: dict | None = None, nrow: int | None = None, scale: int = 2):
+    """`.npz`: uint8 `images` (N×H×W grayscale, N×H×W×C colour) [+ `labels`]; `.png`: a grid."""
+    path = Path(path)
+    if path.suffix.lower() == ".npz":
+        arr = images[..., 0] if images.shape[-1] == 1 else images
+        extra = {"labels": labels.astype(np.int64)} if labels is not None else {}
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, images=arr, **extra)
+    elif path.suffix.lower() == ".png":
+        save_png(make_grid(images, nrow), path, metadata, scale=scale)
+    else:
+        raise DataError(f"output {path} must end in .npz or .png")
+
+
+def save_individual(images: np.ndarray, directory: str | Path, metadata: dict | None = None):
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        save_png(img, directory / f"{i:05d}.png", metadata)
