@@ -37,20 +37,24 @@ def _idx_path(directory: Path, name: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", help="folder with the four IDX .gz files")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output .npz (default: %(default)s)")
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="output .npz (default: the asset)"
+    )
     args = parser.parse_args(argv)
 
     directory = find_fashion_mnist(args.data_dir)
     arrays = {}
     for split, (images_name, labels_name) in FASHION_MNIST_SPLITS.items():
         n = BUNDLED_SIZES[split]
-        images, labels = (read_idx(_idx_path(directory, name)) for name in (images_name, labels_name))
+        images = read_idx(_idx_path(directory, images_name))
+        labels = read_idx(_idx_path(directory, labels_name))
         assert images.shape[1:] == (28, 28) and len(images) >= n and len(labels) == len(images)
         arrays[f"{split}_images"] = np.ascontiguousarray(images[:n])  # uint8 n×28×28
         arrays[f"{split}_labels"] = np.ascontiguousarray(labels[:n])  # uint8 n, values 0..9
     args.out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(args.out, **arrays)
-    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB) from {directory}", file=sys.stderr)
+    size_mb = args.out.stat().st_size / 1e6
+    print(f"wrote {args.out} ({size_mb:.2f} MB) from {directory}", file=sys.stderr)
     return 0
 
 

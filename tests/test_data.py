@@ -1,4 +1,4 @@
-"""Tests for latentdiff.data: bundled subset, IDX reading, finding/downloading Fashion-MNIST, folders."""
+"""Tests for latentdiff.data: bundled subset, IDX files, finding/downloading, image folders."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from latentdiff.errors import DataError
 
 SYSTEM_DIR = data.SYSTEM_FASHION_MNIST_DIR
 HAVE_SYSTEM = all((SYSTEM_DIR / name).is_file() for name in FASHION_MNIST_MD5)
-needs_system = pytest.mark.skipif(not HAVE_SYSTEM, reason="apt package dataset-fashion-mnist not installed")
+needs_system = pytest.mark.skipif(not HAVE_SYSTEM, reason="dataset-fashion-mnist not installed")
 
 
 @pytest.fixture(autouse=True)
@@ -47,7 +47,8 @@ def _isolated_env(monkeypatch, tmp_path):
 def idx_bytes(array: np.ndarray) -> bytes:
     """Encode a uint8 array (1-D labels or 3-D images) as an IDX file."""
     magic = 0x00000800 | array.ndim
-    return struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape) + array.tobytes()
+    dims = b"".join(struct.pack(">I", d) for d in array.shape)
+    return struct.pack(">I", magic) + dims + array.tobytes()
 
 
 def write_fake_fashion_mnist(directory: Path, n: int = 3, size: int = 4) -> dict[str, bytes]:
@@ -146,7 +147,8 @@ def test_read_idx_round_trip(tmp_path, compress):
 
 
 def test_read_idx_truncated_gzip(tmp_path):
-    blob = gzip.compress(idx_bytes(np.random.default_rng(2).integers(0, 256, (50, 8, 8), dtype=np.uint8)))
+    images = np.random.default_rng(2).integers(0, 256, (50, 8, 8), dtype=np.uint8)
+    blob = gzip.compress(idx_bytes(images))
     path = tmp_path / "cut-images.gz"
     path.write_bytes(blob[: len(blob) // 2])
     with pytest.raises(DataError, match="cut-images.gz.*truncated"):
@@ -195,7 +197,8 @@ def test_find_data_dir(tmp_path):
 def test_find_accepts_uncompressed_files(tmp_path):
     write_fake_fashion_mnist(tmp_path)
     for name in FASHION_MNIST_MD5:
-        (tmp_path / name.removesuffix(".gz")).write_bytes(gzip.decompress((tmp_path / name).read_bytes()))
+        raw = gzip.decompress((tmp_path / name).read_bytes())
+        (tmp_path / name.removesuffix(".gz")).write_bytes(raw)
         (tmp_path / name).unlink()
     assert find_fashion_mnist(tmp_path) == tmp_path
     assert len(load_dataset("fashion-mnist", "train", data_dir=tmp_path)) == 3
@@ -248,7 +251,7 @@ def test_find_nothing_says_how_to_get_it(tmp_path, monkeypatch):
 
 @pytest.fixture
 def http_server(tmp_path):
-    """A local HTTP server in a thread serving tmp_path/www; yields (root, base_url, request log)."""
+    """A local HTTP server thread serving tmp_path/www; yields (root, base_url, request log)."""
     root = tmp_path / "www"
     root.mkdir()
     requests: list[str] = []
@@ -265,7 +268,7 @@ def http_server(tmp_path):
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield root, f"http://127.0.0.1:{server.server_port}/files", requests
     server.shutdown()
@@ -366,8 +369,7 @@ def test_system_files_are_the_official_release():
 
 
 @needs_system
-def test_load_system_fashion_mnist(monkeypatch):
-    monkeypatch.setenv("LATENTDIFF_CACHE", "/nonexistent-latentdiff-cache")
+def test_load_system_fashion_mnist():
     train = load_dataset("fashion-mnist", "train")
     test = load_dataset("fashion-mnist", "test")
     assert train.images.shape == (60_000, 28, 28, 1) and test.images.shape == (10_000, 28, 28, 1)
@@ -424,7 +426,8 @@ def test_folder_unlabeled_when_not_all_in_subfolders(tmp_path):
 @pytest.mark.parametrize("tall", [False, True])
 def test_folder_resize_and_centre_crop(tmp_path, tall):
     # 40×20: red quarter | green half | blue quarter -> the centre square is all green
-    img = np.concatenate([rgb((255, 0, 0), 20, 10), rgb((0, 255, 0), 20, 20), rgb((0, 0, 255), 20, 10)], axis=1)
+    parts = [rgb((255, 0, 0), 20, 10), rgb((0, 255, 0), 20, 20), rgb((0, 0, 255), 20, 10)]
+    img = np.concatenate(parts, axis=1)
     save(tmp_path / "wide.png", img.transpose(1, 0, 2).copy() if tall else img)
     d = load_image_folder(tmp_path, image_size=10, channels=None)
     assert d.images.shape == (1, 10, 10, 3)

@@ -151,7 +151,7 @@ def _fashion_mnist() -> Config:
     return Config(
         data=DataConfig(source="fashion-mnist"),
         autoencoder=AutoencoderConfig(latent_channels=4, factor=4, base_channels=24, num_res_blocks=1),
-        autoencoder_training=TrainConfig(steps=3000, batch_size=64, lr=1e-3, warmup_steps=100, ema_decay=0.0,
+        autoencoder_training=TrainConfig(steps=2000, batch_size=64, lr=1e-3, warmup_steps=100, ema_decay=0.0,
                                          log_every=50, checkpoint_every=500),
         unet=UNetConfig(in_channels=4, base_channels=64, channel_mults=(1, 2), num_res_blocks=2,
                         attention_levels=(1,), num_classes=10),

@@ -1,4 +1,4 @@
-"""Image data sets: the bundled Fashion-MNIST subset, the full Fashion-MNIST IDX files, image folders.
+"""Image data sets: the bundled Fashion-MNIST subset, the full Fashion-MNIST IDX files, folders.
 
 Everything is returned as :class:`ImageData` holding uint8 ``N×H×W×C`` arrays; :func:`to_tensor`
 and :func:`to_uint8` convert to and from the float ``N×C×H×W`` tensors in ``[-1, 1]`` that the
@@ -49,7 +49,7 @@ FASHION_MNIST_SPLITS: dict[str, tuple[str, str]] = {  # split -> (images file, l
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 # Where `apt-get install dataset-fashion-mnist` puts the files (a system location, not a user's).
-SYSTEM_FASHION_MNIST_DIR = Path(os.sep, "usr", "share", "datasets", "fashion-mnist")
+SYSTEM_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_DIR_ENV = "LATENTDIFF_FASHION_MNIST_DIR"
 CACHE_ENV = "LATENTDIFF_CACHE"
 
@@ -74,11 +74,13 @@ class ImageData:
     source: str  # human description, e.g. "bundled Fashion-MNIST subset (train)"
 
     def __post_init__(self) -> None:
-        if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[3] not in (1, 3):
-            raise ValueError(f"images must be uint8 N×H×W×C with C in (1, 3), got "
-                             f"{self.images.dtype} {self.images.shape}")
-        if self.labels is not None and self.labels.shape != (len(self.images),):
-            raise ValueError(f"labels shape {self.labels.shape} does not match {len(self.images)} images")
+        x = self.images
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[3] not in (1, 3):
+            raise ValueError(
+                f"images must be uint8 N×H×W×C with C in (1, 3), got {x.dtype} {x.shape}"
+            )
+        if self.labels is not None and self.labels.shape != (len(x),):
+            raise ValueError(f"labels shape {self.labels.shape} does not match {len(x)} images")
         if len(self.class_names) != self.num_classes:
             raise ValueError(f"{self.num_classes} classes but {len(self.class_names)} class names")
 
@@ -134,7 +136,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     except FileNotFoundError:
         raise DataError(f"IDX file not found: {path}") from None
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-        raise DataError(f"{path}: truncated or corrupt gzip data ({e}); download the file again") from e
+        raise DataError(f"{path}: truncated or corrupt gzip data ({e}); download it again") from e
     except OSError as e:
         raise DataError(f"cannot read IDX file {path}: {e}") from e
 
@@ -193,7 +195,8 @@ def find_fashion_mnist(data_dir: str | os.PathLike | None = None) -> Path:
     """
     explicit = [(Path(data_dir).expanduser(), "--data-dir")] if data_dir is not None else []
     if not explicit and os.environ.get(FASHION_MNIST_DIR_ENV):
-        explicit = [(Path(os.environ[FASHION_MNIST_DIR_ENV]).expanduser(), f"${FASHION_MNIST_DIR_ENV}")]
+        env_dir = Path(os.environ[FASHION_MNIST_DIR_ENV]).expanduser()
+        explicit = [(env_dir, f"${FASHION_MNIST_DIR_ENV}")]
     for directory, how in explicit:
         if not directory.is_dir():
             raise DataError(f"Fashion-MNIST folder {directory} (from {how}) does not exist")
@@ -229,13 +232,14 @@ def _load_fashion_mnist(directory: Path, split: str) -> tuple[np.ndarray, np.nda
     assert images_path is not None and labels_path is not None  # find_fashion_mnist checked
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3:
-        raise DataError(f"{images_path}: expected an IDX image file (3 dims), found {images.ndim} dims")
+        raise DataError(f"{images_path}: expected IDX images (3 dims), found {images.ndim} dims")
     if labels.ndim != 1:
-        raise DataError(f"{labels_path}: expected an IDX label file (1 dim), found {labels.ndim} dims")
+        raise DataError(f"{labels_path}: expected IDX labels (1 dim), found {labels.ndim} dims")
     if len(images) != len(labels):
-        raise DataError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
+        raise DataError(f"{images_path} has {len(images)} images but {labels_path} has "
+                        f"{len(labels)} labels")
     if labels.max() >= len(CLASS_NAMES):
-        raise DataError(f"{labels_path}: label {labels.max()} out of range 0..{len(CLASS_NAMES) - 1}")
+        raise DataError(f"{labels_path}: label {labels.max()} is not in 0..{len(CLASS_NAMES) - 1}")
     return images, labels.astype(np.int64)
 
 
@@ -270,7 +274,7 @@ def _fetch(url: str, target: Path, expected_md5: str, *, timeout: float, progres
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             total = int(response.headers.get("Content-Length") or 0)
-            fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+            fd, tmp_name = tempfile.mkstemp(".part", f".{target.name}.", target.parent)
             tmp = Path(tmp_name)
             h, done = hashlib.md5(usedforsecurity=False), 0
             with os.fdopen(fd, "wb") as f:
@@ -280,7 +284,8 @@ def _fetch(url: str, target: Path, expected_md5: str, *, timeout: float, progres
                     done += len(chunk)
                     if progress and sys.stderr.isatty():
                         of = f" / {total / 1e6:.1f}" if total else ""
-                        print(f"\r  {target.name}: {done / 1e6:.1f}{of} MB", end="", file=sys.stderr)
+                        msg = f"\r  {target.name}: {done / 1e6:.1f}{of} MB"
+                        print(msg, end="", file=sys.stderr)
                 f.flush()
                 os.fsync(f.fileno())
         if progress:
@@ -297,7 +302,7 @@ def _fetch(url: str, target: Path, expected_md5: str, *, timeout: float, progres
     except urllib.error.HTTPError as e:
         raise DataError(f"could not download {url}: HTTP {e.code} {e.reason}") from e
     except urllib.error.URLError as e:
-        raise DataError(f"could not download {url}: {e.reason}; check the network connection") from e
+        raise DataError(f"could not download {url}: {e.reason}; check the network") from e
     except (OSError, http.client.HTTPException) as e:  # timeouts, resets, short reads, disk full
         raise DataError(f"could not download {url} to {target}: {e!r}") from e
     finally:
@@ -312,7 +317,7 @@ def download_fashion_mnist(
     progress: bool = True,
     timeout: float = 30,
 ) -> Path:
-    """Download the four Fashion-MNIST .gz files into ``dest`` (default ``cache_dir()/fashion-mnist``).
+    """Download the four Fashion-MNIST .gz files to ``dest`` (default: cache_dir()/fashion-mnist).
 
     Files already present with the right MD5 are kept; each new file is written to a temporary
     file, checked against :data:`FASHION_MNIST_MD5`, fsynced and renamed into place.
@@ -340,7 +345,7 @@ def download_fashion_mnist(
 
 @functools.lru_cache(maxsize=1)
 def _bundled_arrays() -> dict[str, np.ndarray]:
-    """The packaged subset, loaded once per process; read-only so no caller can corrupt the cache."""
+    """The packaged subset, loaded once per process; read-only so no caller can alter the cache."""
     ref = resources.files("latentdiff") / "assets" / BUNDLED_NPZ
     try:
         with resources.as_file(ref) as path, np.load(path, allow_pickle=False) as npz:
@@ -350,10 +355,12 @@ def _bundled_arrays() -> dict[str, np.ndarray]:
                         "or regenerate it with scripts/make_bundled_subset.py") from e
     for split, n in BUNDLED_SIZES.items():
         images, labels = arrays.get(f"{split}_images"), arrays.get(f"{split}_labels")
-        if (images is None or labels is None or images.shape != (n, 28, 28) or images.dtype != np.uint8
-                or labels.shape != (n,) or labels.min() < 0 or labels.max() >= len(CLASS_NAMES)):
+        if (images is None or labels is None or images.shape != (n, 28, 28)
+                or images.dtype != np.uint8 or labels.shape != (n,)
+                or labels.min() < 0 or labels.max() >= len(CLASS_NAMES)):
             raise DataError(f"bundled data set {ref} has unexpected contents for split {split!r}; "
-                            "reinstall latentdiff or regenerate it with scripts/make_bundled_subset.py")
+                            "reinstall latentdiff or regenerate it with "
+                            "scripts/make_bundled_subset.py")
         arrays[f"{split}_labels"] = labels.astype(np.int64)
     for a in arrays.values():
         a.setflags(write=False)
@@ -371,13 +378,14 @@ def _open_image(path: Path) -> Image.Image:
     """Fully decode one image file; any failure names the file (never skipped silently)."""
     try:
         with Image.open(path) as im:
-            im.verify()  # checks PNG chunk CRCs and completeness even if truncated loads are allowed
+            im.verify()  # PNG: checks chunk CRCs and completeness even if Pillow allows truncation
         im = Image.open(path)
         im.load()
         return ImageOps.exif_transpose(im)
     # Decoders of untrusted bytes raise a zoo of types (OSError, SyntaxError, struct.error, ...).
     except Exception as e:  # noqa: BLE001
-        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}; fix or remove the file") from e
+        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}; "
+                        "fix or remove the file") from e
 
 
 def _as_mode(im: Image.Image, channels: int) -> Image.Image:
@@ -404,11 +412,11 @@ def _resize_crop(im: Image.Image, size: int) -> Image.Image:
 
 
 def _image_files(root: Path) -> list[Path]:
-    """Image files under ``root``, sorted; hidden files and folders (e.g. macOS ``._x.png``) skipped."""
+    """Image files under ``root``, sorted; hidden files and folders (macOS ``._x.png``) skipped."""
     files = []
     for p in root.rglob("*"):
-        rel = p.relative_to(root)
-        if p.suffix.lower() in _IMAGE_SUFFIXES and not any(s.startswith(".") for s in rel.parts) and p.is_file():
+        hidden = any(s.startswith(".") for s in p.relative_to(root).parts)
+        if p.suffix.lower() in _IMAGE_SUFFIXES and not hidden and p.is_file():
             files.append(p)
     return sorted(files, key=lambda p: p.relative_to(root).parts)
 
@@ -459,7 +467,8 @@ def load_image_folder(
     if labeled:
         index = {name: i for i, name in enumerate(class_names)}
         labels = np.array([index[p.relative_to(root).parts[0]] for p in files], dtype=np.int64)
-    return ImageData(np.stack(arrays), labels, len(class_names), class_names, f"image folder {root}")
+    source = f"image folder {root}"
+    return ImageData(np.stack(arrays), labels, len(class_names), class_names, source)
 
 
 # ----------------------------------------------------------------------------- load_dataset
@@ -486,7 +495,8 @@ def _set_channels(images: np.ndarray, channels: int) -> np.ndarray:
     return luma.astype(np.uint8)[..., None]
 
 
-def _check_args(split: str, image_size: int | None, channels: int | None, limit: int | None) -> None:
+def _check_args(split: str, image_size: int | None, channels: int | None,
+                limit: int | None) -> None:
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     if image_size is not None and image_size < 1:
@@ -535,9 +545,11 @@ def load_dataset(
         raise DataError(f"unknown data source {source!r}: expected {', '.join(SOURCES)} or a path "
                         "to a folder of images (no such folder)")
     if not root.is_dir():
-        raise DataError(f"data source {root} is a file; expected {', '.join(SOURCES)} or a folder of images")
+        raise DataError(f"data source {root} is a file; expected {', '.join(SOURCES)} "
+                        "or a folder of images")
+    options = dict(image_size=image_size, channels=channels, limit=limit)
     if (root / "train").is_dir() and (root / "test").is_dir():
-        data = load_image_folder(root / split, image_size=image_size, channels=channels, limit=limit)
+        data = load_image_folder(root / split, **options)
         data.source = f"image folder {root} ({split})"
         return data
-    return load_image_folder(root, image_size=image_size, channels=channels, limit=limit)
+    return load_image_folder(root, **options)

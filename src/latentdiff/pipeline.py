@@ -8,6 +8,7 @@ only JSON and safetensors: no code runs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from importlib import resources
 from pathlib import Path
@@ -93,7 +94,9 @@ class LatentDiffusion:
 
     # --- saving and loading -----------------------------------------------------------------
 
-    def save(self, directory: str | Path, card: str | None = None, dtype: torch.dtype = torch.float32, extra=None):
+    def save(self, directory: str | Path, card: str | None = None, dtype: torch.dtype = torch.float32, extra=None,
+             autoencoder_meta: dict | None = None):
+        """Write the model directory; `autoencoder_meta` (stage-1 metrics etc.) goes into the codec's header."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         meta = {"format_version": FORMAT_VERSION, "config": self.cfg.to_dict(),
@@ -103,7 +106,9 @@ class LatentDiffusion:
         def cast(sd):
             return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
 
-        save_state(directory / "autoencoder.safetensors", cast(self.autoencoder.state_dict()))
+        ae_meta = {**(autoencoder_meta or {}), "autoencoder": dataclasses.asdict(self.autoencoder.cfg),
+                   "image_size": list(self.autoencoder.image_size)}
+        save_state(directory / "autoencoder.safetensors", cast(self.autoencoder.state_dict()), ae_meta)
         save_state(directory / "denoiser.safetensors", cast(self.denoiser.net.state_dict()))
         write_text_atomic(directory / "config.json", json.dumps(meta, indent=2))
         write_text_atomic(directory / "model_card.md", card or default_card(meta))

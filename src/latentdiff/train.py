@@ -380,7 +380,7 @@ def train_diffusion(cfg: Config, run_dir: str | Path, *, resume: bool = False, l
              "data_source": data.source,
              "metrics": {"autoencoder PSNR (dB)": round(ae_meta["metrics"]["psnr"], 2),
                          "autoencoder SSIM": round(ae_meta["metrics"]["ssim"], 4)}}
-    final.save(run_dir, extra=extra)
+    final.save(run_dir, extra=extra, autoencoder_meta=ae_meta)
     write_sample_grid(final, run_dir / "samples.png")
     log(f"model written to {run_dir} ({train_seconds:.0f} s of denoiser training); samples in {run_dir / 'samples.png'}")
     return final

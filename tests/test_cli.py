@@ -1,0 +1,113 @@
+"""End to end through the `latentdiff` command on the tiny preset, plus bad-input handling."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from latentdiff.checkpoint import load_state
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, check=True):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run([sys.executable, "-m", "latentdiff", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    run("train-autoencoder", "--preset", "tiny", "--run-dir", run_dir, "--no-progress")
+    run("train", "--preset", "tiny", "--run-dir", run_dir, "--no-progress")
+    return run_dir
+
+
+def test_train_then_sample_npz_and_png(model_dir, tmp_path):
+    assert (model_dir / "config.json").is_file() and (model_dir / "samples.png").is_file()
+    out = run("sample", "--model", model_dir, "--n", 5, "--steps", 3, "--sampler", "ddpm", "--seed", 1,
+              "--out", tmp_path / "s.npz", "--no-progress")
+    assert "wrote 5 images" in out.stdout
+    data = np.load(tmp_path / "s.npz")
+    assert data["images"].shape == (5, 28, 28) and data["images"].dtype == np.uint8
+    assert data["labels"].tolist() == [0, 1, 2, 3, 4]
+    run("sample", "--model", model_dir, "--n", 4, "--steps", 2, "--class", 3, "--guidance", 2,
+        "--out", tmp_path / "g.png", "--save-individual", tmp_path / "ind", "--no-progress")
+    grid = Image.open(tmp_path / "g.png")
+    assert grid.mode == "L" and "latentdiff" in grid.text
+    assert sorted(p.name for p in (tmp_path / "ind").iterdir()) == [f"{i:05d}.png" for i in range(4)]
+    # same seed, same images
+    run("sample", "--model", model_dir, "--n", 5, "--steps", 3, "--sampler", "ddpm", "--seed", 1,
+        "--out", tmp_path / "s2.npz", "--no-progress")
+    assert np.array_equal(np.load(tmp_path / "s2.npz")["images"], data["images"])
+
+
+def test_resume_continues_to_identical_weights(model_dir, tmp_path):
+    """Drop the last checkpoint, resume from the one before: the same final weights, bit for bit."""
+    ckpts = sorted((model_dir / "checkpoints").glob("denoiser-*.safetensors"))
+    assert [p.name for p in ckpts] == ["denoiser-00000003.safetensors", "denoiser-00000006.safetensors"]
+    final, _ = load_state(ckpts[-1])
+    ckpts[-1].unlink()
+    out = run("train", "--preset", "tiny", "--run-dir", model_dir, "--resume", "--no-progress")
+    assert "resumed denoiser from denoiser-00000003" in out.stdout
+    again, meta = load_state(ckpts[-1])
+    assert meta["step"] == 6
+    for key in final:
+        assert np.array_equal(final[key].numpy(), again[key].numpy()), key
+
+
+def test_info(model_dir):
+    out = run("info", "--model", model_dir)
+    assert '"latent_shape": [\n    2,\n    7,\n    7\n  ]' in out.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["sample", "--model", "nope-dir"], "model directory not found"),
+    (["sample", "--model", "x", "--steps", "-3"], "--steps: must be a positive integer"),
+    (["sample", "--model", "x", "--sampler", "euler-x"], "invalid choice"),
+    (["sample", "--model", "x", "--n", "0"], "--n: must be a positive integer"),
+    (["sample", "--model", "x", "--guidance", "nan"], "--guidance"),
+    (["sample", "--model", "pretrained:nope"], "no pretrained model named 'nope'"),
+    (["train", "--preset", "tiny", "--set", "training.lr=-1"], "training.lr must be in (0, 1)"),
+    (["train", "--preset", "tiny", "--set", "unet.bogus=1"], "unknown config key 'unet.bogus'"),
+    (["train", "--config", "missing.yaml"], "config file not found"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_input_one_line_exit_2(args, needle):
+    proc = run(*args, check=False)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+def test_bad_input_on_a_real_model(model_dir, tmp_path):
+    for args, needle in [
+        (["--class", "10"], "class must be between 0 and 9"),
+        (["--steps", "5000"], "steps must be between 1 and 100"),
+        (["--out", tmp_path / "x.jpg"], "must end in .png or .npz"),
+    ]:
+        proc = run("sample", "--model", model_dir, "--n", 2, *args, check=False)
+        assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    # data of another size than the trained autoencoder
+    proc = run("train", "--preset", "tiny", "--run-dir", model_dir, "--image-size", 32, check=False)
+    assert proc.returncode == 2 and "does not match the trained autoencoder" in proc.stderr, proc.stderr
+    # training stage 2 without stage 1
+    proc = run("train", "--preset", "tiny", "--run-dir", tmp_path / "empty", check=False)
+    assert proc.returncode == 2 and "train the autoencoder first" in proc.stderr
+
+
+def test_help_explains_every_option():
+    out = run("sample", "--help").stdout
+    for option in ("--model", "--n", "--steps", "--sampler", "--seed", "--out", "--save-individual", "--class",
+                   "--guidance"):
+        assert option in out
+    assert "demo" in run("--help").stdout
