@@ -328,7 +328,9 @@ def diffusion_loss(den: Denoiser, z0: torch.Tensor, labels: torch.Tensor | None,
 
 
 def train_diffusion(cfg: Config, run_dir: str | Path, *, resume: bool = False, log=print,
-                    progress: bool = True) -> LatentDiffusion:
+                    progress: bool = True, grid_path: str | Path | None = None) -> LatentDiffusion:
+    """Stage 2; when done, RUN_DIR is a model directory and a sample grid is written to `grid_path`
+    (default RUN_DIR/samples.png)."""
     run_dir = Path(run_dir)
     device = resolve_device(cfg.device)
     ae, ae_meta = load_trained_autoencoder(run_dir, device)
@@ -381,8 +383,9 @@ def train_diffusion(cfg: Config, run_dir: str | Path, *, resume: bool = False, l
              "metrics": {"autoencoder PSNR (dB)": round(ae_meta["metrics"]["psnr"], 2),
                          "autoencoder SSIM": round(ae_meta["metrics"]["ssim"], 4)}}
     final.save(run_dir, extra=extra, autoencoder_meta=ae_meta)
-    write_sample_grid(final, run_dir / "samples.png")
-    log(f"model written to {run_dir} ({train_seconds:.0f} s of denoiser training); samples in {run_dir / 'samples.png'}")
+    grid_path = Path(grid_path) if grid_path else run_dir / "samples.png"
+    write_sample_grid(final, grid_path)
+    log(f"model written to {run_dir} ({train_seconds:.0f} s of denoiser training); samples in {grid_path}")
     return final
 
 

@@ -1,0 +1,379 @@
+"""Evaluation: Fréchet distance beside its real-vs-real floor, k-NN precision/recall, class accuracy, PSNR/SSIM.
+
+Every distribution metric is computed in the feature space of a named extractor (see
+:mod:`latentdiff.features`); numbers from different extractors are not comparable, so each
+result names its extractor. "FD" is FID only with the standard Inception weights.
+
+The floor answers "how small can FD be with this many images?": the FD between an equally sized
+set of *real* training images and the same test split. A model whose FD is near the floor is as
+close to the data as a finite real sample is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import ImageData, load_dataset, to_tensor, to_uint8
+from .errors import ConfigError, DataError
+from .features import EXTRACTORS, Extractor, get_extractor
+from .metrics import check_images, classification_accuracy, feature_stats, frechet_distance, precision_recall, psnr
+from .metrics import ssim
+
+__all__ = ["REFERENCES", "evaluate_samples", "evaluate_autoencoder", "reconstruct", "load_samples", "register"]
+
+REFERENCES = ("fashion-mnist", "bundled")
+DEFAULT_EXTRACTOR = "fashion-mnist-classifier"
+
+# Per-process caches: reference data, extractors (building Inception takes seconds) and reference
+# features/statistics (extracting 10k images through Inception takes minutes on a CPU).
+_DATA: dict[tuple, ImageData] = {}
+_EXTRACTOR_CACHE: dict[tuple, Extractor] = {}
+_FEATURES: dict[tuple, np.ndarray] = {}
+_STATS: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _reference_data(reference: str, split: str, data_dir) -> ImageData:
+    if reference not in REFERENCES:
+        raise ConfigError(f"unknown reference {reference!r}; choose one of {', '.join(REFERENCES)}")
+    key = (reference, split, str(data_dir))
+    if key not in _DATA:
+        _DATA[key] = load_dataset(reference, split, data_dir=data_dir)
+    return _DATA[key]
+
+
+def _extractor(extractor: str | Extractor, weights, device) -> Extractor:
+    if isinstance(extractor, Extractor):
+        return extractor
+    key = (extractor, str(weights), str(device))
+    if key not in _EXTRACTOR_CACHE:
+        _EXTRACTOR_CACHE[key] = get_extractor(extractor, weights=weights, device=device)
+    return _EXTRACTOR_CACHE[key]
+
+
+def _subset(n_total: int, n: int, seed: int) -> np.ndarray:
+    """n sorted indices out of n_total, fixed by seed (all of them, in order, when n >= n_total)."""
+    if n >= n_total:
+        return np.arange(n_total)
+    return np.sort(np.random.default_rng(seed).choice(n_total, n, replace=False))
+
+
+def _reference_features(ext: Extractor, reference: str, split: str, data_dir, idx: np.ndarray | None,
+                        batch_size: int) -> tuple[np.ndarray, tuple]:
+    """Features of (a subset of) a reference split, cached per process; also returns the cache key."""
+    sel = None if idx is None else (len(idx), hash(idx.tobytes()))
+    key = (ext.key, reference, split, str(data_dir), sel)
+    if key not in _FEATURES:
+        images = _reference_data(reference, split, data_dir).images
+        _FEATURES[key] = ext.features(images if idx is None else images[idx], batch_size=batch_size)
+    return _FEATURES[key], key
+
+
+def _stats(features: np.ndarray, key: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
+    if key is None:
+        return feature_stats(features)
+    if key not in _STATS:
+        _STATS[key] = feature_stats(features)
+    return _STATS[key]
+
+
+def _shape_text(shape: tuple) -> str:
+    return "×".join(map(str, shape if len(shape) == 3 else (*shape, 1)))
+
+
+def _check_same_size(images: np.ndarray, ref: ImageData, what: str) -> None:
+    a, b = tuple(images.shape[1:]), tuple(ref.images.shape[1:])
+    if (a + (1,) if len(a) == 2 else a) != b:
+        raise DataError(f"{what} are {_shape_text(a)} (H×W×C) but the reference images ({ref.source}) are "
+                        f"{_shape_text(b)}; FD and precision/recall compare sets of the same size")
+
+
+def _check_count(n: int, ext: Extractor, what: str) -> None:
+    need = ext.dim + 1
+    if n < need:
+        raise DataError(f"{n} {what} are too few: the Fréchet distance with {ext.dim}-d {ext.name} features needs "
+                        f"at least {need} images for a full-rank covariance (10000 gives comparable numbers)")
+
+
+def _check_labels(labels, n: int, num_classes: int) -> np.ndarray:
+    y = np.asarray(labels)
+    if y.shape != (n,):
+        raise DataError(f"labels must be a 1-D array with one entry per image ({n}), got shape {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"labels must be integer class indices, got dtype {y.dtype}")
+    if n and (y.min() < 0 or y.max() >= num_classes):
+        raise DataError(f"labels must be class indices in 0..{num_classes - 1}, got values in "
+                        f"{y.min()}..{y.max()}")
+    return y.astype(np.int64)
+
+
+def _as_images(images, what: str) -> np.ndarray:
+    """Validate (dtype, range, NaN, layout) and return the array unchanged (uint8 or float in [0, 1])."""
+    check_images(images, what)
+    arr = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    return arr
+
+
+def evaluate_samples(images, labels=None, *, reference: str = "fashion-mnist",
+                     extractor: str | Extractor = DEFAULT_EXTRACTOR, weights: str | None = None, k: int = 3,
+                     device="cpu", batch_size: int = 256, data_dir=None, seed: int = 0) -> dict:
+    """Score generated images against the test split of ``reference``.
+
+    Returns ``fd`` (n samples vs the whole test split), ``fd_floor`` (n real training images — a
+    fixed-seed random subset — vs the same test split), ``precision``/``recall`` (k-NN, on equal-size
+    sets of min(n, test size) images, fixed-seed subsets), ``n``, ``extractor``, ``reference``, and
+    ``cond_acc`` (the Fashion-MNIST classifier's accuracy against ``labels``) when labels are given.
+    """
+    images = _as_images(images, "samples")
+    n = len(images)
+    ext = _extractor(extractor, weights, device)
+    test = _reference_data(reference, "test", data_dir)
+    _check_same_size(images, test, "sample images")
+    ext.check_size(images)
+    _check_count(n, ext, "sample images")
+    if int(k) != k or k < 1:
+        raise ConfigError(f"k must be a positive integer, got {k!r}")
+    if labels is not None:
+        labels = _check_labels(labels, n, len(test.class_names) or 10)
+
+    fake = ext.features(images, batch_size=batch_size)
+    real, real_key = _reference_features(ext, reference, "test", data_dir, None, batch_size)
+    mu_r, sigma_r = _stats(real, real_key)
+    fd = frechet_distance(*_stats(fake), mu_r, sigma_r)
+
+    train = _reference_data(reference, "train", data_dir)
+    floor_idx = _subset(len(train), n, seed)
+    floor, floor_key = _reference_features(ext, reference, "train", data_dir, floor_idx, batch_size)
+    fd_floor = frechet_distance(*_stats(floor, floor_key), mu_r, sigma_r)
+
+    m = min(n, len(real))  # precision/recall depend on set sizes: compare equal-size sets
+    precision, recall = precision_recall(real[_subset(len(real), m, seed + 1)], fake[_subset(n, m, seed + 2)], k=k)
+
+    result = {"n": n, "extractor": ext.name, "reference": f"{reference} (test)", "n_reference": len(real),
+              "fd": fd, "fd_floor": fd_floor, "n_floor": len(floor_idx), "precision": precision, "recall": recall,
+              "k": int(k), "n_precision_recall": m}
+    if labels is not None:
+        clf = ext if hasattr(ext, "logits") else _extractor("fashion-mnist-classifier", None, device)
+        clf.check_size(images)
+        result["cond_acc"] = classification_accuracy(clf.predict(images, batch_size=batch_size), labels)
+    return result
+
+
+@torch.no_grad()
+def reconstruct(autoencoder, images: np.ndarray, device, batch_size: int = 256) -> np.ndarray:
+    """uint8 N×H×W×C images -> their reconstructions through the posterior mean, uint8 N×H×W×C."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = to_tensor(images[i:i + batch_size]).to(device)  # B×C×H×W in [-1, 1]
+        out.append(to_uint8(autoencoder.decode(autoencoder.encode(x).mean)))
+    return np.concatenate(out)
+
+
+def evaluate_autoencoder(model, *, n: int = 2000, reference: str = "fashion-mnist",
+                         extractor: str | Extractor = DEFAULT_EXTRACTOR, weights: str | None = None,
+                         device="cpu", batch_size: int = 256, data_dir=None, seed: int = 0) -> dict:
+    """Reconstruct the first ``n`` held-out (test) images: mean PSNR (dB), mean SSIM, and ``fd`` between
+    reconstructions and originals next to ``fd_floor`` (n real training images vs the same originals).
+
+    ``model`` is a :class:`~latentdiff.pipeline.LatentDiffusion`, a model directory or ``pretrained:NAME``.
+    """
+    from .pipeline import LatentDiffusion
+
+    pipe = model if isinstance(model, LatentDiffusion) else LatentDiffusion.load(model, device)
+    ext = _extractor(extractor, weights, device)
+    test = _reference_data(reference, "test", data_dir)
+    c, h, w = pipe.image_shape
+    if (h, w, c) != test.images.shape[1:]:
+        raise DataError(f"the model makes {h}×{w}×{c} (H×W×C) images but the reference images ({test.source}) "
+                        f"are {_shape_text(test.images.shape[1:])}")
+    n = min(int(n), len(test))
+    _check_count(n, ext, "held-out images")
+    originals = test.images[:n]
+    rec = reconstruct(pipe.autoencoder, originals, pipe.device, batch_size)
+    p = psnr(originals, rec)
+    f_orig, orig_key = _reference_features(ext, reference, "test", data_dir, np.arange(n), batch_size)
+    stats_orig = _stats(f_orig, orig_key)
+    train = _reference_data(reference, "train", data_dir)
+    f_floor, floor_key = _reference_features(ext, reference, "train", data_dir, _subset(len(train), n, seed),
+                                             batch_size)
+    return {"n": n, "extractor": ext.name, "reference": f"{reference} (test)",
+            "psnr": float(np.mean(p)),  # inf only if some reconstruction is exact, as in train.py
+            "ssim": float(np.mean(ssim(originals, rec))),
+            "fd": frechet_distance(*_stats(ext.features(rec, batch_size=batch_size)), *stats_orig),
+            "fd_floor": frechet_distance(*_stats(f_floor, floor_key), *stats_orig)}
+
+
+# ----------------------------------------------------------------------------- sample files
+
+
+def load_samples(path) -> tuple[np.ndarray, np.ndarray | None]:
+    """``images`` (and optional ``labels``) from an .npz written by ``latentdiff sample --out FILE.npz``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"samples file not found: {path}")
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"cannot read samples file {path}: {e}") from None
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise DataError(f"{path} is a single array, not an .npz archive; save samples with "
+                        "np.savez(FILE, images=uint8 N×H×W[×C], labels=...)")
+    with npz:
+        if "images" not in npz.files:
+            raise DataError(f"{path} has no `images` array (it holds: {', '.join(npz.files) or 'nothing'}); "
+                            "save samples as np.savez(FILE, images=uint8 N×H×W[×C], labels=...)")
+        try:
+            images = npz["images"]
+            labels = npz["labels"] if "labels" in npz.files else None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # object arrays, truncated members
+            raise DataError(f"cannot read samples file {path}: {e}") from None
+    return images, labels
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _finite(value):
+    return value if not isinstance(value, float) or math.isfinite(value) else None
+
+
+def _print_table(title: str, rows: list[tuple[str, object, object]], result: dict, as_json: bool) -> None:
+    """A human table (metric, value, floor) and, with --json, all results as one JSON object on the last line."""
+    def fmt(v):
+        return "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    width = max(len("metric"), *(len(name) for name, _, _ in rows))
+    print(title)
+    print(f"  {'metric':<{width}}  {'value':>10}  {'real-vs-real floor':>18}")
+    for name, value, floor in rows:
+        print(f"  {name:<{width}}  {fmt(value):>10}  {fmt(floor):>18}")
+    if as_json:
+        print(json.dumps({k: _finite(v) for k, v in result.items()}))
+
+
+def cmd_eval(args) -> None:
+    from .pipeline import LatentDiffusion, resolve_device
+
+    device = resolve_device(args.device)
+    options = dict(reference=args.reference, extractor=args.extractor, weights=args.inception_weights, k=args.k,
+                   device=device, batch_size=args.batch_size, data_dir=args.data_dir)
+    if args.extractor != "inception" and args.inception_weights:
+        raise ConfigError("--inception-weights only applies with --extractor inception")
+    if args.samples:
+        given = [f"--{o}" for o in ("sampler", "steps", "guidance") if getattr(args, o) is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} only apply with --model (they control sampling)")
+        images, labels = load_samples(args.samples)
+        if args.n is not None:
+            if args.n > len(images):
+                raise DataError(f"--n {args.n} but {args.samples} holds only {len(images)} images")
+            images, labels = images[:args.n], (None if labels is None else labels[:args.n])
+        source, extra = f"{args.samples}", {"samples": str(args.samples)}
+    else:
+        from .cli import _bar
+
+        n = args.n or 10_000
+        pipe = LatentDiffusion.load(args.model, device)
+        labels = np.arange(n) % pipe.num_classes if pipe.num_classes else None  # every class in turn
+        bar = _bar(n, "sampling", not args.no_progress)
+        t0 = time.perf_counter()
+        images, labels = pipe.generate(n, sampler=args.sampler, steps=args.steps, seed=args.seed, labels=labels,
+                                       guidance=args.guidance, batch_size=args.batch_size,
+                                       progress=bar.update if bar else None)
+        if bar:
+            bar.close()
+        extra = {"model": str(args.model), "sampler": args.sampler or pipe.cfg.sample.sampler,
+                 "steps": args.steps or pipe.cfg.sample.steps, "seed": args.seed,
+                 "guidance": pipe.cfg.sample.guidance if args.guidance is None else args.guidance,
+                 "sample_seconds": round(time.perf_counter() - t0, 2)}
+        source = (f"{args.model} ({extra['sampler']}, {extra['steps']} steps, guidance {extra['guidance']}, "
+                  f"seed {args.seed})")
+    result = {**evaluate_samples(images, labels, **options), **extra}
+    rows = [(f"FD ({result['extractor']})", result["fd"], result["fd_floor"]),
+            (f"precision (k={result['k']})", result["precision"], None),
+            (f"recall (k={result['k']})", result["recall"], None)]
+    if "cond_acc" in result:
+        rows.append(("class accuracy", result["cond_acc"], None))
+    _print_table(f"{result['n']} samples from {source} vs {result['reference']} ({result['n_reference']} images); "
+                 f"floor: {result['n_floor']} real training images", rows, result, args.json)
+
+
+def cmd_eval_autoencoder(args) -> None:
+    from .pipeline import resolve_device
+
+    if args.extractor != "inception" and args.inception_weights:
+        raise ConfigError("--inception-weights only applies with --extractor inception")
+    result = evaluate_autoencoder(args.model, n=args.n, reference=args.reference, extractor=args.extractor,
+                                  weights=args.inception_weights, device=resolve_device(args.device),
+                                  batch_size=args.batch_size, data_dir=args.data_dir)
+    result["model"] = str(args.model)
+    rows = [("PSNR (dB)", result["psnr"], None), ("SSIM", result["ssim"], None),
+            (f"recon FD ({result['extractor']})", result["fd"], result["fd_floor"])]
+    _print_table(f"autoencoder {args.model}: {result['n']} reconstructions of {result['reference']}", rows,
+                 result, args.json)
+
+
+def _add_scoring_options(p) -> None:
+    from .cli import _positive_int
+
+    g = p.add_argument_group("scoring")
+    g.add_argument("--extractor", choices=tuple(EXTRACTORS), default=DEFAULT_EXTRACTOR,
+                   help="feature network for FD and precision/recall (default: fashion-mnist-classifier, the "
+                        "shipped 28×28 grayscale classifier; `inception` is the FID network and needs "
+                        "--inception-weights)")
+    g.add_argument("--inception-weights", metavar="PATH",
+                   help="Inception-v3 weights for --extractor inception: pytorch-fid's "
+                        "pt_inception-2015-12-05-6726825d.pth or the same tensors as .safetensors (never downloaded)")
+    g.add_argument("--reference", choices=REFERENCES, default="fashion-mnist",
+                   help="real data whose test split is the reference and whose train split gives the floor: "
+                        "fashion-mnist (full IDX files, 10k test images; default) or bundled (2k test images)")
+    g.add_argument("--data-dir", metavar="DIR", help="folder holding the Fashion-MNIST IDX files")
+    g.add_argument("--batch-size", type=_positive_int, default=256, help="images per batch (default: 256)")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: auto")
+    g.add_argument("--json", action="store_true", help="also print all results as one JSON object on the last line")
+
+
+def register(subparsers) -> None:
+    """Add the `eval` and `eval-autoencoder` subcommands to the `latentdiff` parser."""
+    from .cli import SAMPLER_NAMES, _nonneg_float, _positive_int
+
+    p = subparsers.add_parser(
+        "eval", help="score a model or a samples file: FD next to its real-vs-real floor, precision/recall",
+        description="Score generated images against the test split of the reference data: Fréchet distance (FD) "
+                    "in the feature space of --extractor, printed next to the real-vs-real floor (the FD of as "
+                    "many real training images), k-NN precision and recall, and for class-conditional samples "
+                    "the accuracy of the Fashion-MNIST classifier on them. Give --model to generate the images "
+                    "(conditional models: every class in turn) or --samples to score an existing .npz.")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", metavar="DIR", help="a model directory or pretrained:NAME to sample from")
+    what.add_argument("--samples", metavar="FILE.npz",
+                      help="an .npz with `images` (uint8 N×H×W or N×H×W×C) and optional `labels` (N class "
+                           "indices), e.g. from `latentdiff sample --out FILE.npz`")
+    p.add_argument("--n", type=_positive_int,
+                   help="number of images: to generate with --model (default: 10000), or the first N of --samples "
+                        "(default: all)")
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, help="with --model: ddpm or ddim (default: the model's)")
+    p.add_argument("--steps", type=_positive_int, help="with --model: sampling steps (default: the model's)")
+    p.add_argument("--guidance", type=_nonneg_float, help="with --model: classifier-free guidance scale (1 = none; "
+                   "default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="with --model: sampling seed (default: 0)")
+    p.add_argument("--k", type=_positive_int, default=3, help="neighbourhood size k of precision/recall (default: 3)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar while sampling")
+    _add_scoring_options(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = subparsers.add_parser(
+        "eval-autoencoder", help="score an autoencoder's reconstructions: PSNR, SSIM, recon FD next to its floor",
+        description="Reconstruct the first N images of the reference test split through the model's autoencoder "
+                    "(posterior mean) and report mean PSNR, mean SSIM, and the FD between reconstructions and "
+                    "originals next to the real-vs-real floor (N real training images vs the same originals).")
+    p.add_argument("--model", required=True, metavar="DIR", help="a model directory or pretrained:NAME")
+    p.add_argument("--n", type=_positive_int, default=2000, help="held-out images to reconstruct (default: 2000)")
+    _add_scoring_options(p)
+    p.set_defaults(func=cmd_eval_autoencoder)

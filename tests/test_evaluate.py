@@ -1,0 +1,208 @@
+"""Evaluation: FD rankings of degraded sets, the real-vs-real floor, class accuracy, autoencoder scores,
+and the `eval` / `eval-autoencoder` commands (end to end, and one clear line with exit code 2 on bad input)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.ndimage import gaussian_filter
+
+from latentdiff import cli
+from latentdiff.config import load_config
+from latentdiff.data import CLASS_NAMES, load_dataset
+from latentdiff.errors import ConfigError, DataError
+from latentdiff.evaluate import _subset, evaluate_autoencoder, evaluate_samples
+from latentdiff.pipeline import LatentDiffusion
+
+ROOT = Path(__file__).resolve().parents[1]
+N = 400  # > 129, the minimum for a full-rank covariance of the classifier's 128-d features
+
+
+@pytest.fixture(scope="module")
+def train():
+    return load_dataset("bundled", "train")
+
+
+@pytest.fixture(scope="module")
+def real(train):
+    return train.images[-N:], train.labels[-N:]  # real images, disjoint from the test reference
+
+
+def score(images, labels=None, **kw):
+    return evaluate_samples(images, labels, reference="bundled", **kw)
+
+
+def noised(images, sigma, seed=0):
+    x = images / 255.0 + np.random.default_rng(seed).normal(0, sigma, images.shape)
+    return np.clip(x, 0, 1)
+
+
+def test_fd_ranks_degradations_and_repeated_image_has_no_recall(real):
+    images, _ = real
+    r_real = score(images)
+    fds = [r_real["fd"]] + [score(noised(images, s))["fd"] for s in (0.05, 0.15, 0.4)]
+    assert fds == sorted(fds) and len(set(fds)) == 4, fds  # more noise, larger FD
+    blurred = score(gaussian_filter(images / 255.0, sigma=(0, 1.5, 1.5, 0)))
+    assert blurred["fd"] > 3 * r_real["fd"], (blurred["fd"], r_real["fd"])
+    single = score(np.repeat(images[:1], N, axis=0))
+    assert single["fd"] > 3 * r_real["fd"] and single["recall"] <= 0.01, single
+    # real images score like the real-vs-real floor, with high precision and recall
+    assert r_real["fd"] < 2 * r_real["fd_floor"] and r_real["precision"] > 0.8 and r_real["recall"] > 0.8, r_real
+    assert {"fd", "fd_floor", "precision", "recall", "n", "extractor"} <= set(r_real) and r_real["n"] == N
+    assert "cond_acc" not in r_real and r_real["extractor"] == "fashion-mnist-classifier"
+
+
+def test_floor_is_the_fd_of_a_fixed_train_subset(train):
+    """Scoring exactly the floor's training images must reproduce the floor, and it is deterministic."""
+    idx = _subset(len(train), N, 0)
+    result = score(train.images[idx])
+    assert result["fd"] == pytest.approx(result["fd_floor"], rel=1e-9, abs=1e-12)
+    assert result["n_floor"] == N and result["n_reference"] == 2000 and result["n_precision_recall"] == N
+    assert score(train.images[idx])["fd_floor"] == result["fd_floor"]
+
+
+def test_cond_acc_uses_the_labels(real):
+    images, labels = real
+    assert score(images, labels)["cond_acc"] >= 0.85
+    wrong = (labels + 1) % 10
+    assert score(images, wrong)["cond_acc"] <= 0.1
+
+
+@pytest.mark.parametrize("make,error,needle", [
+    (lambda x: x[:100], DataError, "at least 129 images"),
+    (lambda x: np.zeros((N, 32, 32), np.uint8), DataError, "32×32×1 (H×W×C) but the reference images"),
+    (lambda x: np.full((N, 28, 28), np.nan), DataError, "NaN"),
+    (lambda x: x.astype(np.int32), DataError, "unsupported dtype int32"),
+    (lambda x: x.transpose(0, 3, 1, 2), DataError, "channels last"),
+])
+def test_bad_images_are_refused(real, make, error, needle):
+    with pytest.raises(error, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        score(make(real[0]))
+
+
+def test_bad_labels_and_options_are_refused(real):
+    images, labels = real
+    with pytest.raises(DataError, match="one entry per image"):
+        score(images, labels[:-1])
+    with pytest.raises(DataError, match=r"in 0\.\.9"):
+        score(images, labels + 5)
+    with pytest.raises(ConfigError, match="unknown reference"):
+        evaluate_samples(images, reference="cifar")
+    with pytest.raises(ConfigError, match="k must be a positive integer"):
+        score(images, k=0)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """An untrained tiny model: enough to exercise generation and reconstruction (scores are poor)."""
+    path = tmp_path_factory.mktemp("model")
+    LatentDiffusion.build(load_config(preset="tiny"), (28, 28), CLASS_NAMES).save(path)
+    return path
+
+
+def test_evaluate_autoencoder_scores_reconstructions(model_dir):
+    result = evaluate_autoencoder(str(model_dir), n=150, reference="bundled")
+    assert result["n"] == 150 and np.isfinite(result["psnr"]) and -1 <= result["ssim"] <= 1
+    # an untrained codec reconstructs badly: far above the real-vs-real floor
+    assert result["fd"] > 3 * result["fd_floor"] > 0, result
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def main(capsys, *args):
+    """Run `latentdiff ARGS` in-process (the code `python -m latentdiff` runs): (exit code, stdout, stderr)."""
+    try:
+        code = cli.main([str(a) for a in args])
+    except SystemExit as e:  # argparse errors
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory, train):
+    path = tmp_path_factory.mktemp("samples") / "s.npz"
+    np.savez(path, images=train.images[:150, :, :, 0], labels=train.labels[:150])
+    return path
+
+
+def test_eval_samples_end_to_end_through_python_m(samples):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"),
+                                                                      os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-m", "latentdiff", "eval", "--samples", str(samples), "--reference",
+                           "bundled", "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    for key in ("fd", "fd_floor", "precision", "recall", "n", "extractor", "cond_acc"):
+        assert key in result, key
+    assert result["n"] == 150 and result["cond_acc"] > 0.85 and 0 <= result["precision"] <= 1
+    fd_row = next(ln for ln in lines if ln.strip().startswith("FD"))
+    assert f"{result['fd']:.4f}" in fd_row and f"{result['fd_floor']:.4f}" in fd_row  # FD beside its floor
+    proc = subprocess.run([sys.executable, "-m", "latentdiff", "eval", "--samples", str(samples) + ".missing"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "samples file not found" in proc.stderr
+
+
+def test_eval_model_and_eval_autoencoder_commands(capsys, model_dir):
+    code, out, err = main(capsys, "eval", "--model", model_dir, "--n", 130, "--steps", 2, "--reference", "bundled",
+                          "--json", "--no-progress", "--device", "cpu")
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["n"] == 130 and result["steps"] == 2 and "cond_acc" in result and result["model"] == str(model_dir)
+    code, out, err = main(capsys, "eval-autoencoder", "--model", model_dir, "--n", 130, "--reference", "bundled",
+                          "--json", "--device", "cpu")
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert {"psnr", "ssim", "fd", "fd_floor", "n"} <= set(result) and result["n"] == 130
+    assert "PSNR" in out and "SSIM" in out
+
+
+def _npz(tmp_path, name, **arrays):
+    path = tmp_path / name
+    np.savez(path, **arrays)
+    return path
+
+
+def test_eval_bad_input_one_line_exit_2(capsys, tmp_path, samples, train):
+    imgs = train.images[:150, :, :, 0]
+    (tmp_path / "corrupt.npz").write_bytes(b"PK\x03\x04 definitely not a zip archive")
+    cases = [
+        (["--model", "m", "--samples", samples], "not allowed with argument"),
+        ([], "one of the arguments --model --samples is required"),
+        (["--samples", _npz(tmp_path, "noimg.npz", pictures=imgs)], "has no `images` array (it holds: pictures)"),
+        (["--samples", _npz(tmp_path, "dtype.npz", images=imgs.astype(np.int64))], "unsupported dtype int64"),
+        (["--samples", _npz(tmp_path, "shape.npz", images=imgs[0])], "expected a batch of images"),
+        (["--samples", _npz(tmp_path, "nan.npz", images=np.full((150, 28, 28), np.nan))], "NaN"),
+        (["--samples", _npz(tmp_path, "few.npz", images=imgs[:20])], "needs at least 129 images"),
+        (["--samples", _npz(tmp_path, "size.npz", images=np.zeros((150, 32, 32), np.uint8))],
+         "sample images are 32×32×1 (H×W×C) but the reference images"),
+        (["--samples", _npz(tmp_path, "labels.npz", images=imgs, labels=np.full(150, 12))], "in 0..9"),
+        (["--samples", tmp_path / "corrupt.npz"], "cannot read samples file"),
+        (["--samples", samples, "--steps", 5], "--steps only apply with --model"),
+        (["--samples", samples, "--extractor", "vgg"], "invalid choice: 'vgg'"),
+        (["--samples", samples, "--extractor", "inception"], "needs a weight file"),
+        (["--samples", samples, "--extractor", "inception", "--inception-weights", tmp_path / "no.pth"],
+         "inception weights file not found"),
+    ]
+    for args, needle in cases:
+        code, out, err = main(capsys, "eval", *args, "--reference", "bundled")
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert code == 2 and len(lines) == 1 and needle in lines[0], (args, code, err)
+        assert lines[0].startswith("latentdiff: error:") and "Traceback" not in err
+    code, _, err = main(capsys, "eval-autoencoder", "--model", tmp_path / "no-model")
+    assert code == 2 and "model directory not found" in err and err.count("\n") == 1
+
+
+def test_eval_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--help"])
+    out = capsys.readouterr().out
+    for option in ("--model", "--samples", "--n", "--sampler", "--steps", "--guidance", "--seed", "--batch-size",
+                   "--extractor", "--inception-weights", "--reference", "--device", "--json"):
+        assert option in out, option
