@@ -48,9 +48,9 @@ def test_classifier_features_shape_dtype_and_input_forms(classifier, bundled_tes
     assert f.shape == (20, 128) and f.dtype == np.float32 and np.isfinite(f).all()
     assert f.std() > 0
     np.testing.assert_allclose(classifier.features(x), f, atol=1e-5)  # eval mode: batching changes nothing
-    np.testing.assert_allclose(classifier.features(x[..., 0]), f, atol=1e-6)  # N×H×W
+    np.testing.assert_allclose(classifier.features(x[..., 0]), f, atol=1e-5)  # N×H×W
     np.testing.assert_allclose(classifier.features(x / 255.0), f, atol=1e-5)  # float in [0, 1]
-    np.testing.assert_allclose(classifier.features(torch.from_numpy(x)), f, atol=1e-6)
+    np.testing.assert_allclose(classifier.features(torch.from_numpy(x)), f, atol=1e-5)
     assert classifier.predict(x).dtype == np.int64 and classifier.predict(x).shape == (20,)
 
 
@@ -89,8 +89,12 @@ def test_classifier_weight_file_errors_name_the_file(tmp_path):
 
 @pytest.fixture(scope="module")
 def inception_state():
-    torch.manual_seed(0)
-    return FIDInceptionV3().state_dict()
+    """Random tensors in the network's layout (built on the meta device: no slow initialisation)."""
+    with torch.device("meta"):
+        net = FIDInceptionV3()
+    gen = torch.Generator().manual_seed(0)
+    return {k: torch.randn(v.shape, generator=gen) if v.is_floating_point() else torch.zeros((), dtype=v.dtype)
+            for k, v in net.state_dict().items()}
 
 
 def test_inception_layout_matches_torchvision_names_and_size(inception_state):

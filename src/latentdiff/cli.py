@@ -255,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="describe a model directory", description="Print a model's shapes and settings.")
     p.add_argument("--model", required=True, metavar="DIR", help="a model directory or pretrained:NAME")
     p.set_defaults(func=cmd_info)
+
+    from .evaluate import register as register_eval_commands
+    register_eval_commands(sub)
     return parser
 
 

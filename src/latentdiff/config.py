@@ -45,7 +45,7 @@ class DiffusionConfig:
     beta_start: float = 1e-4       # β_1 for linear / scaled-linear
     beta_end: float = 0.02         # β_T for linear / scaled-linear
     zero_terminal_snr: bool = False  # rescale so that ᾱ_T = 0 (Lin et al. 2023); needs prediction v
-    prediction: str = "eps"        # what the network predicts: eps, v or x0
+    prediction: str = "v"          # what the network predicts: v (default; stable at high noise), eps or x0
     min_snr_gamma: float = 5.0     # min-SNR loss weighting γ (Hang et al. 2023); 0 disables it
     cond_drop_prob: float = 0.1    # probability of replacing the label by the null label (classifier-free guidance)
 
@@ -155,8 +155,8 @@ def _fashion_mnist() -> Config:
                                          log_every=50, checkpoint_every=500),
         unet=UNetConfig(in_channels=4, base_channels=64, channel_mults=(1, 2), num_res_blocks=2,
                         attention_levels=(1,), num_classes=10),
-        training=TrainConfig(steps=4000, batch_size=128, lr=1e-3, warmup_steps=200, ema_decay=0.999,
-                             log_every=50, checkpoint_every=500),
+        training=TrainConfig(steps=3000, batch_size=128, lr=1e-3, warmup_steps=200, ema_decay=0.999,
+                             log_every=50, sample_every=1000, checkpoint_every=500),
         sample=SampleConfig(sampler="ddim", steps=50, guidance=2.0),
     )
 

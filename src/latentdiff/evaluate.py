@@ -11,24 +11,30 @@ close to the data as a finite real sample is.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from .data import ImageData, load_dataset, to_tensor, to_uint8
 from .errors import ConfigError, DataError
-from .features import EXTRACTORS, Extractor, get_extractor
-from .metrics import check_images, classification_accuracy, feature_stats, frechet_distance, precision_recall, psnr
-from .metrics import ssim
 
-__all__ = ["REFERENCES", "evaluate_samples", "evaluate_autoencoder", "reconstruct", "load_samples", "register"]
+# torch, scipy and the modules built on them are imported inside the functions that use them:
+# `register` runs whenever the `latentdiff` parser is built, and `latentdiff --help` should not
+# wait two seconds for torch (cli.py defers its heavy imports for the same reason).
+if TYPE_CHECKING:
+    from .data import ImageData
+    from .features import Extractor
+
+__all__ = ["REFERENCES", "EXTRACTOR_NAMES", "evaluate_samples", "evaluate_autoencoder", "reconstruct",
+           "load_samples", "register"]
 
 REFERENCES = ("fashion-mnist", "bundled")
+EXTRACTOR_NAMES = ("fashion-mnist-classifier", "inception")  # the keys of features.EXTRACTORS (a test checks)
 DEFAULT_EXTRACTOR = "fashion-mnist-classifier"
 
 # Per-process caches: reference data, extractors (building Inception takes seconds) and reference
@@ -44,11 +50,15 @@ def _reference_data(reference: str, split: str, data_dir) -> ImageData:
         raise ConfigError(f"unknown reference {reference!r}; choose one of {', '.join(REFERENCES)}")
     key = (reference, split, str(data_dir))
     if key not in _DATA:
+        from .data import load_dataset
+
         _DATA[key] = load_dataset(reference, split, data_dir=data_dir)
     return _DATA[key]
 
 
 def _extractor(extractor: str | Extractor, weights, device) -> Extractor:
+    from .features import Extractor, get_extractor
+
     if isinstance(extractor, Extractor):
         return extractor
     key = (extractor, str(weights), str(device))
@@ -67,7 +77,7 @@ def _subset(n_total: int, n: int, seed: int) -> np.ndarray:
 def _reference_features(ext: Extractor, reference: str, split: str, data_dir, idx: np.ndarray | None,
                         batch_size: int) -> tuple[np.ndarray, tuple]:
     """Features of (a subset of) a reference split, cached per process; also returns the cache key."""
-    sel = None if idx is None else (len(idx), hash(idx.tobytes()))
+    sel = None if idx is None else hashlib.sha256(np.ascontiguousarray(idx, np.int64).tobytes()).hexdigest()
     key = (ext.key, reference, split, str(data_dir), sel)
     if key not in _FEATURES:
         images = _reference_data(reference, split, data_dir).images
@@ -76,6 +86,8 @@ def _reference_features(ext: Extractor, reference: str, split: str, data_dir, id
 
 
 def _stats(features: np.ndarray, key: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
+    from .metrics import feature_stats
+
     if key is None:
         return feature_stats(features)
     if key not in _STATS:
@@ -87,14 +99,15 @@ def _shape_text(shape: tuple) -> str:
     return "×".join(map(str, shape if len(shape) == 3 else (*shape, 1)))
 
 
-def _check_same_size(images: np.ndarray, ref: ImageData, what: str) -> None:
-    a, b = tuple(images.shape[1:]), tuple(ref.images.shape[1:])
+def _check_same_size(shape: tuple, ref: ImageData, what: str) -> None:
+    """`shape`: one image's H×W or H×W×C; the reference's images must have the same H×W×C."""
+    a, b = tuple(shape), tuple(ref.images.shape[1:])
     if (a + (1,) if len(a) == 2 else a) != b:
         raise DataError(f"{what} are {_shape_text(a)} (H×W×C) but the reference images ({ref.source}) are "
                         f"{_shape_text(b)}; FD and precision/recall compare sets of the same size")
 
 
-def _check_count(n: int, ext: Extractor, what: str) -> None:
+def _check_count(n: int, ext: Extractor | type[Extractor], what: str) -> None:  # ext: anything with .dim, .name
     need = ext.dim + 1
     if n < need:
         raise DataError(f"{n} {what} are too few: the Fréchet distance with {ext.dim}-d {ext.name} features needs "
@@ -115,9 +128,10 @@ def _check_labels(labels, n: int, num_classes: int) -> np.ndarray:
 
 def _as_images(images, what: str) -> np.ndarray:
     """Validate (dtype, range, NaN, layout) and return the array unchanged (uint8 or float in [0, 1])."""
+    from .metrics import check_images
+
     check_images(images, what)
-    arr = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
-    return arr
+    return images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)  # a torch tensor?
 
 
 def evaluate_samples(images, labels=None, *, reference: str = "fashion-mnist",
@@ -130,11 +144,13 @@ def evaluate_samples(images, labels=None, *, reference: str = "fashion-mnist",
     sets of min(n, test size) images, fixed-seed subsets), ``n``, ``extractor``, ``reference``, and
     ``cond_acc`` (the Fashion-MNIST classifier's accuracy against ``labels``) when labels are given.
     """
+    from .metrics import classification_accuracy, frechet_distance, precision_recall
+
     images = _as_images(images, "samples")
     n = len(images)
     ext = _extractor(extractor, weights, device)
     test = _reference_data(reference, "test", data_dir)
-    _check_same_size(images, test, "sample images")
+    _check_same_size(images.shape[1:], test, "sample images")
     ext.check_size(images)
     _check_count(n, ext, "sample images")
     if int(k) != k or k < 1:
@@ -165,13 +181,17 @@ def evaluate_samples(images, labels=None, *, reference: str = "fashion-mnist",
     return result
 
 
-@torch.no_grad()
 def reconstruct(autoencoder, images: np.ndarray, device, batch_size: int = 256) -> np.ndarray:
     """uint8 N×H×W×C images -> their reconstructions through the posterior mean, uint8 N×H×W×C."""
+    import torch
+
+    from .data import to_tensor, to_uint8
+
     out = []
-    for i in range(0, len(images), batch_size):
-        x = to_tensor(images[i:i + batch_size]).to(device)  # B×C×H×W in [-1, 1]
-        out.append(to_uint8(autoencoder.decode(autoencoder.encode(x).mean)))
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            x = to_tensor(images[i:i + batch_size]).to(device)  # B×C×H×W in [-1, 1]
+            out.append(to_uint8(autoencoder.decode(autoencoder.encode(x).mean)))
     return np.concatenate(out)
 
 
@@ -183,15 +203,14 @@ def evaluate_autoencoder(model, *, n: int = 2000, reference: str = "fashion-mnis
 
     ``model`` is a :class:`~latentdiff.pipeline.LatentDiffusion`, a model directory or ``pretrained:NAME``.
     """
+    from .metrics import frechet_distance, psnr, ssim
     from .pipeline import LatentDiffusion
 
     pipe = model if isinstance(model, LatentDiffusion) else LatentDiffusion.load(model, device)
     ext = _extractor(extractor, weights, device)
     test = _reference_data(reference, "test", data_dir)
     c, h, w = pipe.image_shape
-    if (h, w, c) != test.images.shape[1:]:
-        raise DataError(f"the model makes {h}×{w}×{c} (H×W×C) images but the reference images ({test.source}) "
-                        f"are {_shape_text(test.images.shape[1:])}")
+    _check_same_size((h, w, c), test, "the model's images")
     n = min(int(n), len(test))
     _check_count(n, ext, "held-out images")
     originals = test.images[:n]
@@ -279,7 +298,12 @@ def cmd_eval(args) -> None:
         from .cli import _bar
 
         n = args.n or 10_000
+        from .features import EXTRACTORS
+
+        _check_count(n, EXTRACTORS[args.extractor], "images")  # before spending minutes on sampling
         pipe = LatentDiffusion.load(args.model, device)
+        c, h, w = pipe.image_shape
+        _check_same_size((h, w, c), _reference_data(args.reference, "test", args.data_dir), "the model's images")
         labels = np.arange(n) % pipe.num_classes if pipe.num_classes else None  # every class in turn
         bar = _bar(n, "sampling", not args.no_progress)
         t0 = time.perf_counter()
@@ -323,7 +347,7 @@ def _add_scoring_options(p) -> None:
     from .cli import _positive_int
 
     g = p.add_argument_group("scoring")
-    g.add_argument("--extractor", choices=tuple(EXTRACTORS), default=DEFAULT_EXTRACTOR,
+    g.add_argument("--extractor", choices=EXTRACTOR_NAMES, default=DEFAULT_EXTRACTOR,
                    help="feature network for FD and precision/recall (default: fashion-mnist-classifier, the "
                         "shipped 28×28 grayscale classifier; `inception` is the FID network and needs "
                         "--inception-weights)")

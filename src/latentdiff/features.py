@@ -227,6 +227,7 @@ class Extractor:
     name: str = ""
     dim: int = 0
     key: str = ""
+    max_batch: int = 1 << 16  # caps batch_size where activations are large (Inception at 299×299)
 
     def __init__(self, net: nn.Module, device):
         self.device = torch.device(device)
@@ -244,7 +245,8 @@ class Extractor:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.check_size(images)
         x = _images_nchw(images)
-        out = [fn(x[i:i + batch_size].to(self.device)).float().cpu() for i in range(0, len(x), int(batch_size))]
+        b = min(int(batch_size), self.max_batch)
+        out = [fn(x[i:i + b].to(self.device)).float().cpu() for i in range(0, len(x), b)]
         return torch.cat(out).numpy()
 
     def features(self, images, batch_size: int = 256) -> np.ndarray:
@@ -299,6 +301,7 @@ class ClassifierExtractor(Extractor):
 class InceptionExtractor(Extractor):
     name = "inception"
     dim = 2048
+    max_batch = 32  # ~1.5 GB of activations at 299×299
 
     def __init__(self, weights: str | Path | None = None, device="cpu", *, _random_init: bool = False):
         if _random_init:  # tests only: exercises the code path without a weight file

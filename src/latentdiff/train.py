@@ -24,7 +24,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from .autoencoder import Autoencoder, AutoencoderConfig
 from .config import Config, TrainConfig, config_from_dict
-from .data import ImageData, load_dataset, to_tensor, to_uint8
+from .data import ImageData, load_dataset, to_tensor
 from .denoiser import Denoiser, training_target
 from .errors import ConfigError, ModelError
 from .io import make_grid, save_png, write_text_atomic
@@ -227,16 +227,12 @@ def _load_train_data(cfg: Config, split: str = "train") -> ImageData:
                         limit=d.limit if split == "train" else None)
 
 
-def evaluate_autoencoder(ae: Autoencoder, images: np.ndarray, device, batch_size: int = 500) -> dict:
+def evaluate_autoencoder(ae: Autoencoder, images: np.ndarray, device) -> dict:
     """PSNR and SSIM of reconstructions (posterior mean) on uint8 images."""
+    from .evaluate import reconstruct
     from .metrics import psnr, ssim
 
-    recs = []
-    with torch.no_grad():
-        for i in range(0, len(images), batch_size):
-            x = to_tensor(images[i:i + batch_size]).to(device)
-            recs.append(to_uint8(ae.decode(ae.encode(x).mean)))
-    rec = np.concatenate(recs)
+    rec = reconstruct(ae, images, device)
     return {"psnr": float(np.mean(psnr(images, rec))), "ssim": float(np.mean(ssim(images, rec))),
             "n": int(len(images))}
 
