@@ -27,12 +27,14 @@ def run(*args, check=True):
 def model_dir(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     run("train-autoencoder", "--preset", "tiny", "--run-dir", run_dir, "--no-progress")
-    run("train", "--preset", "tiny", "--run-dir", run_dir, "--no-progress")
+    run("train", "--preset", "tiny", "--run-dir", run_dir, "--no-progress", "--set", "training.sample_every=2")
     return run_dir
 
 
 def test_train_then_sample_npz_and_png(model_dir, tmp_path):
     assert (model_dir / "config.json").is_file() and (model_dir / "samples.png").is_file()
+    periodic = sorted(p.name for p in (model_dir / "samples").iterdir())
+    assert periodic == ["step-00000002.png", "step-00000004.png"]  # the final grid is samples.png
     out = run("sample", "--model", model_dir, "--n", 5, "--steps", 3, "--sampler", "ddpm", "--seed", 1,
               "--out", tmp_path / "s.npz", "--no-progress")
     assert "wrote 5 images" in out.stdout
@@ -62,6 +64,27 @@ def test_resume_continues_to_identical_weights(model_dir, tmp_path):
     assert meta["step"] == 6
     for key in final:
         assert np.array_equal(final[key].numpy(), again[key].numpy()), key
+
+
+def test_image_folder_rgb_end_to_end(tmp_path):
+    """A folder of RGB images of mixed sizes, resized by --image-size, class labels from subfolders."""
+    rng = np.random.default_rng(0)
+    for cls in ("cats", "dogs"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(6):
+            size = (20 + i, 18 + 2 * i)
+            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
+    run_dir = tmp_path / "run"
+    common = ["--preset", "tiny", "--run-dir", run_dir, "--data", tmp_path / "imgs", "--image-size", 16,
+              "--no-progress", "--set", "data.limit=null"]
+    run("train-autoencoder", *common)
+    run("train", *common)
+    run("sample", "--model", run_dir, "--n", 3, "--steps", 2, "--out", tmp_path / "rgb.npz", "--no-progress")
+    data = np.load(tmp_path / "rgb.npz")
+    assert data["images"].shape == (3, 16, 16, 3) and data["labels"].tolist() == [0, 1, 0]
+    (tmp_path / "imgs" / "dogs" / "bad.png").write_text("not an image")
+    proc = run("train-autoencoder", *common, check=False)
+    assert proc.returncode == 2 and "bad.png" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_info(model_dir):

@@ -1,10 +1,18 @@
-"""Guidance as denoiser -> denoiser wrappers, so every sampler gets every kind of guidance."""
+"""Guidance as denoiser -> denoiser wrappers, so every sampler gets every kind of guidance.
+
+classifier_free (labels), blend (mix two conditionings), user_guidance (gradient of any objective on x̂0 or,
+through `decoded`, on the decoded image; e.g. `brightness`, `region_mean`).
+"""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
 from .denoiser import Denoiser, DenoiserFn, Prediction
+from .errors import ConfigError
+from .schedule import NoiseSchedule, _bcast
 
 
 def classifier_free(model: Denoiser, labels: torch.Tensor, scale: float) -> DenoiserFn:
@@ -23,3 +31,90 @@ def classifier_free(model: Denoiser, labels: torch.Tensor, scale: float) -> Deno
         return Prediction(x0_u + scale * (x0_c - x0_u), eps_u + scale * (eps_c - eps_u))
 
     return fn
+
+
+def blend(fn_a: DenoiserFn, fn_b: DenoiserFn, weight: float | torch.Tensor) -> DenoiserFn:
+    """(1 - w) · fn_a + w · fn_b: interpolate two conditionings at the level of their predictions.
+
+    `weight` is a number or a (B,) tensor (one weight per sample, e.g. per frame of an
+    interpolation). Like classifier-free guidance this mixes x̂0 and ε̂, which are affine in the
+    network output, so it is the prediction of a model whose output is the mix; it is not the
+    same as mixing label embeddings inside the network, which this API cannot reach.
+    """
+
+    def fn(xt: torch.Tensor, t: torch.Tensor) -> Prediction:
+        a, b = fn_a(xt, t), fn_b(xt, t)
+        w = torch.as_tensor(weight, dtype=a.x0.dtype, device=xt.device)
+        w = w.reshape(-1, *([1] * (xt.ndim - 1))) if w.ndim else w  # (B,) -> (B, 1, 1, 1)
+        return Prediction(a.x0 + w * (b.x0 - a.x0), a.eps + w * (b.eps - a.eps))
+
+    return fn
+
+
+Objective = Callable[[torch.Tensor], torch.Tensor]  # x̂0 (B, C, H, W) -> per-sample score (B,), higher is better
+
+
+def user_guidance(denoiser: DenoiserFn, objective: Objective, scale: float, schedule: NoiseSchedule) -> DenoiserFn:
+    """Gradient guidance towards a differentiable per-sample objective f(x̂0) (higher is better).
+
+    Classifier guidance (Dhariwal & Nichol 2021, eq. 14 / Algorithm 2) with log p(y|x_t) replaced
+    by f(x̂0(x_t)), the "forward universal guidance" of Bansal et al. 2023 (§3.1): with
+    σ_t = sqrt(1-ᾱ_t) and g = ∇_{x_t} f(x̂0(x_t)) (back-propagated through the denoiser),
+
+        ε̂' = ε̂ - s σ_t g,      x̂0' = x̂0 + s σ_t² / sqrt(ᾱ_t) · g,
+
+    so that x_t = sqrt(ᾱ_t) x̂0' + σ_t ε̂' still holds and every sampler can use the pair.
+    scale 0 returns the denoiser unchanged. The objective sees normalised latents; to score
+    decoded images wrap an image objective with :func:`decoded`.
+    """
+    if scale == 0:
+        return denoiser
+
+    def fn(xt: torch.Tensor, t: torch.Tensor) -> Prediction:
+        with torch.enable_grad():  # samplers run under no_grad
+            x = xt.detach().requires_grad_(True)
+            pred = denoiser(x, t)
+            score = objective(pred.x0)
+            if score.shape != (x.shape[0],):
+                raise ConfigError(f"a guidance objective must return one score per sample, shape ({x.shape[0]},); "
+                                  f"got {tuple(score.shape)}")
+            (g,) = torch.autograd.grad(score.sum(), x)  # samples are independent: ∇ of the sum is per-sample ∇
+        abar = _bcast(schedule.abar(t), pred.x0)
+        sigma = (1 - abar).sqrt()
+        x0 = pred.x0.detach() + scale * sigma**2 / abar.sqrt() * g
+        eps = pred.eps.detach() - scale * sigma * g
+        return Prediction(x0, eps)
+
+    return fn
+
+
+def decoded(autoencoder, image_objective: Objective) -> Objective:
+    """Lift an objective on images in [-1, 1] (B, C, H, W) to one on normalised latents, through the decoder."""
+
+    def objective(z: torch.Tensor) -> torch.Tensor:
+        return image_objective(autoencoder.from_latent(z))
+
+    return objective
+
+
+def brightness(target: float) -> Objective:
+    """-(mean pixel - target)² per image; `target` in [-1, 1] (-1 black, 1 white)."""
+
+    def objective(x: torch.Tensor) -> torch.Tensor:
+        return -(x.flatten(1).mean(1) - target) ** 2
+
+    return objective
+
+
+def region_mean(box: tuple[int, int, int, int], target: float) -> Objective:
+    """-(mean over the region x0 <= x < x1, y0 <= y < y1 - target)² per image; `target` in [-1, 1]."""
+    x0, y0, x1, y1 = box
+    if not (0 <= x0 < x1 and 0 <= y0 < y1):
+        raise ConfigError(f"region must satisfy 0 <= x0 < x1 and 0 <= y0 < y1, got {box}")
+
+    def objective(x: torch.Tensor) -> torch.Tensor:
+        if x1 > x.shape[-1] or y1 > x.shape[-2]:
+            raise ConfigError(f"region {box} lies outside the {x.shape[-1]}×{x.shape[-2]} image")
+        return -(x[..., y0:y1, x0:x1].flatten(1).mean(1) - target) ** 2
+
+    return objective

@@ -101,7 +101,6 @@ def sample(denoiser, noise, schedule: NoiseSchedule, *, sampler: str = "ddim", s
     """Run a named sampler over a timestep grid of ``steps`` steps."""
     if sampler not in SAMPLERS:
         raise ConfigError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if spacing is None:  # full-length DDPM uses every step; strided grids end at t = T-1
-        spacing = "trailing"
-    ts = timesteps(schedule.num_steps, steps, spacing).to(noise.device)
+    # "trailing" starts every grid at t = T-1 (pure noise); with steps = T it is every timestep
+    ts = timesteps(schedule.num_steps, steps, spacing or "trailing").to(noise.device)
     return SAMPLERS[sampler](denoiser, noise, schedule, ts, generator=generator, callback=callback, **options)

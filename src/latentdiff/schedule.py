@@ -72,16 +72,25 @@ class NoiseSchedule:
             raise ConfigError("betas must be a 1-D tensor with values in (0, 1]")
         self.alphas = 1 - self.betas
         self.alpha_bar = torch.cumprod(self.alphas, 0)  # ᾱ_t, strictly decreasing
+        self._tables: dict = {}
 
     @property
     def num_steps(self) -> int:
         return len(self.betas)
 
+    def _table(self, name: str, device: torch.device) -> torch.Tensor:
+        """A per-device copy of a lookup table, so indexing on the GPU never syncs with the host."""
+        key = (name, str(device))
+        if key not in self._tables:
+            base = {"abar": torch.cat([self.alpha_bar.new_ones(1), self.alpha_bar]),  # index t+1; t = -1 -> 1
+                    "beta": self.betas}[name]
+            self._tables[key] = base.to(device)
+        return self._tables[key]
+
     def abar(self, t: torch.Tensor | int) -> torch.Tensor:
         """ᾱ_t for integer timesteps; t = -1 means 'before the first step' (ᾱ = 1)."""
         t = torch.as_tensor(t, dtype=torch.long)
-        padded = torch.cat([self.alpha_bar.new_ones(1), self.alpha_bar])
-        return padded[t.cpu() + 1].to(t.device)
+        return self._table("abar", t.device)[t + 1]
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         """Signal-to-noise ratio ᾱ_t / (1-ᾱ_t)."""
@@ -99,7 +108,8 @@ class NoiseSchedule:
 
     def step_noise(self, x_prev: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Sample q(x_t | x_{t-1}): x_t = sqrt(1-β_t) x_{t-1} + sqrt(β_t) ε."""
-        b = _bcast(self.betas[torch.as_tensor(t).cpu()], x_prev)
+        t = torch.as_tensor(t, dtype=torch.long)
+        b = _bcast(self._table("beta", t.device)[t], x_prev)
         return (1 - b).sqrt() * x_prev + b.sqrt() * eps
 
     def posterior(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor):

@@ -183,7 +183,7 @@ def run_stage(stage: Stage, run_dir: Path, device: torch.device, *, precision: s
     except _StopRequested:
         bar.close()
         log(f"stopped by signal at step {step}; checkpoint saved, continue with --resume")
-        raise SystemExit(130)
+        raise KeyboardInterrupt from None
     finally:
         bar.close()
         for sig, h in old_handlers.items():
