@@ -258,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .evaluate import register as register_eval_commands
     register_eval_commands(sub)
+    from .control_cli import register as register_control_commands
+    register_control_commands(sub)
     return parser
 
 

@@ -104,7 +104,7 @@ def load_image(path: str | Path, pipe) -> tuple[np.ndarray, tuple[int, int]]:
                             f"ratio differs, so crop it to {w}:{h} first")
         _warn(f"resized {path.name} from {size[0]}×{size[1]} to {w}×{h}")
         im = im.resize((w, h), Image.Resampling.LANCZOS)
-    return np.asarray(im, dtype=np.uint8).reshape(1, h, w, c), size
+    return np.array(im, dtype=np.uint8).reshape(1, h, w, c), size  # a writable copy for torch
 
 
 def load_mask(path: str | Path, image_size: tuple[int, int], model_hw: tuple[int, int]) -> np.ndarray:
