@@ -39,13 +39,13 @@ def test_round_trip_through_dict():
     ("training.lr=.inf", "must be finite"),
     ("nosuch=1", "unknown config key 'nosuch'"),
     ("training=3", "training must be a mapping"),
-    ("diffusion.zero_terminal_snr=true", "needs prediction 'v'"),
+    (["diffusion.prediction=eps", "diffusion.zero_terminal_snr=true"], "needs prediction 'v'"),
     ("device=tpu", "device must be auto, cpu or cuda"),
     ("justakey", "must look like section.key=value"),
 ])
 def test_bad_values_are_refused(override, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace("[", r"\[")):
-        load_config(preset="tiny", overrides=[override])
+        load_config(preset="tiny", overrides=override if isinstance(override, list) else [override])
 
 
 def test_bad_yaml(tmp_path):
