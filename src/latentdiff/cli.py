@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -24,41 +25,29 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def bounded(cast, low=None, high=None, *, open_low: bool = False, requirement: str):
+    """An argparse type: parse with `cast` (int or float), then require low <= value <= high
+    (low < value when `open_low`); `requirement` is the message's "must be …" part."""
+    kind = "an integer" if cast is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+        ok = math.isfinite(value) and (low is None or (value > low if open_low else value >= low)) \
+            and (high is None or value <= high)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"{requirement}, got {text}")
+        return value
+
+    return parse
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
-def _unit_float(text: str) -> float:
-    value = _nonneg_float(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
+_positive_int = bounded(int, 1, requirement="must be a positive integer")
+_nonneg_int = bounded(int, 0, requirement="must be >= 0")
+_nonneg_float = bounded(float, 0, requirement="must be a finite number >= 0")
+_unit_float = bounded(float, 0, 1, requirement="must be between 0 and 1")
 
 
 def _add_config_options(p: argparse.ArgumentParser):

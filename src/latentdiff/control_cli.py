@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli import bounded
 from .errors import ConfigError, DataError
 
 # torch and the pipeline are imported inside the commands: `register` runs for every `latentdiff`
@@ -25,24 +26,8 @@ DEFAULT_MODEL = "pretrained:fashion-mnist"
 # --- option types ------------------------------------------------------------------------------
 
 
-def _strength(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
-def _frames(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if not 2 <= value <= 1000:
-        raise argparse.ArgumentTypeError(f"must be between 2 and 1000, got {value}")
-    return value
+_strength = bounded(float, 0, 1, open_low=True, requirement="must be in (0, 1]")
+_frames = bounded(int, 2, 1000, requirement="must be between 2 and 1000")
 
 
 def _weights(text: str) -> list[float]:
