@@ -98,7 +98,6 @@ def load_mask(path: str | Path, image_size: tuple[int, int], model_hw: tuple[int
     When the image was resized, the mask is box-filtered to the model's size and any coverage
     counts, so that resizing never shrinks the hole.
     """
-    from PIL import Image
 
     from .data import _as_mode, _open_image
 

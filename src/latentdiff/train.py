@@ -23,13 +23,12 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .autoencoder import Autoencoder, AutoencoderConfig
-from .config import Config, TrainConfig, config_from_dict
+from .config import Config, TrainConfig
 from .data import ImageData, load_dataset, to_tensor
 from .denoiser import Denoiser, training_target
 from .errors import ConfigError, ModelError
 from .io import make_grid, save_png, write_text_atomic
 from .pipeline import LatentDiffusion, resolve_device
-from .unet import UNet
 
 
 class EMA:
