@@ -532,7 +532,7 @@ def load_dataset(
         else:
             directory = find_fashion_mnist(data_dir)
             images, labels = _load_fashion_mnist(directory, split)
-            description = f"Fashion-MNIST ({split}) from {directory}"
+            description = f"Fashion-MNIST ({split}, IDX files)"  # no local path: it ends up in model cards
         images = np.array(images[:limit, :, :, None])  # N×H×W×1, a copy: the cache stays read-only
         labels = np.array(labels[:limit])
         if image_size is not None and images.shape[1:3] != (image_size, image_size):
