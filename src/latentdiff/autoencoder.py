@@ -67,8 +67,10 @@ class DiagonalGaussian:
     def std(self):
         return torch.exp(0.5 * self.logvar)
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+    def sample(self, generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """z = mean + std·ε with ε ~ N(0, I) drawn from `generator`, or the given `noise` ε."""
+        if noise is None:
+            noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
         return self.mean + self.std * noise
 
     def kl(self) -> torch.Tensor:
@@ -164,10 +166,12 @@ class Autoencoder(nn.Module):
     def from_latent(self, z: torch.Tensor) -> torch.Tensor:
         return self.decode(z / self.scale_factor)
 
-    def loss(self, x: torch.Tensor, generator=None) -> tuple[torch.Tensor, dict]:
-        """Per-sample reconstruction (L1 or L2, mean over pixels) + β·KL (per latent element)."""
+    def loss(self, x: torch.Tensor, generator=None, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """Per-sample reconstruction (L1 or L2, mean over pixels) + β·KL (per latent element).
+
+        `noise` (the posterior sample's ε, latent-shaped) may be given instead of `generator`."""
         post = self.encode(x)
-        rec = self.decode(post.sample(generator))
+        rec = self.decode(post.sample(generator, noise))
         err = (rec - x).abs() if self.cfg.recon_loss == "l1" else (rec - x) ** 2
         rec_loss = err.flatten(1).mean(1)
         kl = post.kl() / post.mean[0].numel()

@@ -1,25 +1,29 @@
 """Safe, atomic, verifiable state files: safetensors tensors + a JSON metadata header.
 
 Nothing here unpickles: loading a file can only produce tensors and JSON. Every file written by
-:func:`save_state` carries a SHA-256 of its tensor bytes in the header, so bit rot and truncation
-are detected on load (safetensors itself rejects a truncated or malformed header).
+:func:`save_state` carries a SHA-256 of its tensor bytes and one of its JSON metadata in the
+header, so bit rot and truncation are detected on load (safetensors itself rejects a truncated
+or malformed header). Files are written to a temporary name, checked to be complete, fsynced and
+renamed, so a crash or a full disk never replaces a good file by a partial one.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import ModelError
-from .io import atomic_path
+from .io import atomic_path, write_failure
 
 _KEY = "latentdiff"
+_HEADER_KEYS = {_KEY, "sha256", "meta_sha256"}  # all a file written by save_state has (older ones lack meta_sha256)
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -33,12 +37,36 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _check_complete(path: Path):
+    """Raise OSError unless `path` is exactly as long as its safetensors header says (a writer that
+    drops an error on its final flush would otherwise leave a short file)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        try:
+            entries = json.loads(f.read(n))
+            end = max((v["data_offsets"][1] for k, v in entries.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise OSError(errno.EIO, "incomplete write (unreadable header)") from None
+    size = path.stat().st_size
+    if size != 8 + n + end:
+        raise OSError(errno.EIO, f"incomplete write ({size} of {8 + n + end} bytes)")
+
+
 def save_state(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict | None = None):
-    """Write tensors + JSON-able `meta` to `path` atomically (tmp file, fsync, rename)."""
+    """Write tensors + JSON-able `meta` to `path` atomically (tmp file, completeness check, fsync, rename).
+
+    A failed write (disk full, ...) raises :class:`WriteError` and leaves any previous file intact.
+    """
     tensors = {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}
-    header = {_KEY: json.dumps(meta or {}), "sha256": _digest(tensors)}
+    meta_json = json.dumps(meta or {})
+    header = {_KEY: meta_json, "sha256": _digest(tensors),
+              "meta_sha256": hashlib.sha256(meta_json.encode()).hexdigest()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=header)
+        try:
+            save_file(tensors, str(tmp), metadata=header)
+        except SafetensorError as e:  # the Rust writer reports I/O errors (e.g. ENOSPC) this way
+            raise write_failure(Path(path), e) from None
+        _check_complete(tmp)
 
 
 def load_state(path: str | Path, device: str | torch.device = "cpu", verify: bool = True):
@@ -52,8 +80,14 @@ def load_state(path: str | Path, device: str | torch.device = "cpu", verify: boo
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises several types for malformed files
         raise ModelError(f"{path} is not a valid safetensors file (truncated or corrupted?): {e}") from None
+    if verify and _HEADER_KEYS & header.keys() and (header.keys() - _HEADER_KEYS or "sha256" not in header):
+        # a file of ours whose header keys changed: a flipped byte must not switch a checksum off
+        raise ModelError(f"{path} is corrupted: unexpected header entries {sorted(header)}")
     if verify and "sha256" in header and _digest(tensors) != header["sha256"]:
         raise ModelError(f"{path} is corrupted: its checksum does not match its contents")
+    if verify and "meta_sha256" in header and \
+            hashlib.sha256(header.get(_KEY, "{}").encode()).hexdigest() != header["meta_sha256"]:
+        raise ModelError(f"{path} is corrupted: its metadata checksum does not match its metadata")
     try:
         meta = json.loads(header.get(_KEY, "{}"))
     except json.JSONDecodeError:
@@ -107,8 +141,13 @@ def load_latest(directory: Path, stage: str, device="cpu", warn=print):
             tensors, meta = load_state(path, device)
             return tensors, meta, path
         except ModelError as e:
-            warn(f"warning: skipping checkpoint: {e}")
+            warn(f"warning: skipping checkpoint: {e}; falling back to the next older one")
     return None
+
+
+def stale_temporaries(directory: Path, stage: str) -> list[Path]:
+    """Temporary files of `stage` checkpoints left behind by a killed process (see io.atomic_path)."""
+    return sorted(Path(directory).glob(f".{stage}-*.safetensors.*.tmp"))
 
 
 def prune_checkpoints(directory: Path, stage: str, keep: int):

@@ -7,6 +7,7 @@ Every user error (bad option, missing file, invalid config) prints one line star
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -89,18 +90,31 @@ def _load_cfg(args, stage_key: str):
     return load_config(args.config, args.preset, over)
 
 
+@contextlib.contextmanager
+def _process_group():
+    """Training commands run under torchrun too: leave the process group on the way out."""
+    from .distributed import shutdown
+
+    try:
+        yield
+    finally:
+        shutdown()
+
+
 def cmd_train_autoencoder(args):
     from .train import train_autoencoder
 
     cfg = _load_cfg(args, "autoencoder_training")
-    train_autoencoder(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress)
+    with _process_group():
+        train_autoencoder(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress)
 
 
 def cmd_train(args):
     from .train import train_diffusion
 
     cfg = _load_cfg(args, "training")
-    train_diffusion(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress)
+    with _process_group():
+        train_diffusion(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress)
 
 
 def cmd_sample(args):
@@ -140,15 +154,19 @@ def cmd_sample(args):
 
 def cmd_demo(args):
     from .config import load_config
+    from .distributed import is_main
     from .train import train_autoencoder, train_diffusion
 
     over = [f"device={args.device}"] if args.device else []
     cfg = load_config(preset="demo", overrides=over)
     t0 = time.perf_counter()
-    train_autoencoder(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress)
-    pipe = train_diffusion(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress, grid_path=args.out)
-    print(f"demo finished in {time.perf_counter() - t0:.0f} s: {args.out} (one row per class: "
-          f"{', '.join(pipe.class_names)}); model in {args.run_dir}")
+    with _process_group():
+        train_autoencoder(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress)
+        pipe = train_diffusion(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress,
+                               grid_path=args.out)
+        if is_main():
+            print(f"demo finished in {time.perf_counter() - t0:.0f} s: {args.out} (one row per class: "
+                  f"{', '.join(pipe.class_names)}); model in {args.run_dir}")
 
 
 def cmd_download(args):

@@ -64,6 +64,10 @@ class DiffusionConfig:
             raise ConfigError("diffusion: min_snr_gamma must be >= 0 and cond_drop_prob in [0, 1)")
 
 
+NONFINITE_MODES = ("stop", "skip")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 10_000            # optimizer steps
@@ -77,7 +81,9 @@ class TrainConfig:
     sample_every: int = 0          # steps between sample grids written to RUN/samples (0: only at the end)
     checkpoint_every: int = 1000   # steps between resumable checkpoints
     keep_checkpoints: int = 2      # how many recent checkpoints to keep
-    seed: int = 0
+    seed: int = 0                  # seeds the weight initialisation, the batch order and the noise
+    nonfinite: str = "stop"        # on a NaN/inf loss or gradient: "stop" (keep the last good checkpoint) or
+                                   # "skip" the batch (no optimizer/EMA update; costs one device sync per step)
 
     def validate(self, name: str):
         for key in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -89,6 +95,8 @@ class TrainConfig:
             raise ConfigError(f"{name}.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.warmup_steps < 0 or self.grad_clip < 0 or self.sample_every < 0 or self.weight_decay < 0:
             raise ConfigError(f"{name}: warmup_steps, grad_clip, sample_every and weight_decay must be >= 0")
+        if self.nonfinite not in NONFINITE_MODES:
+            raise ConfigError(f"{name}.nonfinite must be one of {', '.join(NONFINITE_MODES)}, got {self.nonfinite!r}")
 
 
 @dataclass
@@ -109,7 +117,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     conditional: bool = True       # train with class labels when the data has them (CFG-ready)
     device: str = "auto"           # auto, cpu or cuda
-    precision: str = "bf16"        # "bf16" autocast on CUDA, or "fp32"; CPU always runs fp32
+    precision: str = "auto"        # "auto": bf16 autocast on CUDA, fp32 on CPU; "bf16": autocast on any device; "fp32"
 
     def validate(self) -> "Config":
         self.data.validate()
@@ -120,8 +128,8 @@ class Config:
         self.training.validate("training")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if self.precision not in ("bf16", "fp32"):
-            raise ConfigError(f"precision must be bf16 or fp32, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.sample.steps < 1:
             raise ConfigError(f"sample.steps must be >= 1, got {self.sample.steps}")
         return self

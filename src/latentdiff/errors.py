@@ -19,3 +19,11 @@ class ConfigError(LatentDiffError):
 
 class ModelError(LatentDiffError):
     """A model directory or checkpoint is missing, incomplete or corrupt."""
+
+
+class TrainingError(LatentDiffError):
+    """Training cannot go on (a non-finite loss or gradient); the last good checkpoint is kept."""
+
+
+class WriteError(DataError):
+    """An output file could not be written (disk full, no permission); any previous version is intact."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -12,18 +13,31 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from .errors import DataError
+from .errors import DataError, WriteError
+
+
+def write_failure(path: Path, err: BaseException) -> WriteError:
+    """A one-line, actionable error for a failed write of `path` (disk full, permissions, ...)."""
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason = f"{reason} (the disk or your quota is full: free some space)"
+    return WriteError(f"cannot write {path}: {reason}; any previous {path.name} is intact and "
+                      "no partial file was left behind")
 
 
 @contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary path beside `path`; on success fsync it and rename it into place.
 
-    A crash or exception leaves any previous file at `path` intact and no partial file behind.
+    A crash or exception leaves any previous file at `path` intact and no partial file behind;
+    an OSError while writing (e.g. ENOSPC) becomes a :class:`WriteError` that says so.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise write_failure(path, e) from None
     os.close(fd)
     try:
         yield Path(tmp)
@@ -33,12 +47,16 @@ def atomic_path(path: str | Path):
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        try:  # make the rename itself durable
+        try:  # make the rename itself durable (not possible on every OS / file system)
             dfd = os.open(path.parent, os.O_RDONLY)
-            os.fsync(dfd)
-            os.close(dfd)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
         except OSError:
             pass
+    except OSError as e:
+        raise write_failure(path, e) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
