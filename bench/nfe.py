@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import torch
-from common import sync
+from common import PeakMemory, sync
 
 from latentdiff import samplers
 from latentdiff.errors import ConfigError
@@ -64,9 +64,10 @@ def nfe_sweep(model: str, device: torch.device, nfes, n: int, score, *, referenc
         if not 1 <= steps <= T:
             skipped.append(f"{name} at NFE {nfe}: {steps} steps is outside 1..{T}")
             continue
-        images, labels, counted, seconds = generate_counted(pipe, name, steps, n, seed)
+        with PeakMemory(device) as mem:
+            images, labels, counted, seconds = generate_counted(pipe, name, steps, n, seed)
         row = {"sampler": name, "nfe": nfe, "steps": steps, "nfe_counted": counted, "seconds": seconds,
-               "images_per_s": n / seconds, **score(images, labels)}
+               "images_per_s": n / seconds, "peak_bytes": mem.bytes, **score(images, labels)}
         rows.append(row)
         log(f"  {name:>14} NFE {nfe:>4} (counted {counted:g}): FD {row['fd']:.3f}, {row['images_per_s']:.1f} img/s")
     ref = next(r for r in rows if r["sampler"] == "ddpm" and r["nfe"] == reference_nfe)

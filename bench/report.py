@@ -23,6 +23,18 @@ def _table(header, rows) -> list[str]:
     return out + [""]
 
 
+def ratios(systems: list[dict]) -> list[dict]:
+    """latentdiff / peer for training throughput, sampling throughput and FD, every latentdiff variant × peer."""
+    out = []
+    for ld in (s for s in systems if s["name"].startswith("latentdiff")):
+        for peer in (s for s in systems if not s["name"].startswith("latentdiff")):
+            out.append({"latentdiff": ld["name"], "peer": peer["name"],
+                        "train_throughput": ld["train_images_per_s"] / peer["train_images_per_s"],
+                        "sample_throughput": ld["sample_images_per_s"] / peer["sample_images_per_s"],
+                        "fd": ld["fd"] / peer["fd"]})
+    return out
+
+
 def markdown(res: dict) -> str:
     m = res["machine"]
     lines = [f"# latentdiff benchmark — {m['device']}", "",
@@ -74,9 +86,10 @@ def markdown(res: dict) -> str:
                   f"NFE, FD {ref['fd']:.3f}. NFE counted by a hook on the denoiser (a guided step is one batched "
                   "call)."), ""]
         lines += _table(["sampler", "NFE", "counted NFE", "steps", "FD", "FD / ref", "precision", "recall",
-                         "seconds", "img/s"],
+                         "seconds", "img/s", "peak MiB"],
                         [[r["sampler"], r["nfe"], r["nfe_counted"], r["steps"], r["fd"], r["fd_over_reference"],
-                          r["precision"], r["recall"], r["seconds"], r["images_per_s"]] for r in sweep["rows"]])
+                          r["precision"], r["recall"], r["seconds"], r["images_per_s"], _mib(r.get("peak_bytes"))]
+                         for r in sweep["rows"]])
         if sweep["targets"]:
             lines += ["Issue 5 targets (FD within 15% of the reference at 10 NFE, 5% at 20 NFE):", ""]
             lines += _table(["sampler", "NFE", "FD / ref", "target", "met"],
@@ -93,6 +106,7 @@ def plots(res: dict, out: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     written = []
     device = res["machine"]["device"]
@@ -106,6 +120,9 @@ def plots(res: dict, out: Path) -> list[str]:
                    label=f"DDPM {sweep['reference']['nfe']} NFE")
         ax.set(xscale="log", xlabel="NFE (counted)", ylabel="FD (classifier features)",
                title=f"Quality vs NFE, {sweep['model']}\n{device}")
+        ticks = sorted({r["nfe_counted"] for r in sweep["rows"]})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out / "fd_vs_nfe.png", dpi=120)
@@ -117,8 +134,10 @@ def plots(res: dict, out: Path) -> list[str]:
         for name in dict.fromkeys(p["system"] for p in curve["points"]):
             pts = sorted((p["seconds"], p["fd"]) for p in curve["points"] if p["system"] == name)
             ax.plot(*zip(*pts), marker="o", label=name)
-        ax.set(yscale="log", xlabel="training wall-clock (s)", ylabel="FD (classifier features)",
+        ax.set(yscale="log", xlabel="training wall-clock (s)", ylabel="FD (classifier features, log scale)",
                title=f"Quality vs training time\n{device}")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out / "fd_vs_seconds.png", dpi=120)

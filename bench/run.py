@@ -10,6 +10,8 @@ Parts (``--parts``, all by default):
                 snapshots during training give quality vs training wall-clock
   nfe           every sampler in latentdiff.samplers.SAMPLERS at every ``--nfe`` on ``--nfe-model``
 Writes OUT/results.json, OUT/results.md and PNG plots into OUT. Missing peers are skipped with a note.
+``--systems`` runs a subset; bench/merge.py joins several such outputs from one machine into one report.
+See docs/notes-bench.md for the columns and caveats.
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ import torch
 from common import PeakMemory, bf16_matmul_peak, machine, sync
 
 from latentdiff.data import find_fashion_mnist, load_dataset, to_tensor
-from latentdiff.errors import LatentDiffError
+from latentdiff.errors import ConfigError, LatentDiffError
 from latentdiff.evaluate import evaluate_samples
 from latentdiff.features import EXTRACTORS
 from latentdiff.pipeline import resolve_device
 
 PARTS = ("side-by-side", "nfe")
+SYSTEMS = ("latentdiff", "latentdiff-fraction", "diffusers", "ddpm")
 MIN_N = EXTRACTORS["fashion-mnist-classifier"].dim + 1  # full-rank covariance of the 128-d features
 
 
@@ -63,7 +66,9 @@ def parse_args(argv=None):
     g.add_argument("--data", choices=("auto", "fashion-mnist", "bundled"), default="auto",
                    help="training data; auto: the full Fashion-MNIST when found, else the bundled 10k subset")
     g.add_argument("--limit", type=int, default=None, help="use only the first N training images")
-    g.add_argument("--peers", nargs="*", default=["diffusers", "ddpm"], choices=("diffusers", "ddpm"))
+    g.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS),
+                   help="which systems to run (latentdiff-fraction: latentdiff with --ld-fraction of the budget); "
+                        "split a long run over several commands and join them with bench/merge.py")
     g.add_argument("--conditional", action="store_true",
                    help="train latentdiff class-conditional and sample with its preset's guidance "
                         "(default: unconditional, like the peers)")
@@ -97,6 +102,7 @@ def pick_data(choice: str) -> str:
 
 
 def side_by_side(args, device: torch.device, peak_flops: float | None) -> tuple[dict, dict]:
+    import report
     from ld_system import LatentDiffusionRun, ld_config
     from peers import RUNS, available
 
@@ -109,13 +115,13 @@ def side_by_side(args, device: torch.device, peak_flops: float | None) -> tuple[
         return evaluate_samples(images, labels, reference=source, device=device)
 
     systems, notes = [], []
-    fractions = [1.0] + ([args.ld_fraction] if args.ld_fraction < 1 else [])
+    fractions = [1.0] * ("latentdiff" in args.systems) + [args.ld_fraction] * ("latentdiff-fraction" in args.systems)
     for frac in fractions:
         name = "latentdiff" if frac == 1 else f"latentdiff@{frac:g}"
         systems.append((LatentDiffusionRun(name, ld_config(args.size, args.conditional, args.batch_size), data,
                                            device, ae_fraction=args.ae_fraction, sampler="ddim",
                                            sample_steps=args.sample_steps, seed=args.seed, log=log), frac))
-    for peer in args.peers:
+    for peer in (name for name in args.systems if name in RUNS):
         why = available(peer)
         if why:
             notes.append(f"{peer} skipped: {why}")
@@ -159,17 +165,12 @@ def side_by_side(args, device: torch.device, peak_flops: float | None) -> tuple[
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    ratios = []
-    for ld in (r for r in results if r["name"].startswith("latentdiff")):
-        for peer in (r for r in results if not r["name"].startswith("latentdiff")):
-            ratios.append({"latentdiff": ld["name"], "peer": peer["name"],
-                           "train_throughput": ld["train_images_per_s"] / peer["train_images_per_s"],
-                           "sample_throughput": ld["sample_images_per_s"] / peer["sample_images_per_s"],
-                           "fd": ld["fd"] / peer["fd"]})
+    if not results:
+        raise ConfigError("no system ran: " + "; ".join(notes))
     first = results[0]
     sbs = {"data": data.source, "budget_seconds": args.budget_seconds, "n_eval": args.n_eval,
            "extractor": first["extractor"], "reference": first["reference"], "batch_size": args.batch_size,
-           "sample_steps": args.sample_steps, "size": args.size, "systems": results, "ratios": ratios, "notes": notes}
+           "sample_steps": args.sample_steps, "size": args.size, "systems": results, "ratios": report.ratios(results), "notes": notes}
     curve = {"n": args.n_snapshot, "points": points}
     return sbs, curve
 

@@ -121,3 +121,29 @@ def test_bad_input_is_one_line():
     proc = _run("--out", "unused", "--n-eval", 10, timeout=60)
     assert proc.returncode == 2
     assert "--n-eval must be at least 129" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_merge_joins_partial_runs(bench):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import merge
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    _, res = bench
+    systems = res["side_by_side"]["systems"]
+    first = {**res, "side_by_side": {**res["side_by_side"], "systems": systems[:1], "ratios": []},
+             "quality_vs_time": {"n": N, "points": [p for p in res["quality_vs_time"]["points"]
+                                                     if p["system"] == systems[0]["name"]]}}
+    first.pop("nfe")
+    rest = {**res, "side_by_side": {**res["side_by_side"], "systems": systems[1:], "notes": []},
+            "quality_vs_time": {"n": N, "points": [p for p in res["quality_vs_time"]["points"]
+                                                    if p["system"] != systems[0]["name"]]}}
+    joined = merge.merge([first, rest])
+    assert [s["name"] for s in joined["side_by_side"]["systems"]] == [s["name"] for s in systems]
+    assert joined["side_by_side"]["ratios"] == res["side_by_side"]["ratios"]
+    assert joined["nfe"] == res["nfe"]
+    with pytest.raises(ValueError, match="more than one result"):
+        merge.merge([first, first])
+    other = {**rest, "side_by_side": {**rest["side_by_side"], "budget_seconds": 99}}
+    with pytest.raises(ValueError, match="budget_seconds"):
+        merge.merge([first, other])
