@@ -118,22 +118,23 @@ def side_by_side(args, device: torch.device, peak_flops: float | None) -> tuple[
     fractions = [1.0] * ("latentdiff" in args.systems) + [args.ld_fraction] * ("latentdiff-fraction" in args.systems)
     for frac in fractions:
         name = "latentdiff" if frac == 1 else f"latentdiff@{frac:g}"
-        systems.append((LatentDiffusionRun(name, ld_config(args.size, args.conditional, args.batch_size), data,
-                                           device, ae_fraction=args.ae_fraction, sampler="ddim",
-                                           sample_steps=args.sample_steps, seed=args.seed, log=log), frac))
+        systems.append((lambda name=name: LatentDiffusionRun(
+            name, ld_config(args.size, args.conditional, args.batch_size), data, device, ae_fraction=args.ae_fraction,
+            sampler="ddim", sample_steps=args.sample_steps, seed=args.seed, log=log), frac))
     for peer in (name for name in args.systems if name in RUNS):
         why = available(peer)
         if why:
             notes.append(f"{peer} skipped: {why}")
             log(notes[-1])
             continue
-        systems.append((RUNS[peer](x, device, size=args.size, batch=args.batch_size,
-                                   sample_steps=args.sample_steps, seed=args.seed), 1.0))
+        systems.append((lambda peer=peer: RUNS[peer](x, device, size=args.size, batch=args.batch_size,
+                                                     sample_steps=args.sample_steps, seed=args.seed), 1.0))
 
     results, points = [], []
-    for system, frac in systems:
+    for make, frac in systems:  # built one at a time, so that a system's peak memory holds only itself
+        system = make()
         budget = args.budget_seconds * frac
-        snap_at = [budget * (i + 1) / (args.snapshots + 1) for i in range(args.snapshots)] if args.snapshots else []
+        snap_at = [budget * (k + 1) / (args.snapshots + 1) for k in range(args.snapshots)]
         log(f"{system.name}: training for {budget:.1f} s")
         with PeakMemory(device) as train_mem:
             stats = system.train(budget, snap_at)
@@ -160,8 +161,7 @@ def side_by_side(args, device: torch.device, peak_flops: float | None) -> tuple[
                                                                                              "recall")}})
         points.append({"system": system.name, "seconds": stats["seconds"],
                        **{k: metrics[k] for k in ("fd", "precision", "recall")}})
-        system.snapshots = []
-        del system  # free the device memory before the next system
+        system = None  # free its weights, optimizer state and snapshots before the next system
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
