@@ -1,0 +1,149 @@
+"""The benchmark harness (bench/run.py) end to end on CPU with tiny budgets: every part runs, the JSON has
+its keys with finite numbers, the plots and the markdown exist, peers run when installed (else skip)."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from latentdiff.config import PRESETS
+from latentdiff.pipeline import LatentDiffusion
+
+ROOT = Path(__file__).resolve().parents[1]
+N = 130  # the evaluation needs >= 129 samples (128-d features)
+
+
+def _run(*args, timeout=240):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), *map(str, args)], check=False,
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    cfg = PRESETS["tiny"]()  # T = 100: NFE 2 and 4, DDPM reference at 10 NFE; random weights are enough here
+    cfg.unet.num_classes = 0
+    LatentDiffusion.build(cfg, (28, 28)).save(tmp / "model")
+    out = tmp / "out"
+    proc = _run("--out", out, "--device", "cpu", "--size", "tiny", "--data", "bundled", "--limit", 256,
+                "--budget-seconds", 2, "--ld-fraction", 0.5, "--batch-size", 16, "--n-eval", N, "--snapshots", 1,
+                "--sample-steps", 2, "--nfe-model", tmp / "model", "--nfe", 2, 4, "--reference-nfe", 10)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, json.loads((out / "results.json").read_text())
+
+
+def _finite(x):
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def test_side_by_side_rows(bench):
+    _, res = bench
+    sbs = res["side_by_side"]
+    names = [s["name"] for s in sbs["systems"]]
+    assert names[:2] == ["latentdiff", "latentdiff@0.5"]
+    for s in sbs["systems"]:
+        for key in ("train_images_per_s", "sample_images_per_s", "flops_per_step", "achieved_flops", "fd",
+                    "fd_floor", "precision", "recall", "seconds", "train_peak_bytes", "sample_peak_bytes"):
+            assert _finite(s[key]), (s["name"], key, s[key])
+        assert s["n"] == N and s["steps"] >= 1 and s["flops_per_step"] > 0
+        assert 0 <= s["precision"] <= 1 and 0 <= s["recall"] <= 1
+        assert s["mfu"] is None  # CPU: FLOP/s only
+    ld, quarter = sbs["systems"][:2]
+    assert ld["budget_seconds"] == 2 and quarter["budget_seconds"] == 1
+    assert ld["seconds"] >= 2  # the budget includes the autoencoder and the encoding
+    assert ld["params"]["autoencoder"] > 0 and ld["params"]["denoiser"] > 0
+    peers = [s for s in sbs["systems"] if not s["name"].startswith("latentdiff")]
+    assert len(sbs["ratios"]) == 2 * len(peers)
+    for r in sbs["ratios"]:
+        peer = next(s for s in peers if s["name"] == r["peer"])
+        this = next(s for s in sbs["systems"] if s["name"] == r["latentdiff"])
+        assert r["fd"] == pytest.approx(this["fd"] / peer["fd"])
+        assert r["train_throughput"] == pytest.approx(this["train_images_per_s"] / peer["train_images_per_s"])
+
+
+@pytest.mark.parametrize("peer,module", [("diffusers", "diffusers"), ("ddpm", "denoising_diffusion_pytorch")])
+def test_peer_ran_or_noted(bench, peer, module):
+    _, res = bench
+    names = [s["name"] for s in res["side_by_side"]["systems"]]
+    if importlib.util.find_spec(module) is None:
+        assert any(n.startswith(f"{peer} skipped") for n in res["side_by_side"]["notes"])
+        pytest.skip(f"{module} is not installed (bash bench/install_peers.sh); the harness skipped it with a note")
+    assert peer in names
+
+
+def test_quality_vs_time(bench):
+    _, res = bench
+    points = res["quality_vs_time"]["points"]
+    for name in (s["name"] for s in res["side_by_side"]["systems"]):
+        mine = [p for p in points if p["system"] == name]
+        assert mine and all(_finite(p["fd"]) and _finite(p["seconds"]) for p in mine)
+        assert [p["seconds"] for p in mine] == sorted(p["seconds"] for p in mine)
+
+
+def test_nfe_sweep(bench):
+    _, res = bench
+    sweep = res["nfe"]
+    rows = {(r["sampler"], r["nfe"]): r for r in sweep["rows"]}
+    from latentdiff.samplers import SAMPLERS
+
+    for name in SAMPLERS:
+        assert (name, 2) in rows and (name, 4) in rows
+    assert ("ddpm", 10) in rows  # the reference
+    for (name, nfe), r in rows.items():
+        assert _finite(r["fd"]) and _finite(r["seconds"]) and r["images_per_s"] > 0
+        assert r["steps"] >= 1
+        if name in ("ddpm", "ddim"):
+            assert r["nfe_counted"] == nfe  # one network call per step
+    assert sweep["reference"]["fd"] == rows[("ddpm", 10)]["fd"]
+    assert rows[("ddpm", 10)]["fd_over_reference"] == pytest.approx(1.0)
+
+
+def test_outputs_written(bench):
+    out, res = bench
+    if importlib.util.find_spec("matplotlib") is None:
+        pytest.skip("matplotlib is not installed (pip install -e '.[bench]'): the harness writes no plots")
+    for name in ("fd_vs_nfe.png", "fd_vs_seconds.png", "side_by_side.png"):
+        assert (out / name).stat().st_size > 1000
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "results.md").read_text()
+    assert "## Side by side" in md and "## Quality vs NFE" in md and "### Ratios latentdiff / peer" in md
+    assert res["machine"]["peak_memory"] == "cpu_ru_maxrss_growth"
+
+
+def test_bad_input_is_one_line():
+    proc = _run("--out", "unused", "--n-eval", 10, timeout=60)
+    assert proc.returncode == 2
+    assert "--n-eval must be at least 129" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_merge_joins_partial_runs(bench):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import merge
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    _, res = bench
+    systems = res["side_by_side"]["systems"]
+    first = {**res, "side_by_side": {**res["side_by_side"], "systems": systems[:1], "ratios": []},
+             "quality_vs_time": {"n": N, "points": [p for p in res["quality_vs_time"]["points"]
+                                                     if p["system"] == systems[0]["name"]]}}
+    first.pop("nfe")
+    rest = {**res, "side_by_side": {**res["side_by_side"], "systems": systems[1:], "notes": []},
+            "quality_vs_time": {"n": N, "points": [p for p in res["quality_vs_time"]["points"]
+                                                    if p["system"] != systems[0]["name"]]}}
+    joined = merge.merge([first, rest])
+    assert [s["name"] for s in joined["side_by_side"]["systems"]] == [s["name"] for s in systems]
+    assert joined["side_by_side"]["ratios"] == res["side_by_side"]["ratios"]
+    assert joined["nfe"] == res["nfe"]
+    with pytest.raises(ValueError, match="more than one result"):
+        merge.merge([first, first])
+    other = {**rest, "side_by_side": {**rest["side_by_side"], "budget_seconds": 99}}
+    with pytest.raises(ValueError, match="budget_seconds"):
+        merge.merge([first, other])
