@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 
 @contextmanager
@@ -42,6 +42,48 @@ def atomic_path(path: str | Path):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def atomic_output(path: str | Path):
+    """:func:`atomic_path` for a result file the user asked for: a failed write (disk full, no permission)
+    becomes a one-line DataError, and leaves neither a partial file nor a temporary one behind."""
+    try:
+        with atomic_path(path) as tmp:
+            yield tmp
+    except OSError as e:
+        raise DataError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def check_output(path: str | Path, suffixes: tuple[str, ...] = (), *, option: str = "--out") -> Path:
+    """Refuse an output path that cannot be written, before any work is done: wrong suffix, an existing
+    folder, or a parent that is a file or not writable. Missing parent folders are fine (they are created)."""
+    path = Path(path)
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise ConfigError(f"{option} must end in {' or '.join(suffixes)}, got {path}")
+    if path.is_dir():
+        raise ConfigError(f"{option} {path} is a folder; give a file name")
+    _check_writable_parent(path, option)
+    return path
+
+
+def check_output_dir(path: str | Path, *, option: str) -> Path:
+    """Like :func:`check_output`, for a folder that results will be written into."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {path} exists and is not a folder")
+    _check_writable_parent(path / "x", option)
+    return path
+
+
+def _check_writable_parent(path: Path, option: str):
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:  # the nearest folder that exists
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{option} {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path}: no permission to write in {parent}")
 
 
 def write_text_atomic(path: str | Path, text: str):
@@ -77,7 +119,7 @@ def save_png(img: np.ndarray, path: str | Path, metadata: dict | None = None, sc
     info = PngImagePlugin.PngInfo()
     for key, value in (metadata or {}).items():
         info.add_text(str(key), value if isinstance(value, str) else json.dumps(value))
-    with atomic_path(path) as tmp:
+    with atomic_output(path) as tmp:
         pil.save(tmp, format="PNG", pnginfo=info)
 
 
@@ -88,7 +130,7 @@ def save_samples(images: np.ndarray, path: str | Path, labels: np.ndarray | None
     if path.suffix.lower() == ".npz":
         arr = images[..., 0] if images.shape[-1] == 1 else images
         extra = {"labels": labels.astype(np.int64)} if labels is not None else {}
-        with atomic_path(path) as tmp:
+        with atomic_output(path) as tmp:
             with open(tmp, "wb") as f:
                 np.savez_compressed(f, images=arr, **extra)
     elif path.suffix.lower() == ".png":
