@@ -35,8 +35,10 @@ class AutoencoderConfig:
             raise ConfigError(f"autoencoder.factor must be one of {FACTORS}, got {self.factor}")
         if self.image_channels not in (1, 3):
             raise ConfigError(f"autoencoder.image_channels must be 1 or 3, got {self.image_channels}")
-        if self.latent_channels < 1 or self.base_channels < 8 or self.num_res_blocks < 1:
-            raise ConfigError("autoencoder: latent_channels >= 1, base_channels >= 8, num_res_blocks >= 1 required")
+        # Upper bounds refuse absurd sizes (e.g. from an untrusted config.json) before anything is allocated.
+        if not (1 <= self.latent_channels <= 64 and 8 <= self.base_channels <= 1024 and 1 <= self.num_res_blocks <= 8):
+            raise ConfigError("autoencoder: latent_channels in 1…64, base_channels in 8…1024 and num_res_blocks in "
+                              f"1…8 required, got {self.latent_channels}, {self.base_channels}, {self.num_res_blocks}")
         if self.recon_loss not in ("l1", "l2"):
             raise ConfigError(f"autoencoder.recon_loss must be 'l1' or 'l2', got {self.recon_loss!r}")
         if self.kl_weight < 0:

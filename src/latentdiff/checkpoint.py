@@ -90,8 +90,10 @@ def load_state(path: str | Path, device: str | torch.device = "cpu", verify: boo
         raise ModelError(f"{path} is corrupted: its metadata checksum does not match its metadata")
     try:
         meta = json.loads(header.get(_KEY, "{}"))
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         raise ModelError(f"{path} has an unreadable metadata header") from None
+    if not isinstance(meta, dict):  # callers read it with .get()
+        raise ModelError(f"{path} has an unreadable metadata header (not a JSON object)")
     return {k: v.to(device) for k, v in tensors.items()}, meta
 
 

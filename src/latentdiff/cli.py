@@ -12,7 +12,6 @@ import json
 import math
 import sys
 import time
-from pathlib import Path
 
 from . import __version__
 from .errors import ConfigError, LatentDiffError
@@ -20,9 +19,15 @@ from .errors import ConfigError, LatentDiffError
 SAMPLER_NAMES = ("ddpm", "ddim")
 
 
+def one_line(text: str) -> str:
+    """`text` with control and other unprintable characters escaped (\\n, \\x1b, ...): a message that quotes a
+    file name or option value stays on one line and cannot drive the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit code 2
-        sys.stderr.write(f"latentdiff: error: {message} (see `{self.prog} --help`)\n")
+        sys.stderr.write(f"latentdiff: error: {one_line(message)} (see `{self.prog} --help`)\n")
         raise SystemExit(2)
 
 
@@ -46,6 +51,9 @@ def bounded(cast, low=None, high=None, *, open_low: bool = False, requirement: s
 
 
 _positive_int = bounded(int, 1, requirement="must be a positive integer")
+_count = bounded(int, 1, 1_000_000, requirement="must be a positive integer (at most 1000000)")
+_seed = bounded(int, 0, 2**63 - 1, requirement="must be between 0 and 2^63-1")
+MAX_GRID = 10_000  # images in one PNG grid; more go to an .npz
 _nonneg_int = bounded(int, 0, requirement="must be >= 0")
 _nonneg_float = bounded(float, 0, requirement="must be a finite number >= 0")
 _unit_float = bounded(float, 0, 1, requirement="must be between 0 and 1")
@@ -120,12 +128,14 @@ def cmd_train(args):
 def cmd_sample(args):
     import numpy as np
 
-    from .io import save_individual, save_samples
+    from .io import check_output, check_output_dir, save_individual, save_samples
     from .pipeline import LatentDiffusion, resolve_device
 
-    out = Path(args.out)
-    if out.suffix.lower() not in (".png", ".npz"):
-        raise ConfigError(f"--out must end in .png or .npz, got {out}")
+    out = check_output(args.out, (".png", ".npz"))
+    if out.suffix.lower() == ".png" and args.n > MAX_GRID:
+        raise ConfigError(f"--out {out}: a PNG grid holds at most {MAX_GRID} images; write --n {args.n} to an .npz")
+    if args.save_individual:
+        check_output_dir(args.save_individual, option="--save-individual")
     pipe = LatentDiffusion.load(args.model, resolve_device(args.device))
     labels = None
     if args.class_ is not None:
@@ -235,11 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "`images` (N×H×W or N×H×W×C) and `labels` for conditional models.")
     p.add_argument("--model", required=True, metavar="DIR",
                    help="a model directory, or pretrained:NAME (e.g. pretrained:fashion-mnist)")
-    p.add_argument("--n", type=_positive_int, default=64, help="number of images (default: 64)")
+    p.add_argument("--n", type=_count, default=64, help="number of images (default: 64)")
     p.add_argument("--steps", type=_positive_int, help="sampling steps (default: the model's, e.g. 50)")
     p.add_argument("--sampler", choices=SAMPLER_NAMES, help="ddpm (ancestral) or ddim (default: the model's)")
     p.add_argument("--eta", type=_unit_float, default=0.0, help="DDIM stochasticity η in [0, 1] (default: 0)")
-    p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same images (default: 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed; same seed, same images (default: 0)")
     p.add_argument("--class", dest="class_", type=_nonneg_int, metavar="K",
                    help="generate only class K (conditional models); default: all classes in turn")
     p.add_argument("--unconditional", action="store_true", help="ignore classes (null label) on a conditional model")
@@ -279,7 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except LatentDiffError as e:
-        sys.stderr.write(f"latentdiff: error: {e}\n")
+        sys.stderr.write(f"latentdiff: error: {one_line(str(e))}\n")
+        return 2
+    except OSError as e:  # the environment (permissions, disk full), not a bug: one line, no traceback
+        sys.stderr.write(f"latentdiff: error: {one_line(str(e))}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("latentdiff: interrupted\n")

@@ -8,17 +8,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 
-from .autoencoder import AutoencoderConfig
+from .autoencoder import Autoencoder, AutoencoderConfig
 from .errors import ConfigError
+from .samplers import SAMPLERS
 from .schedule import PREDICTIONS, SCHEDULES
-from .unet import UNetConfig
+from .unet import UNet, UNetConfig
+
+# The largest network (autoencoder + U-Net parameters) a config may ask for: 8 GB of float32 weights.
+# Configs can come from untrusted model directories, so sizes are checked before anything is allocated.
+MAX_PARAMETERS = 2_000_000_000
+MAX_SEED = 2**63 - 1
 
 
 @dataclass
@@ -89,6 +98,10 @@ class TrainConfig:
         for key in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{name}.{key} must be >= 1, got {getattr(self, key)}")
+        if self.batch_size > 65536:
+            raise ConfigError(f"{name}.batch_size must be <= 65536, got {self.batch_size}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"{name}.seed must be in 0…2^63-1, got {self.seed}")
         if not 0 < self.lr < 1:
             raise ConfigError(f"{name}.lr must be in (0, 1), got {self.lr}")
         if not 0 <= self.ema_decay < 1:
@@ -104,6 +117,15 @@ class SampleConfig:
     sampler: str = "ddim"          # default sampler for grids and `latentdiff sample`
     steps: int = 50                # default number of sampling steps
     guidance: float = 1.0          # default classifier-free guidance scale (1 = none)
+
+    def validate(self, num_train_steps: int):
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"sample.sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if not 1 <= self.steps <= num_train_steps:
+            raise ConfigError(f"sample.steps must be in 1…diffusion.num_train_steps ({num_train_steps}), "
+                              f"got {self.steps}")
+        if not (math.isfinite(self.guidance) and self.guidance >= 0):
+            raise ConfigError(f"sample.guidance must be a finite number >= 0, got {self.guidance}")
 
 
 @dataclass
@@ -126,13 +148,29 @@ class Config:
         self.diffusion.validate()
         self.autoencoder_training.validate("autoencoder_training")
         self.training.validate("training")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+        self.sample.validate(self.diffusion.num_train_steps)
+        if not re.fullmatch(r"auto|cpu|cuda(:\d{1,3})?", self.device):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.sample.steps < 1:
-            raise ConfigError(f"sample.steps must be >= 1, got {self.sample.steps}")
+        if self.unet.in_channels != self.autoencoder.latent_channels:
+            raise ConfigError(f"unet.in_channels ({self.unet.in_channels}) must equal autoencoder.latent_channels "
+                              f"({self.autoencoder.latent_channels}): the U-Net denoises the autoencoder's latents")
+        n = self.parameter_count()
+        if n > MAX_PARAMETERS:
+            raise ConfigError(f"this config asks for {n / 1e9:.1f} billion parameters; at most "
+                              f"{MAX_PARAMETERS / 1e9:.0f} billion are allowed (reduce base_channels, "
+                              "channel_mults or num_res_blocks)")
         return self
+
+    def parameter_count(self) -> int:
+        """Autoencoder + U-Net parameters, counted on the meta device (nothing is allocated)."""
+        # The label embedding is counted by hand: nn.Embedding's normal_ init on the meta device imports
+        # torch._dynamo, which takes seconds.
+        with torch.device("meta"):
+            nets = (Autoencoder(self.autoencoder), UNet(dataclasses.replace(self.unet, num_classes=0)))
+        labels = (self.unet.num_classes + 1) * nets[1].time_mlp[-1].out_features if self.unet.num_classes else 0
+        return labels + sum(p.numel() for net in nets for p in net.parameters())
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -238,6 +276,8 @@ def _convert(value, tp, where: str):
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{where} must be a string, got {value!r}")
+        if "\x00" in str(value):  # would fail later as a file name, with a traceback
+            raise ConfigError(f"{where} must not contain a NUL character")
         return str(value)
     raise ConfigError(f"{where}: unsupported type {tp}")
 
@@ -265,15 +305,17 @@ def load_config(path: str | Path | None = None, preset: str | None = None, overr
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        try:  # safe_load: YAML tags such as !!python/object are refused, never executed
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {_first_line(e)}") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {p}: {e.strerror or e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
         preset = data.pop("preset", preset)
     name = preset or "default"
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     cfg = PRESETS[name]()
     _apply(cfg, data)
@@ -286,9 +328,16 @@ def load_config(path: str | Path | None = None, preset: str | None = None, overr
         cur = nested
         for part in parts[:-1]:
             cur = cur.setdefault(part, {})
-        cur[parts[-1]] = yaml.safe_load(value) if value.strip() else value
+        try:
+            cur[parts[-1]] = yaml.safe_load(value) if value.strip() else value
+        except (yaml.YAMLError, RecursionError) as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML: {_first_line(e)}") from None
         _apply(cfg, nested)
     return cfg.validate()
+
+
+def _first_line(err: Exception) -> str:
+    return " ".join(str(err).split()) or type(err).__name__  # PyYAML's messages span several lines
 
 
 def config_from_dict(d: dict) -> Config:

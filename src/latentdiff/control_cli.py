@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import bounded
+from .cli import _seed, bounded, one_line
 from .errors import ConfigError, DataError
 
 # torch and the pipeline are imported inside the commands: `register` runs for every `latentdiff`
@@ -28,6 +28,8 @@ DEFAULT_MODEL = "pretrained:fashion-mnist"
 
 _strength = bounded(float, 0, 1, open_low=True, requirement="must be in (0, 1]")
 _frames = bounded(int, 2, 1000, requirement="must be between 2 and 1000")
+_scale = bounded(int, 1, 16, requirement="must be between 1 and 16")
+_resample = bounded(int, 0, 100, requirement="must be >= 0 and at most 100")
 
 
 def _weights(text: str) -> list[float]:
@@ -64,7 +66,7 @@ def _classes(text: str) -> tuple[int, ...]:
 
 
 def _warn(message: str):
-    sys.stderr.write(f"latentdiff: warning: {message}\n")
+    sys.stderr.write(f"latentdiff: warning: {one_line(message)}\n")
 
 
 def load_image(path: str | Path, pipe) -> tuple[np.ndarray, tuple[int, int]]:
@@ -141,10 +143,9 @@ def _load_pipe(args):
 
 
 def _check_out(args, suffix=".png") -> Path:
-    out = Path(args.out)
-    if out.suffix.lower() != suffix:
-        raise ConfigError(f"--out must end in {suffix}, got {out}")
-    return out
+    from .io import check_output
+
+    return check_output(args.out, (suffix,))
 
 
 def _meta(args, command: str, inputs, **extra) -> dict:
@@ -204,15 +205,20 @@ def cmd_repair(args):
     print(f"repaired {int(used.sum())} pixels ({'given mask' if args.mask else 'detected damage'})")
 
 
+def _seed_of(text: str) -> int:
+    """`seed:K` -> K."""
+    try:
+        return _seed(text[5:])
+    except argparse.ArgumentTypeError as e:
+        raise ConfigError(f"expected seed:INTEGER with an integer between 0 and 2^63-1, got {text!r} ({e})") from None
+
+
 def _endpoint(text: str, pipe, steps, label):
     """`seed:K` -> that seed's starting noise; an image file -> its DDIM inversion. Returns (noise, is_image)."""
     from .control import invert, seed_noise
 
     if text.startswith("seed:"):
-        try:
-            return seed_noise(pipe, int(text[5:])), False
-        except ValueError:
-            raise ConfigError(f"expected seed:INTEGER, got {text!r}") from None
+        return seed_noise(pipe, _seed_of(text)), False
     image, _ = load_image(text, pipe)
     return invert(pipe, image, steps=steps, label=label), True
 
@@ -221,9 +227,15 @@ def cmd_interpolate(args):
     from PIL import Image
 
     from .control import interpolate_noise
-    from .io import atomic_path, make_grid, save_png, to_pil
+    from .io import atomic_path, check_output, make_grid, save_png, to_pil
 
     out = _check_out(args)
+    gif = check_output(out.with_suffix(".gif"))
+    for end in (args.a, args.b):  # check both ends before the slow inversion of either
+        if end.startswith("seed:"):
+            _seed_of(end)
+        elif not Path(end).is_file():
+            raise DataError(f"image file not found: {end}")
     pipe = _load_pipe(args)
     classes = args.class_
     if classes is not None and len(classes) == 1:
@@ -238,13 +250,12 @@ def cmd_interpolate(args):
     meta = _meta(args, "interpolate", [p for p in (args.a, args.b) if not p.startswith("seed:")],
                  endpoints=[Path(p).name for p in (args.a, args.b)], frames=args.frames, guidance_used=guidance)
     meta["latentdiff"]["class"] = None if classes is None else list(classes)
-    save_png(make_grid(frames, nrow=len(frames)), out, meta, scale=args.scale)
-    gif = out.with_suffix(".gif")
     pils = [to_pil(f) for f in frames]
     if args.scale > 1:
         pils = [p.resize((p.width * args.scale, p.height * args.scale), Image.NEAREST) for p in pils]
-    with atomic_path(gif) as tmp:
+    with atomic_path(gif) as tmp:  # the strip is written inside: a failed write leaves neither file
         pils[0].save(tmp, format="GIF", save_all=True, append_images=pils[1:], duration=100, loop=0)
+        save_png(make_grid(frames, nrow=len(frames)), out, meta, scale=args.scale)
     print(f"wrote {out} and {gif} ({len(frames)} frames)")
 
 
@@ -281,7 +292,7 @@ def register(subparsers) -> None:
         p.add_argument("--steps", type=_positive_int, help="sampling steps of the full grid (default: the model's)")
         p.add_argument("--guidance", type=_nonneg_float,
                        help="classifier-free guidance scale with --class (1 = none; default: the model's)")
-        p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same result (default: 0)")
+        p.add_argument("--seed", type=_seed, default=0, help="random seed; same seed, same result (default: 0)")
         p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: auto")
 
     image_help = ("input image (PNG/JPEG); colour is converted to the model's channels and a different size "
@@ -307,7 +318,7 @@ def register(subparsers) -> None:
     where.add_argument("--mask", metavar="MASK.png", help="mask image of the input's size; white (>= 128) = regenerate")
     where.add_argument("--rect", type=_rect, metavar="x0,y0,x1,y1",
                        help="regenerate this rectangle (input pixels, x1 and y1 exclusive)")
-    p.add_argument("--resample", type=_nonneg_int, default=0, metavar="N",
+    p.add_argument("--resample", type=_resample, default=0, metavar="N",
                    help="RePaint resampling: redo each step N more times for a better fit (default: 0)")
     common(p, "inpainted.png")
     p.set_defaults(func=cmd_inpaint)
@@ -318,7 +329,7 @@ def register(subparsers) -> None:
                     "--mask is given, and inpaint them; undamaged pixels are copied unchanged.")
     p.add_argument("image", help=image_help)
     p.add_argument("--mask", metavar="MASK.png", help="mask image of the input's size; white (>= 128) = damaged")
-    p.add_argument("--resample", type=_nonneg_int, default=2, metavar="N", help="RePaint resampling (default: 2)")
+    p.add_argument("--resample", type=_resample, default=2, metavar="N", help="RePaint resampling (default: 2)")
     common(p, "repaired.png")
     p.set_defaults(func=cmd_repair)
 
@@ -331,7 +342,7 @@ def register(subparsers) -> None:
     p.add_argument("a", help="first endpoint: an image file or seed:K")
     p.add_argument("b", help="last endpoint: an image file or seed:K")
     p.add_argument("--frames", type=_frames, default=8, help="number of frames, >= 2 (default: 8)")
-    p.add_argument("--scale", type=_positive_int, default=1, help="enlarge the strip and GIF N times (default: 1)")
+    p.add_argument("--scale", type=_scale, default=1, help="enlarge the strip and GIF N times, up to 16 (default: 1)")
     common(p, "interpolation.png", class_type=_classes,
            class_help="K for both ends, or K1,K2 to blend from class K1 to class K2")
     p.set_defaults(func=cmd_interpolate)

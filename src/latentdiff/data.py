@@ -17,6 +17,7 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -61,6 +62,10 @@ BUNDLED_SIZES = {"train": 10_000, "test": 2_000}
 _IDX_IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
 _IDX_LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dimension
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# Image files are untrusted input: only these in-process decoders are used (never e.g. EPS, which runs
+# Ghostscript), and an image larger than MAX_IMAGE_PIXELS is refused from its header, before decoding.
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
+MAX_IMAGE_PIXELS = 1 << 26  # 8192×8192
 
 
 @dataclass
@@ -377,11 +382,22 @@ def _is_gray(mode: str) -> bool:
 def _open_image(path: Path) -> Image.Image:
     """Fully decode one image file; any failure names the file (never skipped silently)."""
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():  # Pillow warns about sizes that the check below refuses anyway
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path, formats=IMAGE_FORMATS)  # reads the header only
+        with im:
+            w, h = im.size
+            if w < 1 or h < 1 or w * h > MAX_IMAGE_PIXELS:
+                raise DataError(f"image {path} is {w}×{h} pixels; latentdiff reads images with 1 to "
+                                f"{MAX_IMAGE_PIXELS} pixels")
             im.verify()  # PNG: checks chunk CRCs and completeness even if Pillow allows truncation
-        im = Image.open(path)
+        im = Image.open(path, formats=IMAGE_FORMATS)
         im.load()
         return ImageOps.exif_transpose(im)
+    except DataError:
+        raise
+    except Image.UnidentifiedImageError:
+        raise DataError(f"cannot read image {path}: not a {'/'.join(IMAGE_FORMATS)} image file") from None
     # Decoders of untrusted bytes raise a zoo of types (OSError, SyntaxError, struct.error, ...).
     except Exception as e:  # noqa: BLE001
         raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}; "

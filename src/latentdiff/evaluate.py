@@ -231,8 +231,34 @@ def evaluate_autoencoder(model, *, n: int = 2000, reference: str = "fashion-mnis
 # ----------------------------------------------------------------------------- sample files
 
 
+MAX_SAMPLE_BYTES = 1 << 32  # 4 GiB of uncompressed sample images (1M 28×28 float32 images is 3 GiB)
+
+
+def _member_header(npz, key: str, path: Path) -> tuple[tuple, np.dtype]:
+    """Shape and dtype of one .npz member from its header, before its (possibly huge) data is decompressed."""
+    from numpy.lib import format as npy
+
+    try:
+        with npz.zip.open(f"{key}.npy") as f:
+            version = npy.read_magic(f)
+            read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise DataError(f"cannot read `{key}` in samples file {path}: {e}") from None
+    if dtype.hasobject:
+        raise DataError(f"`{key}` in {path} holds Python objects (pickled data), which latentdiff never loads; "
+                        "save plain numeric arrays")
+    if math.prod(shape) * dtype.itemsize > MAX_SAMPLE_BYTES:
+        raise DataError(f"`{key}` in {path} is {'×'.join(map(str, shape))} {dtype}, larger than "
+                        f"{MAX_SAMPLE_BYTES >> 30} GiB; score a subset")
+    return shape, dtype
+
+
 def load_samples(path) -> tuple[np.ndarray, np.ndarray | None]:
-    """``images`` (and optional ``labels``) from an .npz written by ``latentdiff sample --out FILE.npz``."""
+    """``images`` (and optional ``labels``) from an .npz written by ``latentdiff sample --out FILE.npz``.
+
+    Never unpickles, and checks each array's shape and dtype from its header before decompressing it.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"samples file not found: {path}")
@@ -247,11 +273,17 @@ def load_samples(path) -> tuple[np.ndarray, np.ndarray | None]:
         if "images" not in npz.files:
             raise DataError(f"{path} has no `images` array (it holds: {', '.join(npz.files) or 'nothing'}); "
                             "save samples as np.savez(FILE, images=uint8 N×H×W[×C], labels=...)")
+        keys = [k for k in ("images", "labels") if k in npz.files]
+        for key in keys:
+            _member_header(npz, key, path)
         try:
-            images = npz["images"]
-            labels = npz["labels"] if "labels" in npz.files else None
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # object arrays, truncated members
+            images, labels = (npz[k] for k in keys) if len(keys) == 2 else (npz["images"], None)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # truncated members
             raise DataError(f"cannot read samples file {path}: {e}") from None
+    _as_images(images, f"`images` in {path}")  # dtype, layout, range, NaN: before any model or extractor loads
+    if labels is not None and labels.shape != (len(images),):
+        raise DataError(f"`labels` in {path} must be a 1-D array with one entry per image ({len(images)}), "
+                        f"got shape {labels.shape}")
     return images, labels
 
 
@@ -365,7 +397,7 @@ def _add_scoring_options(p) -> None:
 
 def register(subparsers) -> None:
     """Add the `eval` and `eval-autoencoder` subcommands to the `latentdiff` parser."""
-    from .cli import SAMPLER_NAMES, _nonneg_float, _positive_int
+    from .cli import SAMPLER_NAMES, _count, _nonneg_float, _positive_int, _seed
 
     p = subparsers.add_parser(
         "eval", help="score a model or a samples file: FD next to its real-vs-real floor, precision/recall",
@@ -379,14 +411,14 @@ def register(subparsers) -> None:
     what.add_argument("--samples", metavar="FILE.npz",
                       help="an .npz with `images` (uint8 N×H×W or N×H×W×C) and optional `labels` (N class "
                            "indices), e.g. from `latentdiff sample --out FILE.npz`")
-    p.add_argument("--n", type=_positive_int,
+    p.add_argument("--n", type=_count,
                    help="number of images: to generate with --model (default: 10000), or the first N of --samples "
                         "(default: all)")
     p.add_argument("--sampler", choices=SAMPLER_NAMES, help="with --model: ddpm or ddim (default: the model's)")
     p.add_argument("--steps", type=_positive_int, help="with --model: sampling steps (default: the model's)")
     p.add_argument("--guidance", type=_nonneg_float, help="with --model: classifier-free guidance scale (1 = none; "
                    "default: the model's)")
-    p.add_argument("--seed", type=int, default=0, help="with --model: sampling seed (default: 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="with --model: sampling seed (default: 0)")
     p.add_argument("--k", type=_positive_int, default=3, help="neighbourhood size k of precision/recall (default: 3)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar while sampling")
     _add_scoring_options(p)
@@ -398,6 +430,6 @@ def register(subparsers) -> None:
                     "(posterior mean) and report mean PSNR, mean SSIM, and the FD between reconstructions and "
                     "originals next to the real-vs-real floor (N real training images vs the same originals).")
     p.add_argument("--model", required=True, metavar="DIR", help="a model directory or pretrained:NAME")
-    p.add_argument("--n", type=_positive_int, default=2000, help="held-out images to reconstruct (default: 2000)")
+    p.add_argument("--n", type=_count, default=2000, help="held-out images to reconstruct (default: 2000)")
     _add_scoring_options(p)
     p.set_defaults(func=cmd_eval_autoencoder)

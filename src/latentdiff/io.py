@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from .errors import DataError, WriteError
+from .errors import ConfigError, DataError, WriteError
 
 
 def write_failure(path: Path, err: BaseException) -> WriteError:
@@ -60,6 +60,37 @@ def atomic_path(path: str | Path):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def check_output(path: str | Path, suffixes: tuple[str, ...] = (), *, option: str = "--out") -> Path:
+    """Refuse an output path that cannot be written, before any work is done: wrong suffix, an existing
+    folder, or a parent that is a file or not writable. Missing parent folders are fine (they are created)."""
+    path = Path(path)
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise ConfigError(f"{option} must end in {' or '.join(suffixes)}, got {path}")
+    if path.is_dir():
+        raise ConfigError(f"{option} {path} is a folder; give a file name")
+    _check_writable_parent(path, option)
+    return path
+
+
+def check_output_dir(path: str | Path, *, option: str) -> Path:
+    """Like :func:`check_output`, for a folder that results will be written into."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {path} exists and is not a folder")
+    _check_writable_parent(path / "x", option)
+    return path
+
+
+def _check_writable_parent(path: Path, option: str):
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:  # the nearest folder that exists
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{option} {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path}: no permission to write in {parent}")
 
 
 def write_text_atomic(path: str | Path, text: str):

@@ -41,7 +41,8 @@ class Attention(nn.Module):
 
     def __init__(self, channels: int, head_dim: int = 32):
         super().__init__()
-        self.heads = max(1, channels // head_dim)
+        # About channels / head_dim heads, rounded down to a divisor of `channels` so that heads split evenly.
+        self.heads = next(h for h in range(max(1, channels // head_dim), 0, -1) if channels % h == 0)
         self.norm = group_norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.out = nn.Conv2d(channels, channels, 1)

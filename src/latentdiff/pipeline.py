@@ -30,6 +30,11 @@ from .schedule import NoiseSchedule
 from .unet import UNet
 
 FORMAT_VERSION = 1
+# Limits on what a model directory may declare; they are checked before anything is built, because a
+# model directory may come from an untrusted source.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_IMAGE_SIDE = 4096
+MAX_CLASS_NAME = 255
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -48,13 +53,47 @@ def build_schedule(cfg: Config) -> NoiseSchedule:
 
 
 def pretrained_dir(name: str) -> Path:
-    root = resources.files("latentdiff") / "pretrained"
-    path = Path(str(root / name))
-    if not (path / "config.json").is_file():
-        available = sorted(p.name for p in Path(str(root)).iterdir() if (p / "config.json").is_file()) \
-            if Path(str(root)).is_dir() else []
+    """The shipped model `name`; only names listed in the package's pretrained folder are accepted, so a
+    name such as ``../../x`` can never reach outside it."""
+    root = Path(str(resources.files("latentdiff") / "pretrained"))
+    available = sorted(p.name for p in root.iterdir() if (p / "config.json").is_file()) if root.is_dir() else []
+    if name not in available:
         raise ModelError(f"no pretrained model named {name!r}; available: {', '.join(available) or 'none'}")
-    return path
+    return root / name
+
+
+def _read_metadata(cfg_path: Path) -> tuple[Config, tuple[int, int], tuple[str, ...]]:
+    """Parse and check a model's config.json: (config, image size, class names). Any problem -> ModelError."""
+    try:
+        if cfg_path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ModelError(f"{cfg_path} is larger than {MAX_CONFIG_BYTES} bytes; it is not a latentdiff config")
+        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise ModelError(f"{cfg_path} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise ModelError(f"{cfg_path} is invalid: expected a JSON object, got {type(meta).__name__}")
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise ModelError(f"{cfg_path} is invalid: format_version must be a non-negative integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ModelError(f"{cfg_path.parent} was written by a newer latentdiff (format {version})")
+    if "config" not in meta:
+        raise ModelError(f"{cfg_path} is invalid: it has no 'config' entry")
+    try:
+        cfg = config_from_dict(meta["config"])
+    except ConfigError as e:
+        raise ModelError(f"{cfg_path} holds an invalid config: {e}") from None
+    size = meta.get("image_size")
+    if (not isinstance(size, list) or len(size) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_IMAGE_SIDE for v in size)):
+        raise ModelError(f"{cfg_path} is invalid: image_size must be [height, width] with integers in "
+                         f"1…{MAX_IMAGE_SIDE}, got {size!r:.80}")
+    names = meta.get("class_names", [])
+    if (not isinstance(names, list) or len(names) not in (0, cfg.unet.num_classes)
+            or not all(isinstance(c, str) and 0 < len(c) <= MAX_CLASS_NAME and c.isprintable() for c in names)):
+        raise ModelError(f"{cfg_path} is invalid: class_names must be a list of {cfg.unet.num_classes} printable "
+                         f"names (or empty), got {names!r:.80}")
+    return cfg, (size[0], size[1]), tuple(names)
 
 
 class LatentDiffusion:
@@ -124,25 +163,19 @@ class LatentDiffusion:
         if not cfg_path.is_file():
             raise ModelError(f"{directory} is not a latentdiff model: config.json is missing "
                              "(a training run becomes a model when `latentdiff train` finishes)")
-        try:
-            meta = json.loads(cfg_path.read_text())
-            cfg = config_from_dict(meta["config"])
-            image_size = tuple(int(v) for v in meta["image_size"])
-            class_names = tuple(str(c) for c in meta.get("class_names", []))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise ModelError(f"{cfg_path} is invalid: {e}") from None
-        except ConfigError as e:
-            raise ModelError(f"{cfg_path} holds an invalid config: {e}") from None
-        if meta.get("format_version", 0) > FORMAT_VERSION:
-            raise ModelError(f"{directory} was written by a newer latentdiff (format {meta['format_version']})")
+        cfg, image_size, class_names = _read_metadata(cfg_path)  # all checked before anything is built
         pipe = cls.build(cfg, image_size, class_names)
         for module, name in ((pipe.autoencoder, "autoencoder"), (pipe.denoiser.net, "denoiser")):
-            tensors, _ = load_state(directory / f"{name}.safetensors")
+            path = directory / f"{name}.safetensors"
+            tensors, _ = load_state(path)
             try:
                 module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()})
             except RuntimeError as e:
-                raise ModelError(f"{directory / (name + '.safetensors')} does not match config.json: "
-                                 f"{str(e).splitlines()[0]}") from None
+                raise ModelError(f"{path} does not match config.json: {str(e).splitlines()[0]}") from None
+            if not all(torch.isfinite(v).all() for v in module.state_dict().values() if v.is_floating_point()):
+                raise ModelError(f"{path} holds NaN or infinite weights")
+        if not pipe.autoencoder.scale_factor > 0:
+            raise ModelError(f"{directory / 'autoencoder.safetensors'} holds a latent scale factor <= 0")
         return pipe.to(device).eval()
 
     # --- generation ---------------------------------------------------------------------------

@@ -29,14 +29,19 @@ class UNetConfig:
     num_classes: int = 0           # 0: unconditional; else labels 0…K-1 plus the null label K
 
     def validate(self):
-        if self.in_channels < 1 or self.base_channels < 8 or self.num_res_blocks < 1:
-            raise ConfigError("unet: in_channels >= 1, base_channels >= 8 and num_res_blocks >= 1 are required")
-        if not self.channel_mults or any(m < 1 for m in self.channel_mults):
-            raise ConfigError("unet.channel_mults must be a non-empty list of positive integers")
+        # Upper bounds refuse absurd sizes (e.g. from an untrusted config.json) before anything is allocated.
+        if not (1 <= self.in_channels <= 64 and 8 <= self.base_channels <= 1024 and 1 <= self.num_res_blocks <= 8):
+            raise ConfigError("unet: in_channels in 1…64, base_channels in 8…1024 and num_res_blocks in 1…8 are "
+                              f"required, got {self.in_channels}, {self.base_channels}, {self.num_res_blocks}")
+        if not 1 <= len(self.channel_mults) <= 6 or any(not 1 <= m <= 16 for m in self.channel_mults):
+            raise ConfigError("unet.channel_mults must be a list of 1…6 integers in 1…16, "
+                              f"got {list(self.channel_mults)}")
         if any(not 0 <= a < len(self.channel_mults) for a in self.attention_levels):
             raise ConfigError(f"unet.attention_levels must index levels 0…{len(self.channel_mults) - 1}")
-        if not 0 <= self.dropout < 1 or self.num_classes < 0:
-            raise ConfigError("unet: dropout must be in [0, 1) and num_classes >= 0")
+        if not 1 <= self.head_dim <= 1024:
+            raise ConfigError(f"unet.head_dim must be in 1…1024, got {self.head_dim}")
+        if not 0 <= self.dropout < 1 or not 0 <= self.num_classes <= 100_000:
+            raise ConfigError("unet: dropout must be in [0, 1) and num_classes in 0…100000")
 
 
 class UNet(nn.Module):
