@@ -27,7 +27,7 @@ from .errors import ConfigError, ModelError
 from .guidance import classifier_free
 from .io import write_text_atomic
 from .samplers import SAMPLERS, sample
-from .schedule import ALL_SPACINGS, NoiseSchedule
+from .schedule import NoiseSchedule
 from .unet import UNet
 
 FORMAT_VERSION = 1
@@ -183,8 +183,6 @@ class LatentDiffusion:
             raise ConfigError(f"steps must be between 1 and {self.denoiser.schedule.num_steps}, got {steps}")
         if guidance < 0:
             raise ConfigError(f"guidance must be >= 0, got {guidance}")
-        if spacing is not None and spacing not in ALL_SPACINGS:
-            raise ConfigError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(ALL_SPACINGS)}")
         denoiser = self.compiled_denoiser(compile) if compile else self.denoiser
         labels = self.check_labels(labels)
         if labels is not None and labels.ndim == 0:
