@@ -16,7 +16,28 @@ import time
 from . import __version__
 from .errors import ConfigError, LatentDiffError
 
-SAMPLER_NAMES = ("ddpm", "ddim")
+
+class _LazyNames:
+    """argparse `choices` read from a registry on first use: building the parser must not import torch
+    (`latentdiff --help` stays fast), yet the names come from the registry, so new samplers appear."""
+
+    def __init__(self, module: str, attribute: str):
+        self.module, self.attribute = module, attribute
+
+    def _names(self) -> tuple[str, ...]:
+        from importlib import import_module
+
+        return tuple(getattr(import_module(self.module, __package__), self.attribute))
+
+    def __contains__(self, value) -> bool:
+        return value in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+
+SAMPLER_NAMES = _LazyNames(".samplers", "SAMPLERS")  # ddpm, ddim, euler, heun, dpmpp-2m, dpmpp-2m-sde, unipc
+SPACING_NAMES = _LazyNames(".schedule", "ALL_SPACINGS")
 
 
 def one_line(text: str) -> str:
@@ -146,13 +167,14 @@ def cmd_sample(args):
     t0 = time.perf_counter()
     images, used = pipe.generate(args.n, sampler=args.sampler, steps=args.steps, seed=args.seed, labels=labels,
                                  guidance=args.guidance, eta=args.eta, batch_size=args.batch_size,
-                                 progress=bar.update if bar else None)
+                                 spacing=args.spacing, compile=args.compile, progress=bar.update if bar else None)
     dt = time.perf_counter() - t0
     if bar:
         bar.close()
     meta = {"Software": f"latentdiff {__version__}",
             "latentdiff": {"model": str(args.model), "sampler": args.sampler or pipe.cfg.sample.sampler,
-                           "steps": args.steps or pipe.cfg.sample.steps, "seed": args.seed,
+                           "steps": args.steps or pipe.cfg.sample.steps, "spacing": args.spacing or "trailing",
+                           "seed": args.seed,
                            "guidance": pipe.cfg.sample.guidance if args.guidance is None else args.guidance,
                            "class": args.class_, "synthetic": True}}
     nrow = pipe.num_classes if (used is not None and args.class_ is None and args.n % pipe.num_classes == 0) else None
@@ -247,7 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a model directory, or pretrained:NAME (e.g. pretrained:fashion-mnist)")
     p.add_argument("--n", type=_count, default=64, help="number of images (default: 64)")
     p.add_argument("--steps", type=_positive_int, help="sampling steps (default: the model's, e.g. 50)")
-    p.add_argument("--sampler", choices=SAMPLER_NAMES, help="ddpm (ancestral) or ddim (default: the model's)")
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, metavar="NAME",
+                   help="one of %(choices)s (default: the model's); heun costs two network evaluations "
+                        "per step, the others one")
+    p.add_argument("--spacing", choices=SPACING_NAMES, metavar="NAME",
+                   help="timestep grid: one of %(choices)s (default: trailing)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the U-Net through torch.compile (pays off for many batches; falls back to eager)")
     p.add_argument("--eta", type=_unit_float, default=0.0, help="DDIM stochasticity η in [0, 1] (default: 0)")
     p.add_argument("--seed", type=_seed, default=0, help="random seed; same seed, same images (default: 0)")
     p.add_argument("--class", dest="class_", type=_nonneg_int, metavar="K",

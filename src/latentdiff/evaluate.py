@@ -317,7 +317,7 @@ def cmd_eval(args) -> None:
     if args.extractor != "inception" and args.inception_weights:
         raise ConfigError("--inception-weights only applies with --extractor inception")
     if args.samples:
-        given = [f"--{o}" for o in ("sampler", "steps", "guidance") if getattr(args, o) is not None]
+        given = [f"--{o}" for o in ("sampler", "steps", "spacing", "guidance") if getattr(args, o) is not None]
         if given:
             raise ConfigError(f"{', '.join(given)} only apply with --model (they control sampling)")
         images, labels = load_samples(args.samples)
@@ -340,16 +340,17 @@ def cmd_eval(args) -> None:
         bar = _bar(n, "sampling", not args.no_progress)
         t0 = time.perf_counter()
         images, labels = pipe.generate(n, sampler=args.sampler, steps=args.steps, seed=args.seed, labels=labels,
-                                       guidance=args.guidance, batch_size=args.batch_size,
+                                       guidance=args.guidance, batch_size=args.batch_size, spacing=args.spacing,
                                        progress=bar.update if bar else None)
         if bar:
             bar.close()
         extra = {"model": str(args.model), "sampler": args.sampler or pipe.cfg.sample.sampler,
-                 "steps": args.steps or pipe.cfg.sample.steps, "seed": args.seed,
+                 "steps": args.steps or pipe.cfg.sample.steps, "spacing": args.spacing or "trailing",
+                 "seed": args.seed,
                  "guidance": pipe.cfg.sample.guidance if args.guidance is None else args.guidance,
                  "sample_seconds": round(time.perf_counter() - t0, 2)}
-        source = (f"{args.model} ({extra['sampler']}, {extra['steps']} steps, guidance {extra['guidance']}, "
-                  f"seed {args.seed})")
+        source = (f"{args.model} ({extra['sampler']}, {extra['steps']} {extra['spacing']} steps, "
+                  f"guidance {extra['guidance']}, seed {args.seed})")
     result = {**evaluate_samples(images, labels, **options), **extra}
     rows = [(f"FD ({result['extractor']})", result["fd"], result["fd_floor"]),
             (f"precision (k={result['k']})", result["precision"], None),
@@ -397,7 +398,7 @@ def _add_scoring_options(p) -> None:
 
 def register(subparsers) -> None:
     """Add the `eval` and `eval-autoencoder` subcommands to the `latentdiff` parser."""
-    from .cli import SAMPLER_NAMES, _count, _nonneg_float, _positive_int, _seed
+    from .cli import SAMPLER_NAMES, SPACING_NAMES, _count, _nonneg_float, _positive_int, _seed
 
     p = subparsers.add_parser(
         "eval", help="score a model or a samples file: FD next to its real-vs-real floor, precision/recall",
@@ -414,8 +415,11 @@ def register(subparsers) -> None:
     p.add_argument("--n", type=_count,
                    help="number of images: to generate with --model (default: 10000), or the first N of --samples "
                         "(default: all)")
-    p.add_argument("--sampler", choices=SAMPLER_NAMES, help="with --model: ddpm or ddim (default: the model's)")
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, metavar="NAME",
+                   help="with --model: one of %(choices)s (default: the model's)")
     p.add_argument("--steps", type=_positive_int, help="with --model: sampling steps (default: the model's)")
+    p.add_argument("--spacing", choices=SPACING_NAMES, metavar="NAME",
+                   help="with --model: timestep grid, one of %(choices)s (default: trailing)")
     p.add_argument("--guidance", type=_nonneg_float, help="with --model: classifier-free guidance scale (1 = none; "
                    "default: the model's)")
     p.add_argument("--seed", type=_seed, default=0, help="with --model: sampling seed (default: 0)")

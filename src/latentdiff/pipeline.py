@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Callable
@@ -102,6 +103,7 @@ class LatentDiffusion:
         self.autoencoder = autoencoder
         self.denoiser = denoiser
         self.class_names = tuple(class_names)
+        self._compiled: dict[str, Denoiser] = {}  # compile mode -> Denoiser sharing the weights
 
     @classmethod
     def build(cls, cfg: Config, image_size: tuple[int, int], class_names=()) -> "LatentDiffusion":
@@ -193,10 +195,15 @@ class LatentDiffusion:
     @torch.no_grad()
     def generate(self, n: int, *, sampler: str | None = None, steps: int | None = None, seed: int = 0,
                  labels=None, guidance: float | None = None, batch_size: int = 256, eta: float = 0.0,
+                 spacing: str | None = None, compile: bool | str = False,
                  progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Generate `n` images: uint8 (n, H, W, C) and the labels used (None if unconditional).
 
-        The same (seed, n, batch_size, sampler, steps, labels, guidance) gives the same images.
+        The same (seed, n, batch_size, sampler, steps, spacing, labels, guidance) gives the same images.
+        `spacing` picks the timestep grid (``schedule.ALL_SPACINGS``; default "trailing"). `compile`
+        runs the U-Net through ``torch.compile`` (True, or a torch.compile mode such as
+        "reduce-overhead"); it pays off for many batches and falls back to eager with a warning
+        where compilation fails.
         """
         sampler = sampler or self.cfg.sample.sampler
         steps = steps or self.cfg.sample.steps
@@ -209,6 +216,7 @@ class LatentDiffusion:
             raise ConfigError(f"steps must be between 1 and {self.denoiser.schedule.num_steps}, got {steps}")
         if guidance < 0:
             raise ConfigError(f"guidance must be >= 0, got {guidance}")
+        denoiser = self.compiled_denoiser(compile) if compile else self.denoiser
         labels = self.check_labels(labels)
         if labels is not None and labels.ndim == 0:
             labels = labels.expand(n)
@@ -222,14 +230,60 @@ class LatentDiffusion:
             b = min(batch_size, n - start)
             noise = torch.randn((b, *self.autoencoder.latent_shape), generator=gen, device=device)
             if labels is not None:
-                fn = classifier_free(self.denoiser, labels[start:start + b].to(device), guidance)
+                fn = classifier_free(denoiser, labels[start:start + b].to(device), guidance)
             else:
-                fn = self.denoiser.bind(None)
-            z0 = sample(fn, noise, self.denoiser.schedule, sampler=sampler, steps=steps, generator=gen, **options)
+                fn = denoiser.bind(None)
+            z0 = sample(fn, noise, self.denoiser.schedule, sampler=sampler, steps=steps, spacing=spacing,
+                        generator=gen, **options)
             out.append(to_uint8(self.autoencoder.from_latent(z0)))
             if progress:
                 progress(b)
         return np.concatenate(out), (labels.numpy() if labels is not None else None)
+
+    def compiled_denoiser(self, mode: bool | str = True) -> Denoiser:
+        """A Denoiser sharing this one's weights whose U-Net runs through ``torch.compile`` (cached per mode)."""
+        mode = "default" if mode is True else mode
+        if mode not in COMPILE_MODES:
+            raise ConfigError(f"unknown compile mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
+        if mode not in self._compiled:
+            net = CompiledNet(self.denoiser.net, mode)
+            self._compiled[mode] = Denoiser(net, self.denoiser.schedule, self.denoiser.prediction)
+        return self._compiled[mode]
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
+class CompiledNet(torch.nn.Module):
+    """`net` behind ``torch.compile``, falling back to eager (one warning) if compiling or running it fails.
+
+    Compilation is lazy, so failures (no C compiler, unsupported platform) surface on the first call;
+    the eager rerun then either succeeds or raises the real error. Weights stay shared with `net`.
+    """
+
+    def __init__(self, net: torch.nn.Module, mode: str = "default"):
+        super().__init__()
+        self.eager = net
+        self.cfg = getattr(net, "cfg", None)  # guidance reads net.cfg.num_classes
+        try:
+            self._fn = torch.compile(net, mode=mode)
+        except Exception as e:  # noqa: BLE001 - any failure means: run eager
+            self._fall_back(e)
+
+    def _fall_back(self, e: Exception):
+        first_line = (str(e).strip().splitlines() or [""])[0][:200]
+        warnings.warn(f"torch.compile is unavailable here ({type(e).__name__}: {first_line}); "
+                      "running the network eagerly", RuntimeWarning, stacklevel=3)
+        self._fn = self.eager
+
+    def forward(self, *args):
+        if self._fn is self.eager:
+            return self.eager(*args)
+        try:
+            return self._fn(*args)
+        except Exception as e:  # noqa: BLE001
+            self._fall_back(e)
+            return self.eager(*args)
 
 
 def default_card(meta: dict) -> str:

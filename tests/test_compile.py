@@ -1,0 +1,92 @@
+"""Opt-in torch.compile of the U-Net for sampling: same numbers as eager, and a clean fallback where it fails."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from latentdiff.config import load_config
+from latentdiff.errors import ConfigError
+from latentdiff.pipeline import LatentDiffusion
+
+
+def _tiny_pipe():
+    cfg = load_config(preset="tiny", overrides=["unet.num_classes=3"])
+    torch.manual_seed(0)
+    pipe = LatentDiffusion.build(cfg, (28, 28), ("a", "b", "c"))
+    for p in pipe.denoiser.parameters():  # zero-initialised output layers would make every output equal
+        p.data.add_(0.01 * torch.randn_like(p))
+    return pipe.eval()
+
+
+def _inputs(pipe):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, *pipe.autoencoder.latent_shape, generator=g)
+    return x, torch.tensor([1, 30, 60, 99]), torch.tensor([0, 1, 2, 3])  # label 3 = the null class
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
+    pipe = _tiny_pipe()
+    eager, _ = pipe.generate(3, steps=3, sampler="dpmpp-2m", labels=[0, 1, 2], guidance=2.0)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here\nsecond line")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.warns(RuntimeWarning, match="torch.compile is unavailable here .RuntimeError: no compiler here.; "
+                                            "running the network eagerly"):
+        images, _ = pipe.generate(3, steps=3, sampler="dpmpp-2m", labels=[0, 1, 2], guidance=2.0, compile=True)
+    assert np.array_equal(images, eager)
+
+
+def test_failure_on_first_call_falls_back_once(monkeypatch):
+    """Compilation is lazy: a backend that fails when first run must also end in eager results."""
+    pipe = _tiny_pipe()
+    calls = []
+
+    def lazy_broken(net, **kwargs):
+        def fn(*args):
+            calls.append(1)
+            raise RuntimeError("backend compiler failed")
+        return fn
+
+    monkeypatch.setattr(torch, "compile", lazy_broken)
+    x, t, y = _inputs(pipe)
+    den = pipe.compiled_denoiser(True)
+    with pytest.warns(RuntimeWarning, match="backend compiler failed"):
+        out = den(x, t, y)
+    torch.testing.assert_close(out.x0, pipe.denoiser(x, t, y).x0, rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning, no second attempt
+        den(x, t, y)
+    assert len(calls) == 1
+    assert pipe.compiled_denoiser(True) is den  # cached per mode
+    with pytest.raises(ConfigError, match="unknown compile mode"):
+        pipe.compiled_denoiser("fastest")
+
+
+def test_compiled_denoiser_shares_the_weights_and_keeps_save_format(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda net, **kw: net)  # the wiring, without a backend
+    pipe = _tiny_pipe()
+    den = pipe.compiled_denoiser()
+    assert den.net.eager is pipe.denoiser.net and den.net.cfg is pipe.denoiser.net.cfg
+    pipe.save(tmp_path / "m")  # the state dict is the uncompiled network's
+    assert LatentDiffusion.load(tmp_path / "m").denoiser.net.state_dict().keys() == pipe.denoiser.net.state_dict().keys()
+
+
+@pytest.mark.slow  # inductor compiles C++ kernels: ~3 minutes on a busy 2-core CPU
+def test_compiled_unet_matches_eager_within_bf16_tolerance():
+    pipe = _tiny_pipe()
+    x, t, y = _inputs(pipe)
+    den = pipe.compiled_denoiser()
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = den.net(x, t, y)
+    fallback = [w for w in caught if "torch.compile is unavailable" in str(w.message)]
+    if fallback:
+        pytest.skip(f"torch.compile does not work on this CPU: {fallback[0].message}")
+    with torch.no_grad():
+        eager = pipe.denoiser.net(x, t, y)
+    assert compiled.shape == eager.shape and eager.abs().max() > 0.05  # a non-trivial output to compare
+    torch.testing.assert_close(compiled, eager, rtol=1.6e-2, atol=1e-3)  # bf16's resolution is 2^-8 ≈ 4e-3
