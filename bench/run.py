@@ -77,6 +77,8 @@ def parse_args(argv=None):
     g.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20, 50, 100, 1000])
     g.add_argument("--n-nfe", type=int, default=None, help="samples per sampler/NFE (default: --n-eval)")
     g.add_argument("--reference-nfe", type=int, default=1000, help="NFE of the DDPM reference FD")
+    g.add_argument("--nfe-spacing", nargs="+", default=["trailing"], choices=("trailing", "leading", "uniform", "karras"),
+                   help="timestep grids to sweep (rows are labelled sampler/grid when more than one)")
     args = p.parse_args(argv)
     args.n_snapshot = args.n_snapshot or min(args.n_eval, 2000)
     args.n_nfe = args.n_nfe or args.n_eval
@@ -186,7 +188,7 @@ def nfe_part(args, device: torch.device) -> dict:
         return evaluate_samples(images, labels, reference=source, device=device)
 
     return nfe_sweep(model, device, args.nfe, args.n_nfe, score, reference_nfe=args.reference_nfe, seed=args.seed,
-                     log=log)
+                     spacings=tuple(args.nfe_spacing), log=log)
 
 
 def _finite(obj):

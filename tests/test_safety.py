@@ -492,3 +492,24 @@ def test_subprocess_errors_are_one_line(tmp_path):
                               env=env, timeout=300, check=False)
         assert_one_line_error(proc.returncode, proc.stderr, needle)
     assert not marker.exists() and not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.parametrize("meta, needle", [
+    ({"autoencoder": {"base_channels": "lots"}, "image_size": [28, 28]}, "base_channels"),
+    ({"autoencoder": {"no_such_field": 1}, "image_size": [28, 28]}, "no_such_field"),
+    ({"autoencoder": "not a mapping", "image_size": [28, 28]}, "mapping"),
+    ({"autoencoder": {}, "image_size": [10**9, 28]}, "image_size"),
+    ({"autoencoder": {}, "image_size": "28"}, "image_size"),
+    ({"autoencoder": {}, "image_size": [28, 28]}, "usable"),  # valid header, but no weights in the file
+])
+def test_crafted_run_dir_autoencoder_is_refused_cleanly(tmp_path, meta, needle):
+    """`latentdiff train` reads RUN_DIR/autoencoder.safetensors: its header is checked like a model's config."""
+    import torch
+
+    from latentdiff.checkpoint import save_state
+    from latentdiff.errors import ModelError
+    from latentdiff.train import load_trained_autoencoder
+
+    save_state(tmp_path / "autoencoder.safetensors", {"junk": torch.zeros(3)}, meta)
+    with pytest.raises(ModelError, match=needle):
+        load_trained_autoencoder(tmp_path, "cpu")

@@ -282,7 +282,9 @@ def _convert(value, tp, where: str):
     raise ConfigError(f"{where}: unsupported type {tp}")
 
 
-def _apply(obj, updates: dict, prefix: str = ""):
+def apply_updates(obj, updates: dict, prefix: str = ""):
+    """Set fields of the dataclass `obj` from a nested mapping, converting and checking each value's type
+    (unknown keys and wrong types raise ConfigError naming `prefix` + key); ranges are checked by validate()."""
     if not isinstance(updates, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {updates!r}")
     hints = typing.get_type_hints(type(obj))
@@ -293,7 +295,7 @@ def _apply(obj, updates: dict, prefix: str = ""):
             raise ConfigError(f"unknown config key {where!r}; valid keys here: {', '.join(sorted(names))}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
-            _apply(current, value, where + ".")
+            apply_updates(current, value, where + ".")
         else:
             setattr(obj, key, _convert(value, hints[key], where))
 
@@ -318,7 +320,7 @@ def load_config(path: str | Path | None = None, preset: str | None = None, overr
     if not isinstance(name, str) or name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     cfg = PRESETS[name]()
-    _apply(cfg, data)
+    apply_updates(cfg, data)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
@@ -332,7 +334,7 @@ def load_config(path: str | Path | None = None, preset: str | None = None, overr
             cur[parts[-1]] = yaml.safe_load(value) if value.strip() else value
         except (yaml.YAMLError, RecursionError) as e:
             raise ConfigError(f"override {item!r}: the value is not valid YAML: {_first_line(e)}") from None
-        _apply(cfg, nested)
+        apply_updates(cfg, nested)
     return cfg.validate()
 
 
@@ -343,7 +345,7 @@ def _first_line(err: Exception) -> str:
 def config_from_dict(d: dict) -> Config:
     """Rebuild a config saved by ``to_dict`` (e.g. a model's config.json), validating every field."""
     cfg = Config()
-    _apply(cfg, d)
+    apply_updates(cfg, d)
     return cfg.validate()
 
 

@@ -77,13 +77,13 @@ def load_image(path: str | Path, pipe) -> tuple[np.ndarray, tuple[int, int]]:
     """
     from PIL import Image
 
-    from .data import _as_mode, _open_image
+    from .data import as_mode, open_image
 
     path = Path(path)
     if not path.is_file():
         raise DataError(f"image file not found: {path}")
     c, h, w = pipe.image_shape
-    im = _as_mode(_open_image(path), c)
+    im = as_mode(open_image(path), c)
     size = im.size
     if size != (w, h):
         if size[0] * h != size[1] * w:
@@ -101,12 +101,12 @@ def load_mask(path: str | Path, image_size: tuple[int, int], model_hw: tuple[int
     counts, so that resizing never shrinks the hole.
     """
 
-    from .data import _as_mode, _open_image
+    from .data import as_mode, open_image
 
     path = Path(path)
     if not path.is_file():
         raise DataError(f"mask file not found: {path}")
-    im = _as_mode(_open_image(path), 1)
+    im = as_mode(open_image(path), 1)
     if im.size != image_size:
         raise DataError(f"the mask {path} is {im.size[0]}×{im.size[1]} but the image is "
                         f"{image_size[0]}×{image_size[1]}; they must be the same size")

@@ -379,7 +379,7 @@ def _is_gray(mode: str) -> bool:
     return mode in ("1", "L", "LA") or mode.startswith("I")
 
 
-def _open_image(path: Path) -> Image.Image:
+def open_image(path: Path) -> Image.Image:
     """Fully decode one image file; any failure names the file (never skipped silently)."""
     try:
         with warnings.catch_warnings():  # Pillow warns about sizes that the check below refuses anyway
@@ -404,7 +404,7 @@ def _open_image(path: Path) -> Image.Image:
                         "fix or remove the file") from e
 
 
-def _as_mode(im: Image.Image, channels: int) -> Image.Image:
+def as_mode(im: Image.Image, channels: int) -> Image.Image:
     """Convert to 'L' (channels=1) or 'RGB' (channels=3); alpha is dropped."""
     if im.mode.startswith("I"):  # 16/32-bit gray: PIL's convert would clip, so rescale to 8 bits
         a = np.asarray(im).astype(np.int64)
@@ -462,12 +462,12 @@ def load_image_folder(
     class_names = tuple(sorted({p.relative_to(root).parts[0] for p in files})) if labeled else ()
     files = files[:limit]
 
-    loaded = [_open_image(p) for p in files]
+    loaded = [open_image(p) for p in files]
     if channels is None:
         channels = 1 if all(_is_gray(im.mode) for im in loaded) else 3
     arrays, first = [], None
     for p, im in zip(files, loaded):
-        im = _as_mode(im, channels)
+        im = as_mode(im, channels)
         if image_size is not None:
             im = _resize_crop(im, image_size)
         elif first is None:

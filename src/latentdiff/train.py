@@ -25,7 +25,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import distributed
 from .autoencoder import Autoencoder, AutoencoderConfig
-from .config import Config, TrainConfig
+from .config import Config, TrainConfig, apply_updates
 from .data import ImageData, load_dataset, to_tensor
 from .denoiser import Denoiser, training_target
 from .errors import ConfigError, ModelError, TrainingError, WriteError
@@ -471,9 +471,18 @@ def load_trained_autoencoder(run_dir: Path, device) -> tuple[Autoencoder, dict]:
         raise ModelError(f"{path} not found: train the autoencoder first with "
                          f"`latentdiff train-autoencoder --run-dir {run_dir}`")
     tensors, meta = ckpt.load_state(path)
-    ae_cfg = AutoencoderConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["autoencoder"].items()})
-    ae = Autoencoder(ae_cfg, tuple(meta["image_size"]))
-    ae.load_state_dict(tensors)
+    size = meta.get("image_size")
+    try:  # the header is data from disk: check types and ranges before building anything
+        ae_cfg = AutoencoderConfig()
+        apply_updates(ae_cfg, meta.get("autoencoder"), "autoencoder.")
+        ae_cfg.validate()
+        if (not isinstance(size, list) or len(size) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4096 for v in size)):
+            raise ConfigError(f"image_size must be [height, width] with integers in 1…4096, got {size!r:.80}")
+        ae = Autoencoder(ae_cfg, (size[0], size[1]))
+        ae.load_state_dict(tensors)
+    except (ConfigError, RuntimeError) as e:  # RuntimeError: load_state_dict's missing/unexpected/shape report
+        raise ModelError(f"{path} is not a usable latentdiff autoencoder: {str(e).splitlines()[0]}") from None
     return ae.to(device).eval(), meta
 
 
