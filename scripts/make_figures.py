@@ -1,4 +1,4 @@
-"""Regenerate the README pictures of every feature with the shipped model, on the CPU (about a minute).
+"""Regenerate the README pictures of every feature with the shipped model, on the CPU (a minute or two).
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python scripts/make_figures.py [--out docs/img] [--scale 3]
 
