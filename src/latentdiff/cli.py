@@ -12,6 +12,7 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 
 from . import __version__
 from .errors import ConfigError, LatentDiffError
@@ -158,16 +159,25 @@ def cmd_sample(args):
     if args.save_individual:
         check_output_dir(args.save_individual, option="--save-individual")
     pipe = LatentDiffusion.load(args.model, resolve_device(args.device))
+    num_classes = pipe.num_classes
+    if args.classifier_scale:
+        if args.unconditional:
+            raise ConfigError("--unconditional cannot be combined with --classifier-scale, which guides towards "
+                              "classes; for the unconditional denoiser plus classifier guidance use --guidance 0")
+        num_classes = pipe.load_classifier(args.classifier).num_classes
+    elif args.classifier:
+        raise ConfigError("--classifier only applies with --classifier-scale")
     labels = None
     if args.class_ is not None:
         labels = np.full(args.n, args.class_)
-    elif pipe.num_classes and not args.unconditional:
-        labels = np.arange(args.n) % pipe.num_classes  # every class in turn
+    elif num_classes and not args.unconditional:
+        labels = np.arange(args.n) % num_classes  # every class in turn
     bar = _bar(args.n, "sampling", not args.no_progress)
     t0 = time.perf_counter()
     images, used = pipe.generate(args.n, sampler=args.sampler, steps=args.steps, seed=args.seed, labels=labels,
                                  guidance=args.guidance, eta=args.eta, batch_size=args.batch_size,
-                                 spacing=args.spacing, compile=args.compile, progress=bar.update if bar else None)
+                                  spacing=args.spacing, compile=args.compile,
+                                  classifier_scale=args.classifier_scale, progress=bar.update if bar else None)
     dt = time.perf_counter() - t0
     if bar:
         bar.close()
@@ -176,12 +186,36 @@ def cmd_sample(args):
                            "steps": args.steps or pipe.cfg.sample.steps, "spacing": args.spacing or "trailing",
                            "seed": args.seed,
                            "guidance": pipe.cfg.sample.guidance if args.guidance is None else args.guidance,
-                           "class": args.class_, "synthetic": True}}
-    nrow = pipe.num_classes if (used is not None and args.class_ is None and args.n % pipe.num_classes == 0) else None
+                           "classifier_scale": args.classifier_scale, "class": args.class_, "synthetic": True}}
+    nrow = num_classes if (used is not None and args.class_ is None and args.n % num_classes == 0) else None
     save_samples(images, out, used, meta, nrow=nrow)
     if args.save_individual:
         save_individual(images, args.save_individual, meta)
     print(f"wrote {len(images)} images to {out} ({len(images) / dt:.1f} images/s on {pipe.device})")
+
+
+def cmd_train_classifier(args):
+    import dataclasses
+
+    import torch
+
+    from .classifier import CLASSIFIER_FILE, default_training, train_classifier
+    from .pipeline import LatentDiffusion, resolve_device
+
+    if args.out is None and str(args.model).startswith("pretrained:"):
+        raise ConfigError(f"{args.model} is part of the installed package: give --out PATH for the classifier "
+                          "(and use it with `latentdiff sample --classifier PATH`)")
+    device = resolve_device(args.device)
+    pipe = LatentDiffusion.load(args.model, device)
+    out = Path(args.out) if args.out else pipe.directory / CLASSIFIER_FILE
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"--out must end in .safetensors, got {out}")
+    train = default_training()
+    train = dataclasses.replace(train, **{k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
+                                                              ("lr", args.lr), ("seed", args.seed)) if v is not None})
+    train_classifier(pipe, args.run_dir, out, source=args.data, data_dir=args.data_dir, train=train, device=device,
+                     dtype=getattr(torch, args.dtype),
+                     resume=args.resume, limit=args.limit, progress=not args.no_progress)
 
 
 def cmd_demo(args):
@@ -282,12 +316,42 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generate only class K (conditional models); default: all classes in turn")
     p.add_argument("--unconditional", action="store_true", help="ignore classes (null label) on a conditional model")
     p.add_argument("--guidance", type=_nonneg_float, help="classifier-free guidance scale (1 = none; default: model's)")
+    p.add_argument("--classifier-scale", type=_nonneg_float, default=0.0, metavar="S",
+                   help="classifier guidance scale with the model's noise-aware classifier (0 = none; default: 0)")
+    p.add_argument("--classifier", metavar="PATH",
+                   help="classifier file for --classifier-scale (default: MODEL_DIR/classifier.safetensors)")
     p.add_argument("--out", default="samples.png", help=".png grid or .npz archive (default: samples.png)")
     p.add_argument("--save-individual", metavar="DIR", help="also write one PNG per image into DIR")
     p.add_argument("--batch-size", type=_positive_int, default=256, help="images per batch (default: 256)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("train-classifier", help="train a noise-aware classifier for classifier guidance",
+                       description="Train a classifier of noisy latents p(y | z_t, t) on the model's data (encoded "
+                                   "with its autoencoder, noised to uniform t), report its held-out accuracy per "
+                                   "noise level, and write MODEL_DIR/classifier.safetensors (or --out). Use it with "
+                                   "`latentdiff sample --classifier-scale S`.")
+    p.add_argument("--model", required=True, metavar="DIR", help="a model directory or pretrained:NAME")
+    p.add_argument("--out", metavar="PATH", help="where the classifier goes (default: MODEL_DIR/classifier."
+                   "safetensors; required for pretrained models)")
+    p.add_argument("--data", metavar="SOURCE", help="labelled training data: 'bundled', 'fashion-mnist' or a folder "
+                   "with one subfolder per class (default: the model's training data)")
+    p.add_argument("--data-dir", metavar="DIR", help="directory holding the four Fashion-MNIST IDX .gz files")
+    p.add_argument("--limit", type=_positive_int, metavar="N", help="use only the first N training images")
+    p.add_argument("--steps", type=_positive_int, metavar="N", help="training steps (default: 2000)")
+    p.add_argument("--batch-size", type=_positive_int, metavar="N", help="batch size (default: 128)")
+    p.add_argument("--lr", type=bounded(float, 0, 1, open_low=True, requirement="must be in (0, 1]"),
+                   help="peak learning rate (default: 2e-3)")
+    p.add_argument("--seed", type=int, help="training seed (default: 0)")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="precision of the saved weights; accuracy is measured with them (default: float32)")
+    p.add_argument("--run-dir", default="runs/classifier", metavar="DIR",
+                   help="where resumable checkpoints go (default: runs/classifier)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in RUN_DIR")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: auto")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    p.set_defaults(func=cmd_train_classifier)
 
     p = sub.add_parser("download", help="download the full Fashion-MNIST (checksum-verified)",
                        description="Download the four official Fashion-MNIST IDX files, verify their MD5 "

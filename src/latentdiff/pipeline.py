@@ -24,7 +24,7 @@ from .config import Config, config_from_dict
 from .data import to_uint8
 from .denoiser import Denoiser
 from .errors import ConfigError, ModelError
-from .guidance import classifier_free
+from .guidance import classifier_free, classifier_guidance
 from .io import write_text_atomic
 from .samplers import SAMPLERS, sample
 from .schedule import NoiseSchedule
@@ -104,6 +104,8 @@ class LatentDiffusion:
         self.denoiser = denoiser
         self.class_names = tuple(class_names)
         self._compiled: dict[str, Denoiser] = {}  # compile mode -> Denoiser sharing the weights
+        self.directory: Path | None = None  # where it was loaded from (for its optional classifier)
+        self.classifier = None  # a noise-aware classifier for classifier guidance, see load_classifier
 
     @classmethod
     def build(cls, cfg: Config, image_size: tuple[int, int], class_names=()) -> "LatentDiffusion":
@@ -178,7 +180,27 @@ class LatentDiffusion:
                 raise ModelError(f"{path} holds NaN or infinite weights")
         if not pipe.autoencoder.scale_factor > 0:
             raise ModelError(f"{directory / 'autoencoder.safetensors'} holds a latent scale factor <= 0")
+        pipe.directory = directory
         return pipe.to(device).eval()
+
+    def load_classifier(self, path: str | Path | None = None):
+        """Load the noise-aware classifier for classifier guidance (default: MODEL_DIR/classifier.safetensors)."""
+        from .classifier import CLASSIFIER_FILE, check_compatible, load_classifier
+
+        if path is None:
+            if self.directory is None or not (self.directory / CLASSIFIER_FILE).is_file():
+                where = self.directory or "this model"
+                raise ModelError(f"{where} has no {CLASSIFIER_FILE} for classifier guidance; train one with "
+                                 "`latentdiff train-classifier --model MODEL [--out PATH]`")
+            path = self.directory / CLASSIFIER_FILE
+        elif not Path(path).is_file():
+            raise ModelError(f"classifier file not found: {path}")
+        net, meta = load_classifier(path, self.device)
+        check_compatible(meta, path, latent_shape=self.autoencoder.latent_shape,
+                         num_train_steps=self.denoiser.schedule.num_steps,
+                         scale_factor=float(self.autoencoder.scale_factor))
+        self.classifier = net
+        return net
 
     # --- generation ---------------------------------------------------------------------------
 
@@ -195,15 +217,17 @@ class LatentDiffusion:
     @torch.no_grad()
     def generate(self, n: int, *, sampler: str | None = None, steps: int | None = None, seed: int = 0,
                  labels=None, guidance: float | None = None, batch_size: int = 256, eta: float = 0.0,
-                 spacing: str | None = None, compile: bool | str = False,
+                 spacing: str | None = None, compile: bool | str = False, classifier_scale: float = 0.0,
                  progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Generate `n` images: uint8 (n, H, W, C) and the labels used (None if unconditional).
 
-        The same (seed, n, batch_size, sampler, steps, spacing, labels, guidance) gives the same images.
-        `spacing` picks the timestep grid (``schedule.ALL_SPACINGS``; default "trailing"). `compile`
-        runs the U-Net through ``torch.compile`` (True, or a torch.compile mode such as
-        "reduce-overhead"); it pays off for many batches and falls back to eager with a warning
-        where compilation fails.
+        The same (seed, n, batch_size, sampler, steps, spacing, labels, guidance, classifier_scale) gives the
+        same images. `spacing` picks the timestep grid (``schedule.ALL_SPACINGS``; default "trailing").
+        `compile` runs the U-Net through ``torch.compile`` (True, or a torch.compile mode such as
+        "reduce-overhead"); it pays off for many batches and falls back to eager with a warning where
+        compilation fails. `classifier_scale` > 0 adds classifier guidance towards `labels` with the
+        noise-aware classifier (``self.classifier``, loaded from the model directory on first use); it
+        composes with classifier-free guidance and also works on an unconditional denoiser.
         """
         sampler = sampler or self.cfg.sample.sampler
         steps = steps or self.cfg.sample.steps
@@ -217,7 +241,19 @@ class LatentDiffusion:
         if guidance < 0:
             raise ConfigError(f"guidance must be >= 0, got {guidance}")
         denoiser = self.compiled_denoiser(compile) if compile else self.denoiser
-        labels = self.check_labels(labels)
+        if not classifier_scale >= 0:
+            raise ConfigError(f"classifier scale must be >= 0, got {classifier_scale}")
+        clf = None
+        if classifier_scale > 0:
+            clf = self.classifier if self.classifier is not None else self.load_classifier()
+            if labels is None:
+                raise ConfigError("classifier guidance needs the classes to guide towards (labels / --class)")
+            labels = torch.as_tensor(labels, dtype=torch.long)
+            if labels.numel() and (labels.min() < 0 or labels.max() >= clf.num_classes):
+                raise ConfigError(f"class must be between 0 and {clf.num_classes - 1}")
+        if self.num_classes or clf is None:  # an unconditional denoiser takes no labels, its classifier does
+            labels = self.check_labels(labels)
+        cond = bool(self.num_classes) and labels is not None
         if labels is not None and labels.ndim == 0:
             labels = labels.expand(n)
         if labels is not None and len(labels) != n:
@@ -229,10 +265,10 @@ class LatentDiffusion:
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
             noise = torch.randn((b, *self.autoencoder.latent_shape), generator=gen, device=device)
-            if labels is not None:
-                fn = classifier_free(denoiser, labels[start:start + b].to(device), guidance)
-            else:
-                fn = denoiser.bind(None)
+            y = labels[start:start + b].to(device) if labels is not None else None
+            fn = classifier_free(denoiser, y, guidance) if cond else denoiser.bind(None)
+            if clf is not None:
+                fn = classifier_guidance(fn, clf, y, classifier_scale, self.denoiser.schedule)
             z0 = sample(fn, noise, self.denoiser.schedule, sampler=sampler, steps=steps, spacing=spacing,
                         generator=gen, **options)
             out.append(to_uint8(self.autoencoder.from_latent(z0)))

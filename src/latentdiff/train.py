@@ -499,6 +499,13 @@ def encode_dataset(ae: Autoencoder, images: np.ndarray, device, batch_size: int 
     return torch.cat(means), torch.cat(logvars)
 
 
+def sample_posterior(mean: torch.Tensor, std: torch.Tensor, scale: torch.Tensor, idx: torch.Tensor,
+                     gen: torch.Generator) -> torch.Tensor:
+    """A fresh sample of the cached posteriors of items `idx`, normalised: z0 = (μ + σ ε) · scale_factor."""
+    noise = torch.randn(mean[idx].shape, generator=gen, device=mean.device)
+    return (mean[idx] + std[idx] * noise) * scale
+
+
 def diffusion_loss(den: Denoiser, z0: torch.Tensor, labels: torch.Tensor | None, gen: torch.Generator,
                    min_snr_gamma: float = 0.0, rows: slice = slice(None)) -> torch.Tensor:
     """Per-sample 'simple' loss ||target - net(z_t, t)||² (Ho et al. 2020 eq. 14), optionally min-SNR weighted.
@@ -565,8 +572,7 @@ def train_diffusion(cfg: Config, run_dir: str | Path, *, resume: bool = False, l
         # Every random draw covers the whole global batch (cheap next to the network), so that each
         # process's rows get exactly the numbers a single process would; the U-Net sees only `rows`.
         idx = idx.to(device)
-        noise = torch.randn(mean[idx].shape, generator=gen, device=device)
-        z0 = (mean[idx] + std[idx] * noise) * scale  # a fresh sample of the cached posterior
+        z0 = sample_posterior(mean, std, scale, idx, gen)
         y = None
         if labels is not None:
             y = labels[idx]
