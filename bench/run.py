@@ -11,7 +11,7 @@ Parts (``--parts``, all by default):
   nfe           every sampler in latentdiff.samplers.SAMPLERS at every ``--nfe`` on ``--nfe-model``
 Writes OUT/results.json, OUT/results.md and PNG plots into OUT. Missing peers are skipped with a note.
 ``--systems`` runs a subset; bench/merge.py joins several such outputs from one machine into one report.
-See docs/notes-bench.md for the columns and caveats.
+See docs/benchmarks.md ("What the harness measures", "Caveats") for the columns and caveats.
 """
 
 from __future__ import annotations
