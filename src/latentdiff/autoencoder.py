@@ -135,6 +135,10 @@ class Autoencoder(nn.Module):
         self.decoder = Decoder(cfg)
         self.register_buffer("scale_factor", torch.tensor(1.0))
 
+    def compile_targets(self) -> tuple[nn.Module, ...]:
+        """What `training.compile` compiles: the codec is used through encode/decode, never forward()."""
+        return (self.encoder, self.decoder)
+
     def _sizes(self) -> list[tuple[int, int]]:
         h, w = self.image_size
         sizes = [(h, w)]

@@ -93,6 +93,8 @@ class TrainConfig:
     seed: int = 0                  # seeds the weight initialisation, the batch order and the noise
     nonfinite: str = "stop"        # on a NaN/inf loss or gradient: "stop" (keep the last good checkpoint) or
                                    # "skip" the batch (no optimizer/EMA update; costs one device sync per step)
+    compile: bool = False          # run the trained network through torch.compile (nn.Module.compile); pays off on
+                                   # GPUs, not on CPUs (docs/benchmarks.md); the first steps wait for the compiler
 
     def validate(self, name: str):
         for key in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):

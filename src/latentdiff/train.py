@@ -180,6 +180,9 @@ def run_stage(stage: Stage, run_dir: Path, device: torch.device, *, precision: s
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99),
                             fused=device.type == "cuda")
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    if cfg.compile:  # in place: parameter names, checkpoints and the EMA copy (made above) stay as they are
+        for module in getattr(model, "compile_targets", lambda: (model,))():
+            module.compile()
     # Identical seeds on every process: all draw the same global batch and noise (see distributed.py).
     data_gen = torch.Generator().manual_seed(cfg.seed)                     # batch indices (CPU)
     noise_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)   # noise, timesteps (device)
