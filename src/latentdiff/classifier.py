@@ -30,7 +30,7 @@ from .config import TrainConfig
 from .data import SOURCES, load_dataset
 from .errors import ConfigError, DataError, ModelError
 from .io import write_text_atomic
-from .layers import Downsample, ResBlock, group_norm, timestep_embedding
+from .layers import Downsample, ResBlock, group_norm, time_mlp, timestep_embedding
 from .schedule import NoiseSchedule
 from .train import Stage, encode_dataset, run_stage, sample_posterior
 
@@ -70,7 +70,7 @@ class NoisyClassifier(nn.Module):
         self.cfg = cfg
         ch = cfg.base_channels
         emb = 4 * ch
-        self.time_mlp = nn.Sequential(nn.Linear(ch, emb), nn.SiLU(), nn.Linear(emb, emb))
+        self.time_mlp = time_mlp(ch, emb)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
         blocks, cur = [], ch
         for lvl, mult in enumerate(cfg.channel_mults):

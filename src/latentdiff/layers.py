@@ -79,6 +79,11 @@ class Upsample(nn.Module):
         return self.conv(x)
 
 
+def time_mlp(dim: int, emb_dim: int) -> nn.Sequential:
+    """Linear-SiLU-Linear from a `dim`-wide sinusoidal timestep embedding to `emb_dim` (U-Net, classifier)."""
+    return nn.Sequential(nn.Linear(dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps (Vaswani et al. 2017, §3.5): (B,) -> (B, dim)."""
     half = dim // 2

@@ -115,13 +115,12 @@ def ddim_invert(denoiser, x0, schedule: NoiseSchedule, ts, *, callback: Callback
     return x
 
 
-@torch.no_grad()
-def dpmpp_2m(denoiser, x, schedule: NoiseSchedule, ts, *, generator=None, callback: Callback = None):
-    """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2): multistep, second order in λ, data prediction.
+def _dpmpp_2m(denoiser, x, schedule: NoiseSchedule, ts, sde: bool, generator, callback: Callback):
+    """The DPM-Solver++(2M) loop shared by the ODE and SDE forms: they differ only in the update.
 
-    With h = λ_{t'} - λ_t and r = h_prev / h,
-        x_{t'} = (σ_{t'}/σ_t) x_t + α_{t'} (1 - e^{-h}) D,   D = (1 + 1/(2r)) x̂0_t - 1/(2r) x̂0_prev.
-    The first step has no history and the last (to σ = 0, where h = ∞) is first order: D = x̂0_t.
+    With h = λ_{t'} - λ_t and r = h_prev / h, both use the multistep data estimate
+    D = x̂0_t + (1/(2r)) (x̂0_t - x̂0_prev), which is x̂0_t on the first step (no history) and on the
+    last (to σ = 0, where h = ∞): there the solvers are first order.
     """
     x0_prev, h_prev = None, None
     for i, t in enumerate(ts.tolist()):
@@ -131,13 +130,28 @@ def dpmpp_2m(denoiser, x, schedule: NoiseSchedule, ts, *, generator=None, callba
         h = l_t - l_s
         d = pred.x0
         if x0_prev is not None and math.isfinite(h) and math.isfinite(h_prev):
-            c = h / (2 * h_prev)  # 1/(2r)
-            d = (1 + c) * pred.x0 - c * x0_prev
-        x = (s_t / s_s) * x + a_t * (-math.expm1(-h)) * d
+            d = pred.x0 + h / (2 * h_prev) * (pred.x0 - x0_prev)
+        if sde:
+            e2h = math.exp(-2 * h)  # 0 at σ_t = 0 (h = ∞) and at ᾱ_s = 0 (λ_s = -∞)
+            x = (s_t / s_s) * math.exp(-h) * x + a_t * (1 - e2h) * d
+            if s_t > 0:
+                x = x + s_t * math.sqrt(1 - e2h) * _noise(x, generator)
+        else:
+            x = (s_t / s_s) * x + a_t * (-math.expm1(-h)) * d
         x0_prev, h_prev = pred.x0, h
         if callback:
             callback(i, len(ts), pred.x0)
     return x
+
+
+@torch.no_grad()
+def dpmpp_2m(denoiser, x, schedule: NoiseSchedule, ts, *, generator=None, callback: Callback = None):
+    """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2): multistep, second order in λ, data prediction.
+
+        x_{t'} = (σ_{t'}/σ_t) x_t + α_{t'} (1 - e^{-h}) D,   D = (1 + 1/(2r)) x̂0_t - 1/(2r) x̂0_prev,
+    with h = λ_{t'} - λ_t and r = h_prev / h; first order on the first and the last step.
+    """
+    return _dpmpp_2m(denoiser, x, schedule, ts, False, generator, callback)
 
 
 @torch.no_grad()
@@ -145,27 +159,11 @@ def dpmpp_2m_sde(denoiser, x, schedule: NoiseSchedule, ts, *, generator=None, ca
     """SDE-DPM-Solver++(2M) (Lu et al. 2022b, §5 / appendix; the 'midpoint' form), noise from `generator`.
 
         x_{t'} = (σ_{t'}/σ_t) e^{-h} x_t + α_{t'} (1 - e^{-2h}) (x̂0_t + D1/2) + σ_{t'} sqrt(1 - e^{-2h}) z,
-    D1 = (x̂0_t - x̂0_prev)/r with r = h_prev/h; D1 = 0 on the first step and on the last (to σ = 0).
-    The D1-free part solves the reverse SDE exactly for a constant x̂0 (for a point mass the marginals
-    q(x_{t'}) are matched exactly); D1/2 is the 'midpoint' second-order term.
+    D1 = (x̂0_t - x̂0_prev)/r with r = h_prev/h (so x̂0_t + D1/2 is the same D as in :func:`dpmpp_2m`);
+    D1 = 0 on the first step and on the last (to σ = 0). The D1-free part solves the reverse SDE
+    exactly for a constant x̂0 (for a point mass the marginals q(x_{t'}) are matched exactly).
     """
-    x0_prev, h_prev = None, None
-    for i, t in enumerate(ts.tolist()):
-        t_prev = _prev(ts, i)
-        pred = denoiser(x, _t(x, t))
-        (_, s_s, l_s), (a_t, s_t, l_t) = _levels(schedule, t), _levels(schedule, t_prev)
-        h = l_t - l_s
-        d = pred.x0
-        if x0_prev is not None and math.isfinite(h) and math.isfinite(h_prev):
-            d = pred.x0 + 0.5 * (h / h_prev) * (pred.x0 - x0_prev)
-        e2h = math.exp(-2 * h)  # 0 at σ_t = 0 (h = ∞) and at ᾱ_s = 0 (λ_s = -∞)
-        x = (s_t / s_s) * math.exp(-h) * x + a_t * (1 - e2h) * d
-        if s_t > 0:
-            x = x + s_t * math.sqrt(1 - e2h) * _noise(x, generator)
-        x0_prev, h_prev = pred.x0, h
-        if callback:
-            callback(i, len(ts), pred.x0)
-    return x
+    return _dpmpp_2m(denoiser, x, schedule, ts, True, generator, callback)
 
 
 def _sigma_tilde(schedule: NoiseSchedule, t: int) -> tuple[float, float]:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
-from .layers import Attention, Downsample, ResBlock, Upsample, group_norm, timestep_embedding
+from .layers import Attention, Downsample, ResBlock, Upsample, group_norm, time_mlp, timestep_embedding
 
 
 @dataclass
@@ -51,7 +51,7 @@ class UNet(nn.Module):
         self.cfg = cfg
         ch = cfg.base_channels
         emb = 4 * ch
-        self.time_mlp = nn.Sequential(nn.Linear(ch, emb), nn.SiLU(), nn.Linear(emb, emb))
+        self.time_mlp = time_mlp(ch, emb)
         self.label_emb = nn.Embedding(cfg.num_classes + 1, emb) if cfg.num_classes else None
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
 
