@@ -78,10 +78,12 @@ def count_flops(fn: Callable[[], None]) -> int:
     return int(counter.get_total_flops())
 
 
-def bf16_matmul_peak(device: torch.device, n: int = 8192, iters: int = 20) -> float:
-    """Measured dense bf16 matmul FLOP/s of this card (the MFU denominator)."""
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+def matmul_peak(device: torch.device) -> tuple[float, str]:
+    """Measured dense matmul FLOP/s of this device, the MFU denominator, and its dtype: bf16 on CUDA
+    (8192² operands), float32 on a CPU (2048² operands; CPU training runs in float32)."""
+    dtype, n, iters = (torch.bfloat16, 8192, 20) if device.type == "cuda" else (torch.float32, 2048, 10)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
     sync(device)
@@ -89,7 +91,7 @@ def bf16_matmul_peak(device: torch.device, n: int = 8192, iters: int = 20) -> fl
     for _ in range(iters):
         a @ b
     sync(device)
-    return 2 * n**3 * iters / (time.perf_counter() - t0)
+    return 2 * n**3 * iters / (time.perf_counter() - t0), str(dtype).removeprefix("torch.")
 
 
 def lr_budget(step: int, progress: float, peak: float, warmup_steps: int, floor: float) -> float:

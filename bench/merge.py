@@ -3,9 +3,9 @@
     python bench/merge.py OUT_LATENTDIFF OUT_DIFFUSERS OUT_DDPM OUT_NFE --out OUT
 
 A device session may limit one command's time (10 minutes on the lent GPUs), while four systems with
-four-minute budgets need more; each command then runs some of the systems (``--systems``) with the same
-settings, and this joins them: side-by-side rows, quality-vs-time points and the NFE sweep, with the
-latentdiff/peer ratios recomputed. It refuses results from different machines or different settings.
+four-minute budgets need more; each command then runs some of the systems (``--systems``) or parts
+(``--parts``) with the same settings, and this joins them: side-by-side rows, quality-vs-time points, the
+NFE sweep, the speed part and the demo timing, with the latentdiff/peer ratios and the targets recomputed. It refuses results from different machines or different settings.
 """
 
 from __future__ import annotations
@@ -43,11 +43,13 @@ def merge(results: list[dict]) -> dict:
         if len({c["n"] for c in curves}) > 1:
             raise ValueError("quality-vs-time results were scored on different numbers of samples")
         out["quality_vs_time"] = {"n": curves[0]["n"], "points": [p for c in curves for p in c["points"]]}
-    sweeps = [r["nfe"] for r in results if r.get("nfe")]
-    if len(sweeps) > 1:
-        raise ValueError("more than one result holds an NFE sweep")
-    if sweeps:
-        out["nfe"] = sweeps[0]
+    for key, what in (("nfe", "an NFE sweep"), ("speed", "a speed part"), ("demo", "a demo timing")):
+        parts = [r[key] for r in results if r.get(key)]
+        if len(parts) > 1:
+            raise ValueError(f"more than one result holds {what}")
+        if parts:
+            out[key] = parts[0]
+    out["targets"] = report.targets(out)
     return out
 
 

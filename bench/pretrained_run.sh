@@ -15,7 +15,8 @@ mid=$(date +%s)
 python -m latentdiff train --config configs/fashion-mnist.yaml --run-dir "$RUN" --no-progress "$@"
 end=$(date +%s)
 echo "{\"autoencoder_seconds\": $((mid - start)), \"denoiser_seconds\": $((end - mid))}" > "$RUN/train_time.json"
-python bench/throughput.py --model "$RUN" --n 512 --steps 20 50 > "$RUN/bench.json"
+python bench/run.py --parts speed --speed-model "$RUN" --out "$RUN/bench" "$@"
+cp "$RUN/bench/results.json" "$RUN/bench.json"
 python -m latentdiff eval --model "$RUN" --n 10000 --json --no-progress | tail -n 1 > "$RUN/eval.json"
 python -m latentdiff eval-autoencoder --model "$RUN" --json | tail -n 1 > "$RUN/eval_autoencoder.json"
 cat "$RUN/train_time.json" "$RUN/bench.json" "$RUN/eval.json" "$RUN/eval_autoencoder.json"

@@ -35,6 +35,88 @@ def ratios(systems: list[dict]) -> list[dict]:
     return out
 
 
+def _peers(sbs: dict | None):
+    systems = sbs["systems"] if sbs else []
+    ld = next((s for s in systems if s["name"] == "latentdiff"), None)
+    frac = next((s for s in systems if s["name"].startswith("latentdiff@")), None)
+    return ld, frac, [s for s in systems if not s["name"].startswith("latentdiff")]
+
+
+def _nfe_target(sweep: dict, nfe: int, limit: float) -> dict | None:
+    rows = [r for r in sweep["rows"] if r["nfe"] == nfe]
+    if not rows:
+        return None
+    best = min(rows, key=lambda r: r["fd_over_reference"])
+    met = [r for r in rows if r["fd_over_reference"] <= limit]
+    return {"target": f"few-step samplers: FD at {nfe} NFE ≤ {limit:g} × the {sweep['reference']['nfe']}-step DDPM FD",
+            "measured": (f"best {best['sampler']} {best['fd_over_reference']:.2f}×; {len(met)} of {len(rows)} "
+                         f"sampler/grid pairs within (reference FD {sweep['reference']['fd']:.3g}, "
+                         f"{sweep['n']} samples each)"),
+            "value": best["fd_over_reference"], "met": best["fd_over_reference"] <= limit}
+
+
+def targets(res: dict) -> list[dict]:
+    """The issue-5 targets with the measured value and whether each is met (None: no target, a figure to report).
+
+    Peer targets compare latentdiff with the *faster* peer on each axis; the quality target compares the
+    latentdiff run with a fraction of the budget against *both* peers."""
+    out = []
+    sweep = res.get("nfe")
+    if sweep:
+        out += [t for t in (_nfe_target(sweep, 10, 1.15), _nfe_target(sweep, 20, 1.05)) if t]
+    ld, frac, peers = _peers(res.get("side_by_side"))
+    n_eval = (res.get("side_by_side") or {}).get("n_eval")
+    if ld and peers:
+        fast_train = max(peers, key=lambda s: s["train_images_per_s"])
+        ratio = ld["train_images_per_s"] / fast_train["train_images_per_s"]
+        out.append({"target": "training throughput ≥ 3× the faster peer",
+                    "measured": (f"{ratio:.1f}× {fast_train['name']} ({ld['train_images_per_s']:,.0f} vs "
+                                 f"{fast_train['train_images_per_s']:,.1f} images/s)"), "value": ratio, "met": ratio >= 3})
+        fast_sample = max(peers, key=lambda s: s["sample_images_per_s"])
+        ratio = ld["sample_images_per_s"] / fast_sample["sample_images_per_s"]
+        best_fd = min(s["fd"] for s in peers)
+        out.append({"target": "sampling throughput at equal or better FD ≥ 10× the faster peer",
+                    "measured": (f"{ratio:.1f}× {fast_sample['name']} ({ld['sample_images_per_s']:,.1f} vs "
+                                 f"{fast_sample['sample_images_per_s']:,.2f} images/s) at FD {ld['fd']:.3g} vs the "
+                                 f"peers' best {best_fd:.3g}"),
+                    "value": ratio, "met": ratio >= 10 and ld["fd"] <= best_fd})
+    if frac and peers:
+        best_peer = min(s["fd"] for s in peers)
+        out.append({"target": "better FD than both peers with a quarter of their wall-clock (autoencoder included)",
+                    "measured": (f"{frac['name']}: FD {frac['fd']:.3g} in {frac['budget_seconds']:g} s vs "
+                                 + ", ".join(f"{s['name']} {s['fd']:.3g}" for s in peers)
+                                 + f" in {peers[0]['budget_seconds']:g} s ({n_eval} samples each)"),
+                    "value": frac["fd"] / best_peer, "met": frac["fd"] < best_peer})
+    demo = res.get("demo")
+    if demo:
+        on_cpu = demo["device"] == "cpu"
+        out.append({"target": "`latentdiff demo` ≤ 3 min on 2 CPU cores" if on_cpu else "`latentdiff demo` end to end",
+                    "measured": f"{demo['seconds']:.0f} s ({demo['threads']} torch threads, {demo['device']})",
+                    "value": demo["seconds"], "met": demo["seconds"] <= 180 if on_cpu else None})
+    speed = res.get("speed")
+    if speed:
+        train = speed["train"]
+        best = max(train["rows"], key=lambda r: r["images_per_s"])
+        m = res["machine"]
+        out.append({"target": "training MFU (achieved ÷ measured matmul peak)",
+                    "measured": (f"{best['mfu']:.1%} ({best['variant']}: {best['images_per_s']:,.0f} images/s × "
+                                 f"{train['flops_per_step'] / train['batch_size'] / 1e6:.0f} MFLOP/image; peak "
+                                 f"{m['matmul_peak_flops'] / 1e12:.3g} TFLOP/s {m['matmul_peak_dtype']})"
+                                 if best.get("mfu") is not None else "no peak measured"),
+                    "value": best.get("mfu"), "met": None})
+        for r in train["rows"]:
+            if r["compile"]:
+                out.append({"target": "`training.compile` speed-up (torch.compile)",
+                            "measured": f"{r['speedup_vs_eager']:.2f}× eager ({r['images_per_s']:,.0f} images/s)",
+                            "value": r["speedup_vs_eager"], "met": None})
+        for r in speed["sample"]["best"]:
+            out.append({"target": f"sampling images/s at {r['nfe']} NFE ({speed['sample']['sampler']}, decoding included)",
+                        "measured": (f"{r['images_per_s']:,.0f} images/s ({r['variant']}, batch {r['batch_size']}; "
+                                     f"{r['speedup_vs_eager_fp32']:.2f}× eager fp32)"),
+                        "value": r["images_per_s"], "met": None})
+    return out
+
+
 def markdown(res: dict) -> str:
     m = res["machine"]
     lines = [f"# latentdiff benchmark — {m['device']}", "",
@@ -42,6 +124,11 @@ def markdown(res: dict) -> str:
              "Peak memory is " + ("`torch.cuda.max_memory_allocated`." if m["device_type"] == "cuda" else
                                   "the growth of the process's `ru_maxrss` during the phase (CPU; an upper bound, "
                                   "0 when the phase stayed below an earlier peak)."), ""]
+    if res.get("targets"):
+        lines += [f"## Issue 5 targets — {m['device']}", ""]
+        lines += _table(["target", "measured", "met"],
+                        [[t["target"], t["measured"], {True: "yes", False: "**no**", None: "–"}[t["met"]]]
+                         for t in res["targets"]])
     sbs = res.get("side_by_side")
     if sbs:
         lines += [f"## Side by side: same data ({sbs['data']}), same machine, same run", "",
@@ -69,9 +156,8 @@ def markdown(res: dict) -> str:
             lines += _table(["latentdiff", "peer", "train img/s ratio", "sample img/s ratio", "FD ratio"],
                             [[r["latentdiff"], r["peer"], r["train_throughput"], r["sample_throughput"], r["fd"]]
                              for r in sbs["ratios"]])
-        if m.get("bf16_matmul_peak_flops"):
-            lines += [(f"MFU = achieved FLOP/s ÷ measured bf16 matmul peak "
-                      f"({m['bf16_matmul_peak_flops'] / 1e12:.1f} TFLOP/s on this card)."), ""]
+        if m.get("matmul_peak_flops"):
+            lines += [_mfu_note(m), ""]
     curve = res.get("quality_vs_time")
     if curve:
         lines += ["## Quality vs training wall-clock", "",
@@ -97,7 +183,36 @@ def markdown(res: dict) -> str:
                               "yes" if t["met"] else "no"] for t in sweep["targets"]])
         for s in sweep["skipped"]:
             lines.append(f"- skipped: {s}")
+    speed = res.get("speed")
+    if speed:
+        train, sample = speed["train"], speed["sample"]
+        lines += [f"## Speed: `{train['model']}`", "",
+                  (f"Training: `latentdiff.train.train_diffusion` for {train['steps']} steps at batch "
+                   f"{train['batch_size']} per variant ({train['params'] / 1e6:.2f} M parameters, "
+                   f"{train['flops_per_step'] / 1e9:.3g} GFLOP per step, data {train['data']}); images/s is the median "
+                   f"logged interval of {train['log_every']} steps after the first. {_mfu_note(m)}"), ""]
+        lines += _table(["variant", "train img/s", "first interval img/s", "× eager", "TFLOP/s", "MFU", "wall s"],
+                        [[r["variant"], r["images_per_s"], r["first_interval_images_per_s"], r["speedup_vs_eager"],
+                          r["achieved_flops"] / 1e12, r["mfu"], r["wall_seconds"]] for r in train["rows"]])
+        lines += [(f"Sampling: `generate` end to end with {sample['sampler']}, guidance {sample['guidance']:g}, "
+                   "decoding to uint8 included, after a one-batch warm-up per variant."), ""]
+        lines += _table(["variant", "batch", "NFE", "steps", "images", "seconds", "img/s", "× eager fp32",
+                         "warm-up s"],
+                        [[r["variant"], r["batch_size"], r["nfe"], r["steps"], r["n"], r["seconds"], r["images_per_s"],
+                          r["speedup_vs_eager_fp32"], r["warmup_seconds"]] for r in sample["rows"]])
+    demo = res.get("demo")
+    if demo:
+        lines += ["## Demo", "", f"`latentdiff demo` in a fresh process: {demo['seconds']:.0f} s wall "
+                  f"({demo['threads']} torch threads, device {demo['device']}).", ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _mfu_note(m: dict) -> str:
+    peak = m.get("matmul_peak_flops")
+    if not peak:
+        return "No matmul peak was measured: no MFU."
+    return (f"MFU = achieved FLOP/s ÷ measured {m['matmul_peak_dtype']} matmul peak ({peak / 1e12:.3g} TFLOP/s on "
+            f"this {'card' if m['device_type'] == 'cuda' else 'CPU'}).")
 
 
 def plots(res: dict, out: Path) -> list[str]:

@@ -34,7 +34,9 @@ def bench(tmp_path_factory):
     out = tmp / "out"
     proc = _run("--out", out, "--device", "cpu", "--size", "tiny", "--data", "bundled", "--limit", 256,
                 "--budget-seconds", 2, "--ld-fraction", 0.5, "--batch-size", 16, "--n-eval", N, "--snapshots", 1,
-                "--sample-steps", 2, "--nfe-model", tmp / "model", "--nfe", 2, 4, "--reference-nfe", 10)
+                "--sample-steps", 2, "--nfe-model", tmp / "model", "--nfe", 2, 4, "--reference-nfe", 10,
+                "--parts", "side-by-side", "nfe", "speed", "--speed-train-steps", 4, "--speed-log-every", 2,
+                "--speed-limit", 64, "--speed-n", 8, "--speed-batch", 4, "--speed-nfe", 2, 3, "--no-compile")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, json.loads((out / "results.json").read_text())
 
@@ -54,7 +56,7 @@ def test_side_by_side_rows(bench):
             assert _finite(s[key]), (s["name"], key, s[key])
         assert s["n"] == N and s["steps"] >= 1 and s["flops_per_step"] > 0
         assert 0 <= s["precision"] <= 1 and 0 <= s["recall"] <= 1
-        assert s["mfu"] is None  # CPU: FLOP/s only
+        assert 0 < s["mfu"] < 1  # against the CPU's measured float32 matmul peak
     ld, quarter = sbs["systems"][:2]
     assert ld["budget_seconds"] == 2 and quarter["budget_seconds"] == 1
     assert ld["seconds"] >= 2  # the budget includes the autoencoder and the encoding
@@ -115,6 +117,7 @@ def test_outputs_written(bench):
     md = (out / "results.md").read_text()
     assert "## Side by side" in md and "## Quality vs NFE" in md and "### Ratios latentdiff / peer" in md
     assert res["machine"]["peak_memory"] == "cpu_ru_maxrss_growth"
+    assert "## Issue 5 targets" in md and "## Speed" in md
 
 
 def test_bad_input_is_one_line():
@@ -135,15 +138,80 @@ def test_merge_joins_partial_runs(bench):
              "quality_vs_time": {"n": N, "points": [p for p in res["quality_vs_time"]["points"]
                                                      if p["system"] == systems[0]["name"]]}}
     first.pop("nfe")
+    first.pop("speed")
     rest = {**res, "side_by_side": {**res["side_by_side"], "systems": systems[1:], "notes": []},
             "quality_vs_time": {"n": N, "points": [p for p in res["quality_vs_time"]["points"]
                                                     if p["system"] != systems[0]["name"]]}}
     joined = merge.merge([first, rest])
     assert [s["name"] for s in joined["side_by_side"]["systems"]] == [s["name"] for s in systems]
     assert joined["side_by_side"]["ratios"] == res["side_by_side"]["ratios"]
-    assert joined["nfe"] == res["nfe"]
+    assert joined["nfe"] == res["nfe"] and joined["speed"] == res["speed"]
+    assert [t["target"] for t in joined["targets"]] == [t["target"] for t in res["targets"]]
     with pytest.raises(ValueError, match="more than one result"):
         merge.merge([first, first])
     other = {**rest, "side_by_side": {**rest["side_by_side"], "budget_seconds": 99}}
     with pytest.raises(ValueError, match="budget_seconds"):
         merge.merge([first, other])
+
+
+def test_speed_part(bench):
+    """The real training loop (train_diffusion, here on a saved model's autoencoder) and the real pipeline."""
+    _, res = bench
+    train, sample = res["speed"]["train"], res["speed"]["sample"]
+    assert train["batch_size"] == 16 and train["flops_per_step"] > 0 and train["steps"] == 4
+    (row,) = train["rows"]  # CPU, --no-compile: eager float32 only
+    assert row["variant"] == "eager, fp32" and row["images_per_s"] > 0 and 0 < row["mfu"] < 1
+    assert row["achieved_flops"] == pytest.approx(train["flops_per_step"] * row["images_per_s"] / 16)
+    assert [(r["nfe"], r["batch_size"], r["n"]) for r in sample["rows"]] == [(2, 4, 8), (3, 4, 8)]
+    assert all(r["images_per_s"] > 0 and r["speedup_vs_eager_fp32"] == 1 for r in sample["rows"])
+    assert [r["nfe"] for r in sample["best"]] == [2, 3]
+    names = [t["target"] for t in res["targets"]]
+    assert any(n.startswith("training MFU") for n in names) and any("at 3 NFE" in n for n in names)
+
+
+def _targets(**over):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import report
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+    def system(name, train, sample, fd, budget=100):
+        return {"name": name, "train_images_per_s": train, "sample_images_per_s": sample, "fd": fd,
+                "budget_seconds": budget}
+
+    res = {"machine": {"device": "test", "device_type": "cpu", "matmul_peak_flops": 1e11, "matmul_peak_dtype": "float32"},
+           "side_by_side": {"n_eval": 500, "systems": [
+               system("latentdiff", 300, 20, 5), system("latentdiff@0.25", 290, 20, 8, 25),
+               system("diffusers", 100, 2, 9), system("ddpm", 50, 1, 10)]},
+           "nfe": {"n": 200, "reference": {"nfe": 1000, "fd": 4.0}, "rows": [
+               {"sampler": "a", "nfe": 10, "fd_over_reference": 1.2}, {"sampler": "b", "nfe": 10, "fd_over_reference": 1.1},
+               {"sampler": "a", "nfe": 20, "fd_over_reference": 1.06}]},
+           "demo": {"seconds": 170.0, "threads": 2, "device": "cpu"}}
+    for path, value in over.items():
+        *keys, last = path.split("__")
+        node = res
+        for k in keys:
+            node = node[int(k)] if isinstance(node, list) else node[k]
+        node[int(last) if isinstance(node, list) else last] = value
+    return report.targets(res)
+
+
+def _met(targets, prefix):
+    (t,) = [t for t in targets if t["target"].startswith(prefix)]
+    return t["met"]
+
+
+def test_targets_decide_met_from_the_numbers():
+    t = _targets()
+    assert [x["met"] for x in t] == [True, False, True, True, True, True]
+    assert "FD at 10 NFE" in t[0]["target"] and "best b 1.10×; 1 of 2" in t[0]["measured"]  # b is within 15%
+    assert "FD at 20 NFE" in t[1]["target"]                                                  # 1.06 > 1.05
+    assert t[2]["value"] == pytest.approx(3.0) and t[3]["value"] == pytest.approx(10.0)     # vs the faster peer
+    # each target flips when its number crosses the line
+    assert not _met(_targets(side_by_side__systems__2__train_images_per_s=101), "training throughput")
+    assert not _met(_targets(side_by_side__systems__0__fd=9.5), "sampling throughput")
+    assert not _met(_targets(side_by_side__systems__3__sample_images_per_s=2.1), "sampling throughput")
+    assert not _met(_targets(side_by_side__systems__1__fd=9), "better FD than both peers")
+    assert not _met(_targets(demo__seconds=181.0), "`latentdiff demo`")
+    assert _met(_targets(demo__device="cuda"), "`latentdiff demo`") is None  # the 3-minute target is a CPU one

@@ -39,6 +39,8 @@ class _LazyNames:
 
 SAMPLER_NAMES = _LazyNames(".samplers", "SAMPLERS")  # ddpm, ddim, euler, heun, dpmpp-2m, dpmpp-2m-sde, unipc
 SPACING_NAMES = _LazyNames(".schedule", "ALL_SPACINGS")
+COMPILE_MODES = _LazyNames(".pipeline", "COMPILE_MODES")
+PRECISIONS = _LazyNames(".config", "PRECISIONS")
 
 
 def one_line(text: str) -> str:
@@ -176,7 +178,7 @@ def cmd_sample(args):
     t0 = time.perf_counter()
     images, used = pipe.generate(args.n, sampler=args.sampler, steps=args.steps, seed=args.seed, labels=labels,
                                  guidance=args.guidance, eta=args.eta, batch_size=args.batch_size,
-                                  spacing=args.spacing, compile=args.compile,
+                                  spacing=args.spacing, compile=args.compile, precision=args.precision,
                                   classifier_scale=args.classifier_scale, progress=bar.update if bar else None)
     dt = time.perf_counter() - t0
     if bar:
@@ -184,7 +186,7 @@ def cmd_sample(args):
     meta = {"Software": f"latentdiff {__version__}",
             "latentdiff": {"model": str(args.model), "sampler": args.sampler or pipe.cfg.sample.sampler,
                            "steps": args.steps or pipe.cfg.sample.steps, "spacing": args.spacing or "trailing",
-                           "seed": args.seed,
+                           "seed": args.seed, "precision": args.precision,
                            "guidance": pipe.cfg.sample.guidance if args.guidance is None else args.guidance,
                            "classifier_scale": args.classifier_scale, "class": args.class_, "synthetic": True}}
     nrow = num_classes if (used is not None and args.class_ is None and args.n % num_classes == 0) else None
@@ -308,8 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "per step, the others one")
     p.add_argument("--spacing", choices=SPACING_NAMES, metavar="NAME",
                    help="timestep grid: one of %(choices)s (default: trailing)")
-    p.add_argument("--compile", action="store_true",
-                   help="run the U-Net through torch.compile (pays off for many batches; falls back to eager)")
+    p.add_argument("--compile", nargs="?", const="default", default=False, choices=COMPILE_MODES, metavar="MODE",
+                   help="run the U-Net through torch.compile; MODE is one of %(choices)s (default: default; "
+                        "reduce-overhead adds CUDA graphs on a GPU). Pays off for many batches; falls back to eager")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="network arithmetic: auto (bf16 autocast on CUDA, float32 on CPU), bf16 or fp32 "
+                        "(default: auto)")
     p.add_argument("--eta", type=_unit_float, default=0.0, help="DDIM stochasticity η in [0, 1] (default: 0)")
     p.add_argument("--seed", type=_seed, default=0, help="random seed; same seed, same images (default: 0)")
     p.add_argument("--class", dest="class_", type=_nonneg_int, metavar="K",

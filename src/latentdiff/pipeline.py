@@ -20,7 +20,7 @@ import torch
 
 from .autoencoder import Autoencoder
 from .checkpoint import load_state, save_state
-from .config import Config, config_from_dict
+from .config import PRECISIONS, Config, config_from_dict
 from .data import to_uint8
 from .denoiser import Denoiser
 from .errors import ConfigError, ModelError
@@ -218,6 +218,7 @@ class LatentDiffusion:
     def generate(self, n: int, *, sampler: str | None = None, steps: int | None = None, seed: int = 0,
                  labels=None, guidance: float | None = None, batch_size: int = 256, eta: float = 0.0,
                  spacing: str | None = None, compile: bool | str = False, classifier_scale: float = 0.0,
+                 precision: str = "auto",
                  progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Generate `n` images: uint8 (n, H, W, C) and the labels used (None if unconditional).
 
@@ -228,6 +229,9 @@ class LatentDiffusion:
         compilation fails. `classifier_scale` > 0 adds classifier guidance towards `labels` with the
         noise-aware classifier (``self.classifier``, loaded from the model directory on first use); it
         composes with classifier-free guidance and also works on an unconditional denoiser.
+        `precision` is the networks' arithmetic: "auto" (bf16 autocast on CUDA, float32 elsewhere), "bf16"
+        or "fp32"; the sampler's own arithmetic and the decoder always run in float32. One `batch_size`
+        covers the network calls and the decoding of each batch.
         """
         sampler = sampler or self.cfg.sample.sampler
         steps = steps or self.cfg.sample.steps
@@ -240,6 +244,8 @@ class LatentDiffusion:
             raise ConfigError(f"steps must be between 1 and {self.denoiser.schedule.num_steps}, got {steps}")
         if guidance < 0:
             raise ConfigError(f"guidance must be >= 0, got {guidance}")
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         denoiser = self.compiled_denoiser(compile) if compile else self.denoiser
         if not classifier_scale >= 0:
             raise ConfigError(f"classifier scale must be >= 0, got {classifier_scale}")
@@ -261,6 +267,7 @@ class LatentDiffusion:
         device = self.device
         gen = torch.Generator(device=device).manual_seed(seed)
         options = {"eta": eta} if sampler == "ddim" else {}
+        bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
         out = []
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
@@ -269,6 +276,8 @@ class LatentDiffusion:
             fn = classifier_free(denoiser, y, guidance) if cond else denoiser.bind(None)
             if clf is not None:
                 fn = classifier_guidance(fn, clf, y, classifier_scale, self.denoiser.schedule)
+            if bf16:
+                fn = _under_bf16_autocast(fn, device.type)
             z0 = sample(fn, noise, self.denoiser.schedule, sampler=sampler, steps=steps, spacing=spacing,
                         generator=gen, **options)
             out.append(to_uint8(self.autoencoder.from_latent(z0)))
@@ -288,6 +297,17 @@ class LatentDiffusion:
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
+def _under_bf16_autocast(fn, device_type: str):
+    """`fn` with its network calls under bf16 autocast; the Denoiser returns float32 predictions, so the
+    sampler's updates stay in float32."""
+
+    def run(x, t):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            return fn(x, t)
+
+    return run
 
 
 class CompiledNet(torch.nn.Module):

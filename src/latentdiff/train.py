@@ -594,10 +594,12 @@ def train_diffusion(cfg: Config, run_dir: str | Path, *, resume: bool = False, l
     train_seconds = time.perf_counter() - t0
     final = LatentDiffusion(cfg, ae, Denoiser(net, den.schedule, den.prediction), pipe.class_names).eval()
     if main:
-        extra = {"train_steps": cfg.training.steps, "autoencoder_steps": ae_meta["metrics"].get("steps"),
+        ae_metrics = ae_meta.get("metrics") or {}  # absent when the autoencoder came from a saved model directory
+        extra = {"train_steps": cfg.training.steps, "autoencoder_steps": ae_metrics.get("steps"),
                  "data_source": data.source,
-                 "metrics": {"autoencoder PSNR (dB)": round(ae_meta["metrics"]["psnr"], 2),
-                             "autoencoder SSIM": round(ae_meta["metrics"]["ssim"], 4)}}
+                 "metrics": {label: round(ae_metrics[key], digits) for label, key, digits in
+                             (("autoencoder PSNR (dB)", "psnr", 2), ("autoencoder SSIM", "ssim", 4))
+                             if isinstance(ae_metrics.get(key), (int, float))}}
         final.save(run_dir, extra=extra, autoencoder_meta=ae_meta)
         grid_path = Path(grid_path) if grid_path else run_dir / "samples.png"
         write_sample_grid(final, grid_path)
