@@ -95,6 +95,8 @@ class TrainConfig:
                                    # "skip" the batch (no optimizer/EMA update; costs one device sync per step)
     compile: bool = False          # run the trained network through torch.compile (nn.Module.compile); pays off on
                                    # GPUs, not on CPUs (docs/benchmarks.md); the first steps wait for the compiler
+    channels_last: bool = False    # NHWC weights (and so activations) for the trained network: what cuDNN's bf16
+                                   # convolutions prefer on GPUs; slower on the 2-core CPU (docs/benchmarks.md)
 
     def validate(self, name: str):
         for key in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):

@@ -176,6 +176,8 @@ def run_stage(stage: Stage, run_dir: Path, device: torch.device, *, precision: s
     log = log if main else _quiet
     rows = distributed.shard(cfg.batch_size, f"{stage.section}.batch_size")
     model = stage.model.to(device).train()
+    if cfg.channels_last:  # before the optimizer and the EMA copy, which then share the layout
+        model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99),
                             fused=device.type == "cuda")
