@@ -202,8 +202,8 @@ def markdown(res: dict) -> str:
                           r["speedup_vs_eager_fp32"], r["warmup_seconds"]] for r in sample["rows"]])
     demo = res.get("demo")
     if demo:
-        lines += ["## Demo", "", f"`latentdiff demo` in a fresh process: {demo['seconds']:.0f} s wall "
-                  f"({demo['threads']} torch threads, device {demo['device']}).", ""]
+        lines += ["## Demo", "", (f"`latentdiff demo` in a fresh process: {demo['seconds']:.0f} s wall "
+                                  f"({demo['threads']} torch threads, device {demo['device']})."), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

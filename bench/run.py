@@ -49,14 +49,16 @@ ROOT = Path(__file__).resolve().parents[1]
 # The settings of the runs in docs/benchmarks.md. "cpu": 2 cores, about an hour, at budgets where no system
 # converges; "gpu": the issue-5 settings (peers 4 minutes, latentdiff a quarter of that, 10k samples).
 PRESETS = {
-    "cpu": dict(device="cpu", parts=list(PARTS), size="small", data="auto", limit=10_000, budget_seconds=180,
-                ld_fraction=0.25, n_eval=300, snapshots=2, n_snapshot=150, nfe=[5, 10, 20],
-                nfe_spacing=["trailing", "karras"], n_nfe=200, speed_nfe=[10, 20, 50], speed_n=512,
-                speed_batch=[256], speed_train_steps=40, speed_log_every=10, speed_limit=10_000),
-    "gpu": dict(device="cuda", parts=list(PARTS), size="full", data="auto", limit=None, budget_seconds=240,
-                ld_fraction=0.25, n_eval=10_000, snapshots=4, n_snapshot=2000, nfe=[5, 10, 20, 50, 100],
-                nfe_spacing=["trailing", "karras"], n_nfe=5000, speed_nfe=[10, 20, 50], speed_n=16_384,
-                speed_batch=[256, 2048, 8192], speed_train_steps=1500, speed_log_every=100, speed_limit=None),
+    "cpu": {"device": "cpu", "parts": list(PARTS), "size": "small", "data": "auto", "limit": 10_000,
+            "budget_seconds": 180, "ld_fraction": 0.25, "n_eval": 300, "snapshots": 2, "n_snapshot": 150,
+            "nfe": [5, 10, 20], "nfe_spacing": ["trailing", "karras"], "n_nfe": 200,
+            "speed_nfe": [10, 20, 50], "speed_n": 512, "speed_batch": [256], "speed_train_steps": 40,
+            "speed_log_every": 10, "speed_limit": 10_000},
+    "gpu": {"device": "cuda", "parts": list(PARTS), "size": "full", "data": "auto", "limit": None,
+            "budget_seconds": 240, "ld_fraction": 0.25, "n_eval": 10_000, "snapshots": 4, "n_snapshot": 2000,
+            "nfe": [5, 10, 20, 50, 100], "nfe_spacing": ["trailing", "karras"], "n_nfe": 5000,
+            "speed_nfe": [10, 20, 50], "speed_n": 16_384, "speed_batch": [256, 2048, 8192],
+            "speed_train_steps": 1500, "speed_log_every": 100, "speed_limit": None},
 }
 
 

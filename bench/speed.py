@@ -60,7 +60,8 @@ def sample_variants(device: torch.device, compile_too: bool) -> list[Variant]:
         return [Variant(False, "fp32")] + [Variant("default", "fp32")] * compile_too
     out = [Variant(False, "fp32"), Variant(False, "bf16"), Variant(False, "bf16", True)]
     if compile_too:
-        out += [Variant("default", "bf16"), Variant("reduce-overhead", "bf16"), Variant("reduce-overhead", "bf16", True)]
+        out += [Variant("default", "bf16"), Variant("reduce-overhead", "bf16"),
+                Variant("reduce-overhead", "bf16", True)]
     return out
 
 
@@ -129,7 +130,7 @@ def sample_speed(model: str, device: torch.device, *, nfes, n: int, batch_sizes,
         for batch in batch_sizes:
             count = max(n // batch, 1) * batch  # whole batches: no second shape to compile or graph-capture
             labels = np.arange(count) % pipe.num_classes if pipe.num_classes else None
-            options = dict(sampler=sampler, compile=v.compile, precision=v.precision, batch_size=batch)
+            options = {"sampler": sampler, "compile": v.compile, "precision": v.precision, "batch_size": batch}
             t0 = time.perf_counter()
             pipe.generate(batch, steps=2, labels=None if labels is None else labels[:batch], **options)  # warm-up
             warmup = time.perf_counter() - t0

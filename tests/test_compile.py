@@ -131,7 +131,7 @@ def test_bf16_sampling_matches_fp32_within_bf16_tolerance():
     """precision="bf16" autocasts the networks only: the sampler's update stays float32, so 20 guided steps
     land within a few uint8 levels of the float32 result, and "fp32" is bitwise the CPU default ("auto")."""
     pipe = _tiny_pipe()
-    kw = dict(steps=20, sampler="dpmpp-2m", labels=[0, 1, 2, 0], guidance=2.0, seed=3)
+    kw = {"steps": 20, "sampler": "dpmpp-2m", "labels": [0, 1, 2, 0], "guidance": 2.0, "seed": 3}
     fp32, _ = pipe.generate(4, precision="fp32", **kw)
     auto, _ = pipe.generate(4, **kw)
     bf16, _ = pipe.generate(4, precision="bf16", **kw)

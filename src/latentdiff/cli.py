@@ -313,9 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", nargs="?", const="default", default=False, choices=COMPILE_MODES, metavar="MODE",
                    help="run the U-Net through torch.compile; MODE is one of %(choices)s (default: default; "
                         "reduce-overhead adds CUDA graphs on a GPU). Pays off for many batches; falls back to eager")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="network arithmetic: auto (bf16 autocast on CUDA, float32 on CPU), bf16 or fp32 "
-                        "(default: auto)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", metavar="P",
+                   help="network arithmetic, one of %(choices)s: auto (bf16 autocast on CUDA, float32 on CPU), "
+                        "bf16 or fp32 (default: auto)")
     p.add_argument("--eta", type=_unit_float, default=0.0, help="DDIM stochasticity η in [0, 1] (default: 0)")
     p.add_argument("--seed", type=_seed, default=0, help="random seed; same seed, same images (default: 0)")
     p.add_argument("--class", dest="class_", type=_nonneg_int, metavar="K",

@@ -186,11 +186,11 @@ def _demo() -> Config:
     """Small enough to train end to end on 2 CPU cores in under 3 minutes."""
     return Config(
         autoencoder=AutoencoderConfig(latent_channels=4, factor=4, base_channels=16, num_res_blocks=1),
-        autoencoder_training=TrainConfig(steps=230, batch_size=64, lr=2e-3, warmup_steps=20, ema_decay=0.0,
+        autoencoder_training=TrainConfig(steps=180, batch_size=64, lr=2e-3, warmup_steps=20, ema_decay=0.0,
                                          log_every=20, checkpoint_every=100),
         unet=UNetConfig(in_channels=4, base_channels=32, channel_mults=(1, 2), num_res_blocks=1,
                         attention_levels=(1,), num_classes=10),
-        training=TrainConfig(steps=560, batch_size=128, lr=2e-3, warmup_steps=50, ema_decay=0.99,
+        training=TrainConfig(steps=440, batch_size=128, lr=2e-3, warmup_steps=50, ema_decay=0.99,
                              log_every=20, checkpoint_every=100),
         sample=SampleConfig(sampler="ddim", steps=25, guidance=2.0),
     )
