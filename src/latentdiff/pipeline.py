@@ -320,6 +320,9 @@ class CompiledNet(torch.nn.Module):
     def __init__(self, net: torch.nn.Module, mode: str = "default"):
         super().__init__()
         self.eager = net
+        # CUDA graphs (reduce-overhead) replay into the same output memory: each call is a new step, and
+        # its output is copied out, since samplers keep earlier predictions (multistep history, guidance).
+        self.graphs = mode == "reduce-overhead"
         self.cfg = getattr(net, "cfg", None)  # guidance reads net.cfg.num_classes
         try:
             self._fn = torch.compile(net, mode=mode)
@@ -336,7 +339,10 @@ class CompiledNet(torch.nn.Module):
         if self._fn is self.eager:
             return self.eager(*args)
         try:
-            return self._fn(*args)
+            if not self.graphs:
+                return self._fn(*args)
+            torch.compiler.cudagraph_mark_step_begin()
+            return self._fn(*args).clone()
         except Exception as e:  # noqa: BLE001
             self._fall_back(e)
             return self.eager(*args)
