@@ -216,3 +216,18 @@ def test_targets_decide_met_from_the_numbers():
     assert not _met(_targets(side_by_side__systems__1__fd=9), "better FD than both peers")
     assert not _met(_targets(demo__seconds=181.0), "`latentdiff demo`")
     assert _met(_targets(demo__device="cuda"), "`latentdiff demo`") is None  # the 3-minute target is a CPU one
+
+
+def test_presets_hold_the_documented_settings_and_yield_to_options():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import run
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    gpu = run.parse_args(["--preset", "gpu", "--out", "x"])
+    assert (gpu.device, gpu.budget_seconds, gpu.ld_fraction, gpu.n_eval, gpu.size) == ("cuda", 240, 0.25, 10_000, "full")
+    assert gpu.parts == list(run.PARTS) and gpu.speed_model == gpu.nfe_model
+    cpu = run.parse_args(["--preset", "cpu", "--out", "x", "--n-eval", "500", "--parts", "nfe"])
+    assert (cpu.device, cpu.n_eval, cpu.parts, cpu.n_snapshot) == ("cpu", 500, ["nfe"], 150)
+    plain = run.parse_args(["--out", "x"])
+    assert plain.device == "auto" and plain.n_eval == 10_000
