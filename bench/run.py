@@ -260,7 +260,7 @@ def demo_part(device: torch.device) -> dict:
     with tempfile.TemporaryDirectory(prefix="ld-demo-") as tmp:
         cmd = [sys.executable, "-m", "latentdiff", "demo", "--out", str(Path(tmp) / "demo.png"),
                "--run-dir", str(Path(tmp) / "run"), "--device", device.type, "--no-progress"]
-        log("demo: " + " ".join(cmd[1:3] + cmd[3:4]) + f" --device {device.type}")
+        log(f"demo: latentdiff demo --device {device.type}")
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
         seconds = time.perf_counter() - t0

@@ -31,7 +31,7 @@ from common import count_flops, sync
 
 from latentdiff import samplers
 from latentdiff.config import config_from_dict
-from latentdiff.pipeline import LatentDiffusion, pretrained_dir
+from latentdiff.pipeline import LatentDiffusion, model_dir
 from latentdiff.train import diffusion_loss, read_metrics, train_diffusion
 
 
@@ -63,10 +63,6 @@ def sample_variants(device: torch.device, compile_too: bool) -> list[Variant]:
         out += [Variant("default", "bf16"), Variant("reduce-overhead", "bf16"),
                 Variant("reduce-overhead", "bf16", True)]
     return out
-
-
-def model_dir(model: str) -> Path:
-    return pretrained_dir(model.split(":", 1)[1]) if model.startswith("pretrained:") else Path(model)
 
 
 def train_speed(model: str, device: torch.device, data_source: str, *, steps: int, log_every: int,

@@ -77,6 +77,11 @@ NONFINITE_MODES = ("stop", "skip")
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether `precision` means bf16 autocast on `device`: "auto" is bf16 on CUDA and float32 elsewhere."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 10_000            # optimizer steps

@@ -29,6 +29,7 @@ import torch
 from PIL import Image, ImageOps
 
 from latentdiff.errors import DataError
+from latentdiff.io import fsync_dir
 
 CLASS_NAMES: tuple[str, ...] = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -259,20 +260,6 @@ def _md5(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable; not possible on every platform, hence best effort."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _fetch(url: str, target: Path, expected_md5: str, *, timeout: float, progress: bool) -> None:
     """Download ``url`` to a temporary file beside ``target``; rename it once the MD5 matches."""
     tmp: Path | None = None
@@ -303,7 +290,7 @@ def _fetch(url: str, target: Path, expected_md5: str, *, timeout: float, progres
             )
         os.replace(tmp, target)
         tmp = None
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except urllib.error.HTTPError as e:
         raise DataError(f"could not download {url}: HTTP {e.code} {e.reason}") from e
     except urllib.error.URLError as e:

@@ -25,6 +25,20 @@ def write_failure(path: Path, err: BaseException) -> WriteError:
                       "no partial file was left behind")
 
 
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable; best effort (not possible on every OS / file system)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary path beside `path`; on success fsync it and rename it into place.
@@ -47,14 +61,7 @@ def atomic_path(path: str | Path):
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        try:  # make the rename itself durable (not possible on every OS / file system)
-            dfd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
+        fsync_dir(path.parent)
     except OSError as e:
         raise write_failure(path, e) from None
     finally:

@@ -20,7 +20,7 @@ import torch
 
 from .autoencoder import Autoencoder
 from .checkpoint import load_state, save_state
-from .config import PRECISIONS, Config, config_from_dict
+from .config import PRECISIONS, Config, config_from_dict, uses_bf16
 from .data import to_uint8
 from .denoiser import Denoiser
 from .errors import ConfigError, ModelError
@@ -61,6 +61,26 @@ def pretrained_dir(name: str) -> Path:
     if name not in available:
         raise ModelError(f"no pretrained model named {name!r}; available: {', '.join(available) or 'none'}")
     return root / name
+
+
+def class_indices(labels, num_classes: int) -> torch.Tensor:
+    """`labels` as a long tensor of class indices in 0…num_classes-1. Arrays and lists are range-checked
+    before the conversion, so a value beyond int64 (a uint64 from NumPy) is an error, not a wrap-around."""
+    if not isinstance(labels, torch.Tensor):
+        arr = np.asarray(labels)
+        if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
+            raise ConfigError(f"class must be between 0 and {num_classes - 1}")
+        labels = arr.astype(np.int64)
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ConfigError(f"class must be between 0 and {num_classes - 1}")
+    return labels
+
+
+def model_dir(model: str | Path) -> Path:
+    """The directory of `model`: a path, or ``pretrained:NAME`` for a model shipped with the package."""
+    model = str(model)
+    return pretrained_dir(model.split(":", 1)[1]) if model.startswith("pretrained:") else Path(model)
 
 
 def _read_metadata(cfg_path: Path) -> tuple[Config, tuple[int, int], tuple[str, ...]]:
@@ -159,8 +179,7 @@ class LatentDiffusion:
     @classmethod
     def load(cls, model: str | Path, device: str | torch.device = "cpu") -> "LatentDiffusion":
         """Load a model directory, or `pretrained:NAME` for a model shipped with the package."""
-        model = str(model)
-        directory = pretrained_dir(model.split(":", 1)[1]) if model.startswith("pretrained:") else Path(model)
+        directory = model_dir(model)
         cfg_path = directory / "config.json"
         if not directory.is_dir():
             raise ModelError(f"model directory not found: {directory}")
@@ -207,12 +226,9 @@ class LatentDiffusion:
     def check_labels(self, labels) -> torch.Tensor | None:
         if labels is None:
             return None
-        labels = torch.as_tensor(labels, dtype=torch.long)
         if self.num_classes == 0:
             raise ConfigError("this model is unconditional: --class cannot be used")
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise ConfigError(f"class must be between 0 and {self.num_classes - 1}")
-        return labels
+        return class_indices(labels, self.num_classes)
 
     @torch.no_grad()
     def generate(self, n: int, *, sampler: str | None = None, steps: int | None = None, seed: int = 0,
@@ -254,9 +270,7 @@ class LatentDiffusion:
             clf = self.classifier if self.classifier is not None else self.load_classifier()
             if labels is None:
                 raise ConfigError("classifier guidance needs the classes to guide towards (labels / --class)")
-            labels = torch.as_tensor(labels, dtype=torch.long)
-            if labels.numel() and (labels.min() < 0 or labels.max() >= clf.num_classes):
-                raise ConfigError(f"class must be between 0 and {clf.num_classes - 1}")
+            labels = class_indices(labels, clf.num_classes)
         if self.num_classes or clf is None:  # an unconditional denoiser takes no labels, its classifier does
             labels = self.check_labels(labels)
         cond = bool(self.num_classes) and labels is not None
@@ -267,7 +281,7 @@ class LatentDiffusion:
         device = self.device
         gen = torch.Generator(device=device).manual_seed(seed)
         options = {"eta": eta} if sampler == "ddim" else {}
-        bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+        bf16 = uses_bf16(precision, device)
         out = []
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)

@@ -25,7 +25,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import distributed
 from .autoencoder import Autoencoder, AutoencoderConfig
-from .config import Config, TrainConfig, apply_updates
+from .config import Config, TrainConfig, apply_updates, uses_bf16
 from .data import ImageData, load_dataset, to_tensor
 from .denoiser import Denoiser, training_target
 from .errors import ConfigError, ModelError, TrainingError, WriteError
@@ -263,8 +263,7 @@ def run_stage(stage: Stage, run_dir: Path, device: torch.device, *, precision: s
         except ValueError:  # not in the main thread
             pass
 
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(precision, device))
     single = distributed.world_size() == 1
     # First non-finite step, packed as step·4 + kind (bit 0: loss, bit 1: gradient), kept on the
     # device so that "stop" mode needs no host-device sync per step; it is read at the sync points
