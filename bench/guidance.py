@@ -20,11 +20,11 @@ import sys
 import time
 
 from latentdiff.errors import LatentDiffError
-from latentdiff.evaluate import DEFAULT_EXTRACTOR, REFERENCES, _extractor, evaluate_samples
-from latentdiff.features import EXTRACTORS
-from latentdiff.io import write_text_atomic
-from latentdiff.metrics import classification_accuracy
-from latentdiff.pipeline import LatentDiffusion, resolve_device
+from latentdiff.evaluation.evaluate import DEFAULT_EXTRACTOR, REFERENCES, _extractor, evaluate_samples
+from latentdiff.evaluation.features import EXTRACTORS
+from latentdiff.evaluation.metrics import classification_accuracy
+from latentdiff.pipeline.model import LatentDiffusion, resolve_device
+from latentdiff.utils.files import write_text_atomic
 
 
 def _scales(text: str) -> list[float]:

@@ -18,12 +18,13 @@ import numpy as np
 import torch
 from common import autocast, count_flops, lr_budget, sync, train_for
 
-from latentdiff.autoencoder import Autoencoder
-from latentdiff.config import PRESETS, Config
-from latentdiff.data import ImageData, to_tensor
-from latentdiff.denoiser import Denoiser
-from latentdiff.pipeline import LatentDiffusion
-from latentdiff.train import EMA, diffusion_loss, encode_dataset
+from latentdiff.codecs.autoencoder import Autoencoder
+from latentdiff.data.datasets import ImageData
+from latentdiff.diffusion.denoiser import Denoiser
+from latentdiff.pipeline.config import PRESETS, Config
+from latentdiff.pipeline.model import LatentDiffusion
+from latentdiff.training.loop import EMA, diffusion_loss, encode_dataset
+from latentdiff.utils.images import to_tensor
 
 
 def ld_config(size: str, conditional: bool, batch: int) -> Config:

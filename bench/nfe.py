@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from common import PeakMemory, sync
 
-from latentdiff import samplers
 from latentdiff.errors import ConfigError
-from latentdiff.pipeline import LatentDiffusion
+from latentdiff.pipeline.model import LatentDiffusion
+from latentdiff.sampling import samplers
 
 FULL_CHAIN_SAMPLERS = ("ddpm", "ddim")  # only these are run at NFE > 100 (1000 = the full DDPM chain)
 

@@ -35,11 +35,12 @@ from pathlib import Path
 import torch
 from common import PeakMemory, machine, matmul_peak, sync
 
-from latentdiff.data import find_fashion_mnist, load_dataset, to_tensor
+from latentdiff.data.datasets import find_fashion_mnist, load_dataset
 from latentdiff.errors import ConfigError, LatentDiffError
-from latentdiff.evaluate import evaluate_samples
-from latentdiff.features import EXTRACTORS
-from latentdiff.pipeline import resolve_device
+from latentdiff.evaluation.evaluate import evaluate_samples
+from latentdiff.evaluation.features import EXTRACTORS
+from latentdiff.pipeline.model import resolve_device
+from latentdiff.utils.images import to_tensor
 
 PARTS = ("side-by-side", "nfe", "speed", "demo")
 SYSTEMS = ("latentdiff", "latentdiff-fraction", "diffusers", "ddpm")

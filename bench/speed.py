@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from common import count_flops, sync
 
-from latentdiff import samplers
-from latentdiff.config import config_from_dict
-from latentdiff.pipeline import LatentDiffusion, model_dir
-from latentdiff.train import diffusion_loss, read_metrics, train_diffusion
+from latentdiff.pipeline.config import config_from_dict
+from latentdiff.pipeline.model import LatentDiffusion, model_dir
+from latentdiff.sampling import samplers
+from latentdiff.training.loop import diffusion_loss, read_metrics, train_diffusion
 
 
 @dataclasses.dataclass(frozen=True)

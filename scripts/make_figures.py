@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from latentdiff import control
-from latentdiff.data import load_dataset, to_uint8
-from latentdiff.guidance import brightness, classifier_free, decoded, user_guidance
-from latentdiff.io import make_grid, save_png, to_pil
-from latentdiff.pipeline import LatentDiffusion
-from latentdiff.samplers import sample
+from latentdiff.data.datasets import load_dataset
+from latentdiff.guidance.cfg import classifier_free
+from latentdiff.guidance.gradient import brightness, decoded, user_guidance
+from latentdiff.pipeline import control
+from latentdiff.pipeline.model import LatentDiffusion
+from latentdiff.sampling.samplers import sample
+from latentdiff.utils.images import make_grid, save_png, to_pil, to_uint8
 
 MODEL = "pretrained:fashion-mnist"
 RECT = (3, 2, 17, 16)  # x0, y0, x1, y1 of the inpainting hole, as `latentdiff inpaint --rect` takes it

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from latentdiff.checkpoint import load_state
-from latentdiff.pipeline import LatentDiffusion, default_card
+from latentdiff.pipeline.model import LatentDiffusion, default_card
+from latentdiff.utils.state import load_state
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from latentdiff.checkpoint import save_state
-from latentdiff.data import load_dataset, to_tensor
-from latentdiff.features import CLASSIFIER_ARCH_VERSION, CLASSIFIER_ASSET, FashionMNISTClassifier
+from latentdiff.data.datasets import load_dataset
+from latentdiff.evaluation.features import CLASSIFIER_ARCH_VERSION, CLASSIFIER_ASSET, FashionMNISTClassifier
+from latentdiff.utils.images import to_tensor
+from latentdiff.utils.state import save_state
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "src" / "latentdiff" / "assets" / CLASSIFIER_ASSET
 

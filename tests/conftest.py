@@ -6,9 +6,9 @@ import io
 import pytest
 import torch
 
-from latentdiff import cli
-from latentdiff.config import load_config
-from latentdiff.pipeline import LatentDiffusion
+from latentdiff.cli import main as cli
+from latentdiff.pipeline.config import load_config
+from latentdiff.pipeline.model import LatentDiffusion
 
 TINY_CLASSES = ("c0", "c1", "c2")
 

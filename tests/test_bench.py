@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from latentdiff.config import PRESETS
-from latentdiff.pipeline import LatentDiffusion
+from latentdiff.pipeline.config import PRESETS
+from latentdiff.pipeline.model import LatentDiffusion
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 130  # the evaluation needs >= 129 samples (128-d features)
@@ -93,7 +93,7 @@ def test_nfe_sweep(bench):
     _, res = bench
     sweep = res["nfe"]
     rows = {(r["sampler"], r["nfe"]): r for r in sweep["rows"]}
-    from latentdiff.samplers import SAMPLERS
+    from latentdiff.sampling.samplers import SAMPLERS
 
     for name in SAMPLERS:
         assert (name, 2) in rows and (name, 4) in rows

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from latentdiff.classifier import ClassifierConfig, NoisyClassifier, save_classifier
-from latentdiff.config import load_config
-from latentdiff.pipeline import LatentDiffusion
+from latentdiff.models.classifier import ClassifierConfig, NoisyClassifier, save_classifier
+from latentdiff.pipeline.config import load_config
+from latentdiff.pipeline.model import LatentDiffusion
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "guidance.py"
 

@@ -8,24 +8,19 @@ import pytest
 import torch
 from PIL import Image
 
-from latentdiff import cli
-from latentdiff.classifier import (
-    ClassifierConfig,
-    NoisyClassifier,
-    accuracy_by_noise,
-    load_classifier,
-    noise_buckets,
-    save_classifier,
-    train_classifier,
-)
-from latentdiff.config import TrainConfig, load_config
-from latentdiff.data import load_dataset, to_tensor
-from latentdiff.denoiser import prediction_from_output
+from latentdiff.cli import main as cli
+from latentdiff.data.datasets import load_dataset
+from latentdiff.diffusion.denoiser import prediction_from_output
+from latentdiff.diffusion.schedule import NoiseSchedule, timesteps
 from latentdiff.errors import DataError, ModelError
-from latentdiff.guidance import classifier_free, classifier_guidance
-from latentdiff.pipeline import LatentDiffusion
-from latentdiff.samplers import ddim
-from latentdiff.schedule import NoiseSchedule, timesteps
+from latentdiff.guidance.cfg import classifier_free
+from latentdiff.guidance.gradient import classifier_guidance
+from latentdiff.models.classifier import ClassifierConfig, NoisyClassifier, load_classifier, save_classifier
+from latentdiff.pipeline.config import TrainConfig, load_config
+from latentdiff.pipeline.model import LatentDiffusion
+from latentdiff.sampling.samplers import ddim
+from latentdiff.training.classifier import accuracy_by_noise, noise_buckets, train_classifier
+from latentdiff.utils.images import to_tensor
 
 
 @pytest.fixture(scope="module")

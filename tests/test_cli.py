@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from latentdiff.checkpoint import load_state
+from latentdiff.utils.state import load_state
 
 ROOT = Path(__file__).resolve().parents[1]
 

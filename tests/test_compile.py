@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from latentdiff.config import load_config
 from latentdiff.errors import ConfigError
-from latentdiff.pipeline import LatentDiffusion
+from latentdiff.pipeline.config import load_config
+from latentdiff.pipeline.model import LatentDiffusion
+from latentdiff.utils import state as ld_state
 
 
 def _tiny_pipe():
@@ -122,7 +123,6 @@ def test_training_compile_matches_eager(tmp_path):
     trains to the same weights as eager within float tolerance, and checkpoints keep their names."""
     from test_reliability import make_stage, run
 
-    from latentdiff import checkpoint as ckpt
 
     run(make_stage(steps=3), tmp_path / "eager")
     stage = make_stage(steps=3, compile=True)
@@ -130,7 +130,7 @@ def test_training_compile_matches_eager(tmp_path):
         run(stage, tmp_path / "compiled")
     except Exception as e:  # inductor needs a working C++ toolchain
         pytest.skip(f"torch.compile does not work here: {type(e).__name__}: {e}")
-    from latentdiff.train import read_metrics
+    from latentdiff.training.loop import read_metrics
 
     assert all(getattr(m, "_compiled_call_impl", None) is not None for m in (stage.model.encoder, stage.model.decoder))
 
@@ -142,8 +142,8 @@ def test_training_compile_matches_eager(tmp_path):
     # ... and the checkpoints hold the same tensors under the same names. Parameters whose exact gradient is
     # zero (biases in front of GroupNorm) get rounding noise that Adam turns into steps of up to lr, so the
     # weights are compared to within the 3 Adam steps' bound (lr 1e-3).
-    a, _ = ckpt.load_state(tmp_path / "eager" / "checkpoints" / "autoencoder-00000003.safetensors")
-    b, _ = ckpt.load_state(tmp_path / "compiled" / "checkpoints" / "autoencoder-00000003.safetensors")
+    a, _ = ld_state.load_state(tmp_path / "eager" / "checkpoints" / "autoencoder-00000003.safetensors")
+    b, _ = ld_state.load_state(tmp_path / "compiled" / "checkpoints" / "autoencoder-00000003.safetensors")
     assert a.keys() == b.keys()
     for k in a:
         if k.startswith("model."):
@@ -182,8 +182,7 @@ def test_training_channels_last_matches_contiguous(tmp_path):
     network really trains in NHWC, and checkpoints hold the same names in the standard layout."""
     from test_reliability import make_stage, run
 
-    from latentdiff import checkpoint as ckpt
-    from latentdiff.train import read_metrics
+    from latentdiff.training.loop import read_metrics
 
     run(make_stage(steps=3), tmp_path / "nchw")
     stage = make_stage(steps=3, channels_last=True)
@@ -193,8 +192,8 @@ def test_training_channels_last_matches_contiguous(tmp_path):
     la = [r["loss"] for r in read_metrics(tmp_path / "nchw" / "autoencoder_metrics.jsonl")]
     lb = [r["loss"] for r in read_metrics(tmp_path / "nhwc" / "autoencoder_metrics.jsonl")]
     assert len(la) == len(lb) == 3 and lb == pytest.approx(la, rel=1e-4)
-    a, _ = ckpt.load_state(tmp_path / "nchw" / "checkpoints" / "autoencoder-00000003.safetensors")
-    b, _ = ckpt.load_state(tmp_path / "nhwc" / "checkpoints" / "autoencoder-00000003.safetensors")
+    a, _ = ld_state.load_state(tmp_path / "nchw" / "checkpoints" / "autoencoder-00000003.safetensors")
+    b, _ = ld_state.load_state(tmp_path / "nhwc" / "checkpoints" / "autoencoder-00000003.safetensors")
     assert a.keys() == b.keys()
     for k in (k for k in a if k.startswith("model.")):
         assert b[k].is_contiguous()

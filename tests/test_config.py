@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from latentdiff.config import PRESETS, config_from_dict, load_config
 from latentdiff.errors import ConfigError
+from latentdiff.pipeline.config import PRESETS, config_from_dict, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

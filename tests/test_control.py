@@ -13,16 +13,19 @@ import pytest
 import torch
 from PIL import Image
 
-from latentdiff import cli, control, control_cli
-from latentdiff.config import load_config
-from latentdiff.data import to_tensor
-from latentdiff.denoiser import prediction_from_output
+from latentdiff.cli import control as control_cli
+from latentdiff.cli import main as cli
+from latentdiff.diffusion.denoiser import prediction_from_output
+from latentdiff.diffusion.schedule import NoiseSchedule, timesteps
 from latentdiff.errors import ConfigError, DataError
-from latentdiff.guidance import blend, brightness, decoded, region_mean, user_guidance
-from latentdiff.metrics import psnr
-from latentdiff.pipeline import LatentDiffusion
-from latentdiff.samplers import ddim
-from latentdiff.schedule import NoiseSchedule, timesteps
+from latentdiff.evaluation.metrics import psnr
+from latentdiff.guidance.cfg import blend
+from latentdiff.guidance.gradient import brightness, decoded, region_mean, user_guidance
+from latentdiff.pipeline.config import load_config
+from latentdiff.pipeline import control
+from latentdiff.pipeline.model import LatentDiffusion
+from latentdiff.sampling.samplers import ddim
+from latentdiff.utils.images import to_tensor
 
 MU, S_DATA = 0.8, 0.35
 

@@ -14,8 +14,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from latentdiff import data
-from latentdiff.data import (
+from latentdiff.data.datasets import (
     CLASS_NAMES,
     FASHION_MNIST_MD5,
     ImageData,
@@ -25,10 +24,10 @@ from latentdiff.data import (
     load_dataset,
     load_image_folder,
     read_idx,
-    to_tensor,
-    to_uint8,
 )
+from latentdiff.data import datasets as data
 from latentdiff.errors import DataError
+from latentdiff.utils.images import to_tensor, to_uint8
 
 SYSTEM_DIR = data.SYSTEM_FASHION_MNIST_DIR
 HAVE_SYSTEM = all((SYSTEM_DIR / name).is_file() for name in FASHION_MNIST_MD5)

@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from latentdiff import distributed
-from latentdiff.checkpoint import load_state
-from latentdiff.data import load_dataset
+from latentdiff.data.datasets import load_dataset
 from latentdiff.errors import ConfigError
-from latentdiff.pipeline import LatentDiffusion
-from latentdiff.train import load_trained_autoencoder, read_metrics
+from latentdiff.pipeline.model import LatentDiffusion
+from latentdiff.training import distributed
+from latentdiff.training.loop import load_trained_autoencoder, read_metrics
+from latentdiff.utils.state import load_state
 
 ROOT = Path(__file__).resolve().parents[1]
 

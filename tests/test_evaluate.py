@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from latentdiff import cli
-from latentdiff.config import load_config
-from latentdiff.data import CLASS_NAMES, load_dataset
+from latentdiff.cli import main as cli
+from latentdiff.data.datasets import CLASS_NAMES, load_dataset
 from latentdiff.errors import ConfigError, DataError
-from latentdiff.evaluate import EXTRACTOR_NAMES, _subset, evaluate_autoencoder, evaluate_samples
-from latentdiff.features import EXTRACTORS
-from latentdiff.pipeline import LatentDiffusion
+from latentdiff.evaluation.evaluate import EXTRACTOR_NAMES, _subset, evaluate_autoencoder, evaluate_samples
+from latentdiff.evaluation.features import EXTRACTORS
+from latentdiff.pipeline.config import load_config
+from latentdiff.pipeline.model import LatentDiffusion
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 200  # > 129, the minimum for a full-rank covariance of the classifier's 128-d features

@@ -8,10 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from latentdiff.checkpoint import save_state
-from latentdiff.data import load_dataset
+from latentdiff.data.datasets import load_dataset
 from latentdiff.errors import ConfigError, DataError, ModelError
-from latentdiff.features import (
+from latentdiff.evaluation.features import (
     CLASSIFIER_ARCH_VERSION,
     CLASSIFIER_ASSET,
     FashionMNISTClassifier,
@@ -19,7 +18,8 @@ from latentdiff.features import (
     InceptionExtractor,
     get_extractor,
 )
-from latentdiff.metrics import classification_accuracy, fd_from_features
+from latentdiff.evaluation.metrics import classification_accuracy, fd_from_features
+from latentdiff.utils.state import save_state
 
 
 @pytest.fixture(scope="module")

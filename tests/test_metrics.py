@@ -9,7 +9,7 @@ import scipy.linalg
 from scipy.ndimage import gaussian_filter
 
 from latentdiff.errors import DataError
-from latentdiff.metrics import (
+from latentdiff.evaluation.metrics import (
     check_images,
     check_same_size,
     classification_accuracy,

@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from latentdiff import checkpoint as ckpt
-from latentdiff.autoencoder import Autoencoder, AutoencoderConfig
-from latentdiff.config import load_config
+from latentdiff.codecs.autoencoder import Autoencoder, AutoencoderConfig
 from latentdiff.errors import ConfigError, ModelError
-from latentdiff.guidance import classifier_free
-from latentdiff.pipeline import LatentDiffusion
-from latentdiff.unet import UNet, UNetConfig
+from latentdiff.guidance.cfg import classifier_free
+from latentdiff.models.unet import UNet, UNetConfig
+from latentdiff.pipeline.config import load_config
+from latentdiff.pipeline.model import LatentDiffusion
+from latentdiff.training import checkpoints as ckpt
+from latentdiff.utils import state as ld_state
 
 
 @pytest.mark.parametrize("factor", [1, 2, 4, 8])
@@ -38,7 +39,7 @@ def test_autoencoder_rejects_wrong_image_size():
 
 
 def test_kl_matches_closed_form():
-    from latentdiff.autoencoder import DiagonalGaussian
+    from latentdiff.codecs.autoencoder import DiagonalGaussian
     mean, logvar = torch.tensor([[0.5, -1.0]]), torch.tensor([[0.2, -0.3]])
     kl = DiagonalGaussian(mean, logvar).kl()
     expected = sum(0.5 * (m**2 + np.exp(lv) - 1 - lv) for m, lv in zip([0.5, -1.0], [0.2, -0.3]))
@@ -127,8 +128,8 @@ def test_corrupt_model_files_are_detected(tmp_path):
 
 def test_checkpoint_state_round_trip_and_latest_intact(tmp_path):
     t = {"a": torch.randn(3, 2), "b": torch.arange(4)}
-    ckpt.save_state(ckpt.checkpoint_path(tmp_path, "s", 1), t, {"step": 1})
-    ckpt.save_state(ckpt.checkpoint_path(tmp_path, "s", 2), t, {"step": 2})
+    ld_state.save_state(ckpt.checkpoint_path(tmp_path, "s", 1), t, {"step": 1})
+    ld_state.save_state(ckpt.checkpoint_path(tmp_path, "s", 2), t, {"step": 2})
     newest = ckpt.checkpoint_path(tmp_path, "s", 2)
     newest.write_bytes(newest.read_bytes()[:50])  # truncate the newest
     warnings = []

@@ -22,10 +22,10 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from latentdiff.config import Config, load_config
 from latentdiff.errors import ConfigError, DataError, ModelError
-from latentdiff.evaluate import load_samples
-from latentdiff.pipeline import LatentDiffusion
+from latentdiff.evaluation.evaluate import load_samples
+from latentdiff.pipeline.config import Config, load_config
+from latentdiff.pipeline.model import LatentDiffusion
 
 FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 SLOW = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from latentdiff import checkpoint as ckpt
-from latentdiff import io as ld_io
-from latentdiff.autoencoder import Autoencoder
-from latentdiff.config import TrainConfig, load_config
+from latentdiff.codecs.autoencoder import Autoencoder
 from latentdiff.errors import ConfigError, ModelError, TrainingError, WriteError
-from latentdiff.train import MetricsLog, Stage, read_metrics, run_stage
+from latentdiff.pipeline.config import TrainConfig, load_config
+from latentdiff.training import checkpoints as ckpt
+from latentdiff.training.loop import MetricsLog, Stage, read_metrics, run_stage
+from latentdiff.utils import files as ld_io
+from latentdiff.utils import state as ld_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,8 +66,8 @@ def run(stage, run_dir, **kw):
 
 
 def tensors_equal(a: Path, b: Path, prefix=("model.", "ema.", "optim.")):
-    ta, _ = ckpt.load_state(a)
-    tb, _ = ckpt.load_state(b)
+    ta, _ = ld_state.load_state(a)
+    tb, _ = ld_state.load_state(b)
     keys = [k for k in ta if k.startswith(prefix)]
     assert keys and sorted(keys) == sorted(k for k in tb if k.startswith(prefix))
     return all(torch.equal(ta[k], tb[k]) for k in keys)
@@ -184,7 +185,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(stage1, tmp_path)
     assert tensors_equal(killed / "checkpoints" / "denoiser-00000040.safetensors",
                          ref / "checkpoints" / "denoiser-00000040.safetensors")
     for name in ("denoiser.safetensors", "autoencoder.safetensors"):
-        a, b = ckpt.load_state(killed / name)[0], ckpt.load_state(ref / name)[0]
+        a, b = ld_state.load_state(killed / name)[0], ld_state.load_state(ref / name)[0]
         assert all(torch.equal(a[k], b[k]) for k in a), name
     assert not list((killed / "checkpoints").glob("*.tmp"))
 
@@ -192,7 +193,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(stage1, tmp_path)
 # --- checkpoint files: truncation, bit flips, bad headers --------------------------------------
 
 def small_file(path: Path) -> bytes:
-    ckpt.save_state(path, {"w": torch.arange(6.0).reshape(2, 3), "n": torch.tensor(3)}, {"step": 3, "note": "x"})
+    ld_state.save_state(path, {"w": torch.arange(6.0).reshape(2, 3), "n": torch.tensor(3)}, {"step": 3, "note": "x"})
     return path.read_bytes()
 
 
@@ -202,7 +203,7 @@ def test_every_truncation_is_detected(tmp_path):
     for n in range(len(raw)):
         p.write_bytes(raw[:n])
         with pytest.raises(ModelError, match="truncated or corrupted|corrupted"):
-            ckpt.load_state(p)
+            ld_state.load_state(p)
 
 
 def test_every_single_bit_flip_is_detected(tmp_path):
@@ -215,9 +216,9 @@ def test_every_single_bit_flip_is_detected(tmp_path):
             flipped[i] ^= 1 << bit
             p.write_bytes(bytes(flipped))
             with pytest.raises(ModelError):
-                ckpt.load_state(p)
+                ld_state.load_state(p)
     p.write_bytes(raw)
-    assert ckpt.load_state(p)[1] == {"step": 3, "note": "x"}
+    assert ld_state.load_state(p)[1] == {"step": 3, "note": "x"}
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "header", "empty"])
@@ -258,7 +259,7 @@ def test_meta_checksum_catches_an_edited_step(tmp_path):
     p.write_bytes(raw.replace(b'\\"step\\": 3', b'\\"step\\": 7'))
     assert p.read_bytes() != raw
     with pytest.raises(ModelError, match="metadata checksum"):
-        ckpt.load_state(p)
+        ld_state.load_state(p)
 
 
 # --- writes: fsync, full disk, incomplete files --------------------------------------------------
@@ -277,7 +278,7 @@ def test_atomic_write_fsyncs_the_file_and_its_directory(tmp_path, monkeypatch):
 
 
 def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
-    real = ckpt.save_file
+    real = ld_state.save_file
     calls = {"n": 0}
 
     def save_file(tensors, filename, metadata=None):
@@ -289,7 +290,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypa
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(ckpt, "save_file", save_file)
+    monkeypatch.setattr(ld_state, "save_file", save_file)
     with pytest.raises(WriteError) as err:
         run(make_stage(), tmp_path)
     msg = str(err.value)
@@ -297,8 +298,8 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypa
     assert "autoencoder-00000002.safetensors" in msg and "training stopped at step 4" in msg.lower()
     files = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert files == ["autoencoder-00000002.safetensors"]  # no partial or temporary file
-    assert ckpt.load_state(tmp_path / "checkpoints" / files[0])[1]["step"] == 2
-    monkeypatch.setattr(ckpt, "save_file", real)
+    assert ld_state.load_state(tmp_path / "checkpoints" / files[0])[1]["step"] == 2
+    monkeypatch.setattr(ld_state, "save_file", real)
     logs = run(make_stage(), tmp_path, resume=True)  # space freed: resume goes on from step 2
     assert "resumed autoencoder from autoencoder-00000002.safetensors at step 2" in logs
 
@@ -307,15 +308,15 @@ def test_a_silently_short_write_is_caught(tmp_path, monkeypatch):
     """A writer that loses its last bytes without an error (dropped flush) never replaces a good file."""
     target = tmp_path / "s.safetensors"
     good = small_file(target)
-    real = ckpt.save_file
+    real = ld_state.save_file
 
     def short(tensors, filename, metadata=None):
         real(tensors, filename, metadata=metadata)
         Path(filename).write_bytes(Path(filename).read_bytes()[:-3])
 
-    monkeypatch.setattr(ckpt, "save_file", short)
+    monkeypatch.setattr(ld_state, "save_file", short)
     with pytest.raises(WriteError, match="incomplete write"):
-        ckpt.save_state(target, {"w": torch.zeros(3)}, {})
+        ld_state.save_state(target, {"w": torch.zeros(3)}, {})
     assert target.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]
 
 
@@ -323,7 +324,7 @@ def test_unwritable_directory_is_a_clear_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(WriteError, match="cannot write"):
-        ckpt.save_state(blocker / "sub" / "s.safetensors", {"w": torch.zeros(1)})
+        ld_state.save_state(blocker / "sub" / "s.safetensors", {"w": torch.zeros(1)})
 
 
 # --- the metrics file ----------------------------------------------------------------------------
@@ -355,7 +356,7 @@ def test_nonfinite_stops_naming_the_step_and_keeps_the_last_good_checkpoint(prec
     names = [p.name for p in (tmp_path / "checkpoints").iterdir()]
     assert sorted(names) == ["autoencoder-00000002.safetensors", "autoencoder-00000004.safetensors"]
     for name in names:
-        tensors, _ = ckpt.load_state(tmp_path / "checkpoints" / name)
+        tensors, _ = ld_state.load_state(tmp_path / "checkpoints" / name)
         assert all(torch.isfinite(v).all() for k, v in tensors.items() if v.is_floating_point()), name
     assert [s for s, _ in losses(tmp_path)] == [4]
 
@@ -367,7 +368,7 @@ def test_nonfinite_skip_drops_the_batch_without_any_update(precision, tmp_path):
     c = tmp_path / "checkpoints"
     assert tensors_equal(c / "autoencoder-00000002.safetensors", c / "autoencoder-00000003.safetensors")
     assert not tensors_equal(c / "autoencoder-00000003.safetensors", c / "autoencoder-00000004.safetensors")
-    assert ckpt.load_state(c / "autoencoder-00000004.safetensors")[1]["skipped"] == 1
+    assert ld_state.load_state(c / "autoencoder-00000004.safetensors")[1]["skipped"] == 1
     records = read_metrics(tmp_path / "autoencoder_metrics.jsonl")
     assert [(r["step"], r["loss"] is None, r["skipped"]) for r in records] == [
         (1, False, 0), (2, False, 0), (3, True, 1), (4, False, 1)]

@@ -22,11 +22,12 @@ import yaml
 from conftest import assert_one_line_error, run_cli
 from PIL import Image
 
-from latentdiff import checkpoint as ckpt
-from latentdiff.config import MAX_PARAMETERS, Config, config_from_dict, load_config
 from latentdiff.errors import ConfigError, ModelError
-from latentdiff.features import _read_weights
-from latentdiff.pipeline import LatentDiffusion, pretrained_dir
+from latentdiff.evaluation.features import _read_weights
+from latentdiff.pipeline.config import MAX_PARAMETERS, Config, config_from_dict, load_config
+from latentdiff.pipeline.model import LatentDiffusion, pretrained_dir
+from latentdiff.training import checkpoints as ckpt
+from latentdiff.utils import state as ld_state
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "latentdiff"
@@ -137,7 +138,7 @@ def test_pickle_renamed_to_safetensors_is_refused(tmp_path, marker):
         else:
             target.write_bytes(evil_pickle_bytes(marker))
         with pytest.raises(ModelError, match="not a valid safetensors file"):
-            ckpt.load_state(target)
+            ld_state.load_state(target)
         with pytest.raises(ModelError, match="not a valid safetensors file"):
             _read_weights(target)
 
@@ -155,7 +156,7 @@ def test_model_dir_file_replaced_by_pickle(tmp_path, tiny_model_dir, marker, nam
 def test_checkpoint_pickle_is_skipped_on_resume(tmp_path, marker):
     d = tmp_path / "checkpoints"
     d.mkdir()
-    ckpt.save_state(ckpt.checkpoint_path(d, "denoiser", 3), {"model.w": torch.ones(2)}, {"step": 3})
+    ld_state.save_state(ckpt.checkpoint_path(d, "denoiser", 3), {"model.w": torch.ones(2)}, {"step": 3})
     evil_torch_file(ckpt.checkpoint_path(d, "denoiser", 6), marker)  # the newest one is a pickle
     warnings = []
     tensors, meta, path = ckpt.load_latest(d, "denoiser", warn=warnings.append)
@@ -354,10 +355,10 @@ def test_oversized_config_json(tmp_path, tiny_model_dir):
 def test_crafted_weights(tmp_path, tiny_model_dir):
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
-    good = {name: ckpt.load_state(model / f"{name}.safetensors") for name in ("autoencoder", "denoiser")}
+    good = {name: ld_state.load_state(model / f"{name}.safetensors") for name in ("autoencoder", "denoiser")}
 
     def write(name, tensors, meta=None):
-        ckpt.save_state(model / f"{name}.safetensors", tensors, good[name][1] if meta is None else meta)
+        ld_state.save_state(model / f"{name}.safetensors", tensors, good[name][1] if meta is None else meta)
 
     def expect(needle):
         code, _, err = run_cli("info", "--model", model)
@@ -380,7 +381,7 @@ def test_crafted_weights(tmp_path, tiny_model_dir):
     expect("not a valid safetensors file")
     write("autoencoder", ae, meta=[1])  # a header whose metadata is not an object
     with pytest.raises(ModelError, match="unreadable metadata header"):
-        ckpt.load_state(model / "autoencoder.safetensors")
+        ld_state.load_state(model / "autoencoder.safetensors")
     write("autoencoder", ae)
     assert run_cli("info", "--model", model)[0] == 0  # intact again
 
@@ -506,9 +507,9 @@ def test_crafted_run_dir_autoencoder_is_refused_cleanly(tmp_path, meta, needle):
     """`latentdiff train` reads RUN_DIR/autoencoder.safetensors: its header is checked like a model's config."""
     import torch
 
-    from latentdiff.checkpoint import save_state
     from latentdiff.errors import ModelError
-    from latentdiff.train import load_trained_autoencoder
+    from latentdiff.training.loop import load_trained_autoencoder
+    from latentdiff.utils.state import save_state
 
     save_state(tmp_path / "autoencoder.safetensors", {"junk": torch.zeros(3)}, meta)
     with pytest.raises(ModelError, match=needle):

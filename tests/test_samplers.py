@@ -12,10 +12,12 @@ import sys
 import pytest
 import torch
 
-from latentdiff import cli, guidance, samplers
-from latentdiff.denoiser import Prediction, prediction_from_output
+from latentdiff.cli import main as cli
+from latentdiff.diffusion.denoiser import Prediction, prediction_from_output
+from latentdiff.diffusion.schedule import ALL_SPACINGS, NoiseSchedule, karras_sigmas, timesteps
 from latentdiff.errors import ConfigError
-from latentdiff.schedule import ALL_SPACINGS, NoiseSchedule, karras_sigmas, timesteps
+from latentdiff import guidance
+from latentdiff.sampling import samplers
 
 MU, S_DATA = 0.8, 0.35
 
@@ -269,8 +271,8 @@ def test_every_sampler_works_with_guidance(sched, sampler):
 def test_samplers_with_classifier_free_guidance_on_a_network():
     """The real guidance wrapper (one batched call per evaluation) runs through every sampler and equals
     guiding by hand with two separate calls, x̂ = x̂_u + w (x̂_c - x̂_u); at scale 1 it is the conditional model."""
-    from latentdiff.config import load_config
-    from latentdiff.pipeline import LatentDiffusion
+    from latentdiff.pipeline.config import load_config
+    from latentdiff.pipeline.model import LatentDiffusion
 
     cfg = load_config(preset="tiny", overrides=["unet.num_classes=3"])
     torch.manual_seed(0)
@@ -420,7 +422,7 @@ def test_cli_bad_sampler_or_spacing_exits_2_with_one_line(argv, needle, capsys):
 
 
 def test_building_the_parser_does_not_import_torch():
-    code = "import sys; from latentdiff import cli; cli.build_parser(); print('torch' in sys.modules)"
+    code = "import sys; from latentdiff.cli import main as cli; cli.build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
                          env={"PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[1] / "src"),
                               "OMP_NUM_THREADS": "1"})
@@ -433,8 +435,8 @@ def test_cli_sample_with_a_new_sampler_and_spacing(tmp_path, capsys):
 
     from PIL import Image
 
-    from latentdiff.config import load_config
-    from latentdiff.pipeline import LatentDiffusion
+    from latentdiff.pipeline.config import load_config
+    from latentdiff.pipeline.model import LatentDiffusion
 
     torch.manual_seed(0)
     pipe = LatentDiffusion.build(load_config(preset="tiny"), (28, 28), tuple("abcdefghij")).eval()

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from latentdiff import schedule as S
+from latentdiff.diffusion import schedule as S
 from latentdiff.errors import ConfigError
 
 

@@ -1,5 +1,5 @@
 """`python -m latentdiff` (also what `torchrun -m latentdiff` runs)."""
 
-from .cli import main
+from latentdiff.cli.main import main
 
 raise SystemExit(main())

@@ -1,0 +1,75 @@
+"""The one denoiser contract every sampler and guidance wrapper speaks.
+
+A *denoiser* is any callable ``fn(x_t, t) -> Prediction`` where ``t`` is a (B,) long tensor of
+timesteps and the prediction holds both the clean-latent estimate x̂0 and the implied noise ε̂.
+Conditioning is bound before sampling (see :func:`Denoiser.bind` and ``guidance.py``), so a sampler
+never sees labels. ε-, v- and x0-prediction are adapters here, never branches in a sampler.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+from torch import nn
+
+from latentdiff.diffusion import schedule as S
+from latentdiff.errors import ConfigError
+
+
+class Prediction(NamedTuple):
+    x0: torch.Tensor
+    eps: torch.Tensor
+
+
+DenoiserFn = Callable[[torch.Tensor, torch.Tensor], Prediction]
+
+
+def prediction_from_output(out: torch.Tensor, xt: torch.Tensor, abar: torch.Tensor, kind: str) -> Prediction:
+    """Turn a network output of parameterisation `kind` into (x̂0, ε̂)."""
+    if kind == "eps":
+        return Prediction(S.eps_to_x0(xt, out, abar), out)
+    if kind == "v":
+        return Prediction(S.v_to_x0(xt, out, abar), S.v_to_eps(xt, out, abar))
+    if kind == "x0":
+        return Prediction(out, S.x0_to_eps(xt, out, abar))
+    raise ConfigError(f"unknown prediction type {kind!r}; choose one of {', '.join(S.PREDICTIONS)}")
+
+
+def training_target(kind: str, x0: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+    """What a network of parameterisation `kind` is regressed onto."""
+    if kind == "eps":
+        return eps
+    if kind == "v":
+        return S.v_target(x0, eps, abar)
+    if kind == "x0":
+        return x0
+    raise ConfigError(f"unknown prediction type {kind!r}; choose one of {', '.join(S.PREDICTIONS)}")
+
+
+class Denoiser(nn.Module):
+    """Network + schedule + parameterisation -> ``predict(x_t, t, labels) -> Prediction``.
+
+    The network itself knows nothing of diffusion: it maps (x_t, t, labels) to a tensor shaped like
+    x_t. Predictions are computed in float32 whatever the autocast dtype of the network.
+    """
+
+    def __init__(self, net: nn.Module, schedule: S.NoiseSchedule, prediction: str = "eps"):
+        super().__init__()
+        if prediction not in S.PREDICTIONS:
+            raise ConfigError(f"unknown prediction type {prediction!r}; choose one of {', '.join(S.PREDICTIONS)}")
+        self.net = net
+        self.schedule = schedule
+        self.prediction = prediction
+
+    def forward(self, xt: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> Prediction:
+        out = self.net(xt, t, labels).float()
+        return prediction_from_output(out, xt.float(), self.schedule.abar(t), self.prediction)
+
+    def bind(self, labels: torch.Tensor | None = None) -> DenoiserFn:
+        """A label-free denoiser function for samplers (labels fixed for the whole trajectory)."""
+
+        def fn(xt: torch.Tensor, t: torch.Tensor) -> Prediction:
+            return self(xt, t, labels)
+
+        return fn

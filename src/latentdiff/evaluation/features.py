@@ -1,0 +1,381 @@
+"""Feature extractors for distribution metrics, pluggable by name.
+
+* ``fashion-mnist-classifier`` (default for 28×28 grayscale): a small CNN trained on Fashion-MNIST
+  (``scripts/train_classifier.py``), shipped in ``assets/``. Features are its 128-d penultimate
+  activations; its logits score the class accuracy of conditional samples.
+* ``inception``: Inception-v3 in the layout of the standard FID network (pytorch-fid's
+  ``FIDInceptionA/C/E`` blocks, 2048-d pool3 features). Its weights are never downloaded: the user
+  supplies the file (e.g. pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``, or the same
+  tensors as .safetensors), so "FID" here is only the standard FID when that file is the standard one.
+
+``get_extractor(name, weights=..., device=...)`` returns an :class:`Extractor` whose
+``features(images)`` maps uint8 ``N×H×W[×C]`` (or float in [0, 1]) images to an ``N×D`` float32 array.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from latentdiff.errors import ConfigError, DataError, ModelError
+from latentdiff.evaluation.metrics import check_images
+from latentdiff.utils.state import load_state
+
+__all__ = ["EXTRACTORS", "Extractor", "ClassifierExtractor", "InceptionExtractor", "FashionMNISTClassifier",
+           "FIDInceptionV3", "get_extractor", "CLASSIFIER_ASSET", "CLASSIFIER_ARCH_VERSION"]
+
+CLASSIFIER_ASSET = "fashion_mnist_classifier.safetensors"
+CLASSIFIER_ARCH_VERSION = 1  # bump when FashionMNISTClassifier's layers change; the asset's header records it
+
+
+# ----------------------------------------------------------------------------- the Fashion-MNIST classifier
+
+
+def _conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+
+class FashionMNISTClassifier(nn.Module):
+    """Architecture v1: 3 conv blocks (BatchNorm + ReLU + 2×2 max-pool) -> 128-d features -> 10 logits.
+
+    Input: N×1×28×28 in [-1, 1]. Small on purpose (≈0.3 M parameters, ≈8 M MACs per image) so that
+    training on a CPU takes minutes and extracting features for 10k images takes seconds.
+    """
+
+    def __init__(self, num_classes: int = 10, feature_dim: int = 128):
+        super().__init__()
+        self.body = nn.Sequential(
+            *_conv_bn(1, 32), nn.MaxPool2d(2),     # 32×14×14
+            *_conv_bn(32, 64), nn.MaxPool2d(2),    # 64×7×7
+            *_conv_bn(64, 128), nn.MaxPool2d(2),   # 128×3×3
+        )
+        self.embed = nn.Sequential(nn.Flatten(), nn.Linear(128 * 3 * 3, feature_dim, bias=False),
+                                   nn.BatchNorm1d(feature_dim), nn.ReLU(inplace=True))
+        self.dropout = nn.Dropout(0.3)  # between features and head: regularises without touching the features
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed(self.body(x))  # N×128
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.features(x)))  # N×10 logits
+
+
+# ----------------------------------------------------------------------------- Inception-v3 (FID layout)
+# Module and parameter names follow torchvision's Inception3, so pytorch-fid's weight file loads as is.
+
+
+class BasicConv2d(nn.Module):
+    def __init__(self, c_in: int, c_out: int, **kwargs):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, bias=False, **kwargs)
+        self.bn = nn.BatchNorm2d(c_out, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def _avg3(x):
+    # TensorFlow's average pool, which the FID network was trained with, ignores the zero padding.
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
+class FIDInceptionA(nn.Module):
+    def __init__(self, c_in: int, pool_features: int):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(c_in, 64, kernel_size=1)
+        self.branch5x5_1 = BasicConv2d(c_in, 48, kernel_size=1)
+        self.branch5x5_2 = BasicConv2d(48, 64, kernel_size=5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(c_in, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
+        self.branch_pool = BasicConv2d(c_in, pool_features, kernel_size=1)
+
+    def forward(self, x):
+        b5 = self.branch5x5_2(self.branch5x5_1(x))
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([self.branch1x1(x), b5, b3, self.branch_pool(_avg3(x))], 1)
+
+
+class InceptionB(nn.Module):  # grid reduction 35 -> 17
+    def __init__(self, c_in: int):
+        super().__init__()
+        self.branch3x3 = BasicConv2d(c_in, 384, kernel_size=3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(c_in, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([self.branch3x3(x), b3, F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class FIDInceptionC(nn.Module):
+    def __init__(self, c_in: int, c7: int):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(c_in, 192, kernel_size=1)
+        self.branch7x7_1 = BasicConv2d(c_in, c7, kernel_size=1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7_3 = BasicConv2d(c7, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = BasicConv2d(c_in, c7, kernel_size=1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch_pool = BasicConv2d(c_in, 192, kernel_size=1)
+
+    def forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        d = x
+        for i in range(1, 6):
+            d = getattr(self, f"branch7x7dbl_{i}")(d)
+        return torch.cat([self.branch1x1(x), b7, d, self.branch_pool(_avg3(x))], 1)
+
+
+class InceptionD(nn.Module):  # grid reduction 17 -> 8
+    def __init__(self, c_in: int):
+        super().__init__()
+        self.branch3x3_1 = BasicConv2d(c_in, 192, kernel_size=1)
+        self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(c_in, 192, kernel_size=1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        b3 = self.branch3x3_2(self.branch3x3_1(x))
+        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+        return torch.cat([b3, b7, F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class FIDInceptionE(nn.Module):
+    """Mixed_7b (``pool="avg"``) and Mixed_7c (``pool="max"``: the FID network's quirk, kept for fidelity)."""
+
+    def __init__(self, c_in: int, pool: str):
+        super().__init__()
+        self.pool = pool
+        self.branch1x1 = BasicConv2d(c_in, 320, kernel_size=1)
+        self.branch3x3_1 = BasicConv2d(c_in, 384, kernel_size=1)
+        self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv2d(c_in, 448, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, kernel_size=3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv2d(c_in, 192, kernel_size=1)
+
+    def forward(self, x):
+        b3 = self.branch3x3_1(x)
+        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
+        d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        d = torch.cat([self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d)], 1)
+        pooled = _avg3(x) if self.pool == "avg" else F.max_pool2d(x, 3, stride=1, padding=1)
+        return torch.cat([self.branch1x1(x), b3, d, self.branch_pool(pooled)], 1)
+
+
+class FIDInceptionV3(nn.Module):
+    """Inception-v3 up to pool3: N×3×299×299 in [-1, 1] -> N×2048 (Szegedy et al. 2016; FID: Heusel et al. 2017)."""
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
+        self.Mixed_5b = FIDInceptionA(192, pool_features=32)
+        self.Mixed_5c = FIDInceptionA(256, pool_features=64)
+        self.Mixed_5d = FIDInceptionA(288, pool_features=64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = FIDInceptionC(768, c7=128)
+        self.Mixed_6c = FIDInceptionC(768, c7=160)
+        self.Mixed_6d = FIDInceptionC(768, c7=160)
+        self.Mixed_6e = FIDInceptionC(768, c7=192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = FIDInceptionE(1280, pool="avg")
+        self.Mixed_7c = FIDInceptionE(2048, pool="max")
+
+    def forward(self, x):
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # N×64×147×147
+        x = F.max_pool2d(x, 3, stride=2)                                    # N×64×73×73
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))                       # N×192×71×71
+        x = F.max_pool2d(x, 3, stride=2)                                    # N×192×35×35
+        x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))                  # N×288×35×35
+        x = self.Mixed_6a(x)                                                # N×768×17×17
+        x = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x))))   # N×768×17×17
+        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))                  # N×2048×8×8
+        return x.mean(dim=(2, 3))                                           # N×2048 (pool3)
+
+
+# ----------------------------------------------------------------------------- extractors
+
+
+def _images_nchw(images, name: str = "images") -> torch.Tensor:
+    """Validated images (see metrics.check_images) as float32 N×C×H×W in [0, 1]."""
+    x = check_images(images, name)  # N×H×W×C float32 in [0, 1]
+    return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)  # N×C×H×W
+
+
+class Extractor:
+    """Maps image batches to N×D features; ``key`` identifies the network + weights (for caches)."""
+
+    name: str = ""
+    dim: int = 0
+    key: str = ""
+    max_batch: int = 1 << 16  # caps batch_size where activations are large (Inception at 299×299)
+
+    def __init__(self, net: nn.Module, device):
+        self.device = torch.device(device)
+        self.net = net.to(self.device).eval()
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:  # x: B×C×H×W in [0, 1] on device
+        raise NotImplementedError
+
+    def check_size(self, images) -> None:
+        """Raise DataError when this extractor cannot take images of this size."""
+
+    @torch.no_grad()
+    def _batches(self, images, batch_size: int, fn) -> np.ndarray:
+        if int(batch_size) != batch_size or batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.check_size(images)
+        x = _images_nchw(images)
+        b = min(int(batch_size), self.max_batch)
+        out = [fn(x[i:i + b].to(self.device)).float().cpu() for i in range(0, len(x), b)]
+        return torch.cat(out).numpy()
+
+    def features(self, images, batch_size: int = 256) -> np.ndarray:
+        """Features of a batch of images (uint8 N×H×W[×C], or float in [0, 1]): float32 N×D."""
+        return self._batches(images, batch_size, self._forward)
+
+    def predict(self, images, batch_size: int = 256) -> np.ndarray:
+        raise ConfigError(f"the {self.name} extractor has no classifier head; use fashion-mnist-classifier")
+
+
+class ClassifierExtractor(Extractor):
+    name = "fashion-mnist-classifier"
+    dim = 128
+
+    def __init__(self, weights: str | Path | None = None, device="cpu"):
+        if weights is None:
+            ref = resources.files("latentdiff") / "assets" / CLASSIFIER_ASSET
+            with resources.as_file(ref) as path:
+                self.weights_path = Path(path)
+                tensors, meta = load_state(path)
+                self.key = f"{self.name}:{_file_id(self.weights_path)}"
+        else:
+            self.weights_path = Path(weights).expanduser()
+            tensors, meta = load_state(self.weights_path)
+            self.key = f"{self.name}:{_file_id(self.weights_path)}"
+        if meta.get("architecture_version") != CLASSIFIER_ARCH_VERSION:
+            raise ModelError(f"{self.weights_path} holds classifier architecture version "
+                             f"{meta.get('architecture_version')!r}, this latentdiff expects "
+                             f"{CLASSIFIER_ARCH_VERSION}; retrain it with scripts/train_classifier.py")
+        net = FashionMNISTClassifier()
+        _load_into(net, tensors, self.weights_path)
+        self.meta = meta
+        super().__init__(net, device)
+
+    def check_size(self, images) -> None:
+        shape = tuple(np.shape(images))[1:]
+        if shape not in ((28, 28), (28, 28, 1)):
+            raise DataError(f"the fashion-mnist-classifier extractor takes 28×28 grayscale images, got "
+                            f"{'×'.join(map(str, shape))}; use --extractor inception for other sizes")
+
+    def _forward(self, x):
+        return self.net.features(x * 2 - 1)
+
+    def logits(self, images, batch_size: int = 256) -> np.ndarray:
+        return self._batches(images, batch_size, lambda x: self.net(x * 2 - 1))
+
+    def predict(self, images, batch_size: int = 256) -> np.ndarray:
+        """Predicted class index per image (int64 N)."""
+        return self.logits(images, batch_size).argmax(axis=1).astype(np.int64)
+
+
+class InceptionExtractor(Extractor):
+    name = "inception"
+    dim = 2048
+    max_batch = 32  # ~1.5 GB of activations at 299×299
+
+    def __init__(self, weights: str | Path | None = None, device="cpu", *, _random_init: bool = False):
+        if _random_init:  # tests only: exercises the code path without a weight file
+            net, self.key = FIDInceptionV3(), "inception:random"
+        else:
+            if weights is None:
+                raise ConfigError("the inception extractor needs a weight file: pass --inception-weights PATH "
+                                  "(pytorch-fid's pt_inception-2015-12-05-6726825d.pth, or those tensors as "
+                                  ".safetensors); latentdiff never downloads weights")
+            path = Path(weights).expanduser()
+            tensors = _read_weights(path)  # before building the net, so a bad file fails fast
+            with torch.device("meta"):  # no random init of 22 M parameters that are overwritten anyway
+                net = FIDInceptionV3()
+            net = net.to_empty(device="cpu")
+            _load_into(net, tensors, path, ignore=("fc.", "AuxLogits."))
+            self.key = f"{self.name}:{_file_id(path)}"
+        super().__init__(net, device)
+
+    def _forward(self, x):
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)  # grayscale -> 3 identical channels
+        elif x.shape[1] != 3:
+            raise DataError(f"the inception extractor takes grayscale or RGB images, got {x.shape[1]} channels")
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        return self.net(x * 2 - 1)
+
+
+def _file_id(path: Path) -> str:
+    """Identifies a weight file's version for the feature caches (path, size, modification time)."""
+    st = path.stat()
+    return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors file or a torch.save'd state dict (loaded with weights_only=True)."""
+    if not path.is_file():
+        raise ModelError(f"inception weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        return load_state(path)[0]
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt or non-weights-only files
+        raise ModelError(f"cannot read inception weights {path}: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
+        raise ModelError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    return obj
+
+
+def _load_into(net: nn.Module, tensors: dict[str, torch.Tensor], path: Path, ignore: tuple[str, ...] = ()) -> None:
+    """Strict load that names the file and the first mismatches; BatchNorm step counters are optional."""
+    expected = net.state_dict()
+    tensors = {k.removeprefix("module."): v for k, v in tensors.items()}
+    missing = [k for k in expected if k not in tensors and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in tensors if k not in expected and not k.startswith(ignore)]
+    wrong = [f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if k in tensors and tensors[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        parts = [f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
+                 for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+                 if items]
+        raise ModelError(f"{path} does not match the {type(net).__name__} network ({'; '.join(parts)})")
+    state = {k: tensors[k].to(v.dtype) if k in tensors else torch.zeros((), dtype=v.dtype)  # step counters
+             for k, v in expected.items()}
+    net.load_state_dict(state)
+
+
+EXTRACTORS = {"fashion-mnist-classifier": ClassifierExtractor, "inception": InceptionExtractor}
+
+
+def get_extractor(name: str, *, weights: str | Path | None = None, device="cpu") -> Extractor:
+    """The extractor called ``name`` (see :data:`EXTRACTORS`), with an optional weight file."""
+    if name not in EXTRACTORS:
+        raise ConfigError(f"unknown feature extractor {name!r}; choose one of {', '.join(EXTRACTORS)}")
+    return EXTRACTORS[name](weights=weights, device=device)

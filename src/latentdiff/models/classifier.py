@@ -1,0 +1,126 @@
+"""A noise-aware classifier p_φ(y | z_t, t) on noisy latents, for classifier guidance (Dhariwal & Nichol 2021).
+
+The network is the downsampling half of the U-Net (``unet.py``): the same ResBlocks with the
+sinusoidal time embedding added in, then GroupNorm-SiLU, global average pooling and a linear head.
+It is trained like the denoiser: the data set is encoded once into cached posteriors
+(``train.encode_dataset``), every step draws fresh z0 from them, t uniformly, and
+z_t = schedule.add_noise(z0, ε, t); the loss is the cross-entropy of the labels. The loop is
+``train.run_stage`` (EMA, atomic checkpoints, exact resume).
+
+On disk a classifier is one safetensors file whose JSON header holds its config, the diffusion
+facts it was trained for (T, latent shape, latent scale factor) and its held-out accuracy per
+noise-level bucket; a readable copy of the header is written beside it as ``.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from latentdiff.errors import ConfigError, ModelError
+from latentdiff.nn.layers import Downsample, ResBlock, group_norm, time_mlp, timestep_embedding
+from latentdiff.utils.files import write_text_atomic
+from latentdiff.utils.state import load_state, save_state
+
+CLASSIFIER_FILE = "classifier.safetensors"
+
+
+ARCH_VERSION = 1  # bump when NoisyClassifier's layers change; the file's header records it
+
+
+@dataclass
+class ClassifierConfig:
+    in_channels: int = 4           # latent channels
+    base_channels: int = 32        # width of the first level
+    channel_mults: tuple[int, ...] = (1, 2)  # width multiplier per level; a stride-2 conv between levels
+    num_res_blocks: int = 2        # ResBlocks per level
+    num_classes: int = 10
+
+    def validate(self):
+        if self.in_channels < 1 or self.base_channels < 8 or self.num_res_blocks < 1:
+            raise ConfigError("classifier: in_channels >= 1, base_channels >= 8 and num_res_blocks >= 1 are required")
+        if not self.channel_mults or any(m < 1 for m in self.channel_mults):
+            raise ConfigError("classifier.channel_mults must be a non-empty list of positive integers")
+        if self.num_classes < 2:
+            raise ConfigError(f"a classifier needs at least 2 classes, got {self.num_classes}")
+
+
+class NoisyClassifier(nn.Module):
+    """(z_t, t) -> logits (B, K). Knows no schedule: t only enters through its embedding."""
+
+    def __init__(self, cfg: ClassifierConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        ch = cfg.base_channels
+        emb = 4 * ch
+        self.time_mlp = time_mlp(ch, emb)
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        blocks, cur = [], ch
+        for lvl, mult in enumerate(cfg.channel_mults):
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(ResBlock(cur, ch * mult, emb))
+                cur = ch * mult
+            if lvl < len(cfg.channel_mults) - 1:
+                blocks.append(Downsample(cur))
+        self.blocks = nn.ModuleList(blocks)
+        self.norm_out = group_norm(cur)
+        self.head = nn.Linear(cur, cfg.num_classes)
+
+    @property
+    def num_classes(self) -> int:
+        return self.cfg.num_classes
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.cfg.in_channels:
+            raise ConfigError(f"the classifier expects {self.cfg.in_channels} latent channels, got {x.shape[1]}")
+        emb = self.time_mlp(timestep_embedding(t, self.cfg.base_channels))
+        h = self.conv_in(x)
+        for block in self.blocks:
+            h = block(h) if isinstance(block, Downsample) else block(h, emb)
+        h = F.silu(self.norm_out(h)).mean(dim=(2, 3))  # global average pool: (B, C, h, w) -> (B, C)
+        return self.head(h)
+
+
+def save_classifier(net: NoisyClassifier, path: str | Path, meta: dict, dtype: torch.dtype = torch.float32):
+    """Write the weights (cast to `dtype`) with `meta` in the header, and the header as PATH.json."""
+    path = Path(path)
+    meta = {"architecture": "NoisyClassifier", "architecture_version": ARCH_VERSION,
+            "classifier": dataclasses.asdict(net.cfg), "dtype": str(dtype).replace("torch.", ""), **meta}
+    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in net.state_dict().items()}
+    save_state(path, sd, meta)
+    write_text_atomic(path.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
+
+
+def load_classifier(path: str | Path, device="cpu") -> tuple[NoisyClassifier, dict]:
+    """A classifier written by :func:`save_classifier`, in float32 and eval mode, with its header."""
+    tensors, meta = load_state(path)
+    if meta.get("architecture") != "NoisyClassifier" or meta.get("architecture_version", 0) > ARCH_VERSION:
+        raise ModelError(f"{path} is not a latentdiff noise-aware classifier (or was written by a newer version)")
+    try:
+        cfg = ClassifierConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["classifier"].items()})
+        net = NoisyClassifier(cfg)
+        net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()})
+    except (KeyError, TypeError, RuntimeError, ConfigError) as e:
+        raise ModelError(f"{path} is invalid: {str(e).splitlines()[0]}") from None
+    return net.to(device).eval().requires_grad_(False), meta
+
+
+def check_compatible(meta: dict, path, *, latent_shape, num_train_steps: int, scale_factor: float):
+    """Refuse a classifier trained for another model's latents or noise levels."""
+    theirs = (tuple(meta.get("latent_shape", ())), int(meta.get("num_train_steps", -1)))
+    if theirs != (tuple(latent_shape), int(num_train_steps)):
+        raise ModelError(f"{path} was trained for latents {theirs[0]} and T = {theirs[1]}, but this model has "
+                         f"latents {tuple(latent_shape)} and T = {num_train_steps}; train one for it with "
+                         "`latentdiff train-classifier`")
+    if not np.isclose(meta.get("scale_factor", float("nan")), scale_factor, rtol=1e-3):
+        raise ModelError(f"{path} was trained for another autoencoder (latent scale factor "
+                         f"{meta.get('scale_factor')} vs {scale_factor:.6g}); train one for this model with "
+                         "`latentdiff train-classifier`")

@@ -1,0 +1,100 @@
+"""Writing results: atomic file writes, image grids, PNGs with provenance metadata, sample archives."""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from latentdiff.errors import ConfigError, WriteError
+
+
+def write_failure(path: Path, err: BaseException) -> WriteError:
+    """A one-line, actionable error for a failed write of `path` (disk full, permissions, ...)."""
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason = f"{reason} (the disk or your quota is full: free some space)"
+    return WriteError(f"cannot write {path}: {reason}; any previous {path.name} is intact and "
+                      "no partial file was left behind")
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable; best effort (not possible on every OS / file system)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path beside `path`; on success fsync it and rename it into place.
+
+    A crash or exception leaves any previous file at `path` intact and no partial file behind;
+    an OSError while writing (e.g. ENOSPC) becomes a :class:`WriteError` that says so.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise write_failure(path, e) from None
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp (and writers that recreate the file) leave 0600
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as e:
+        raise write_failure(path, e) from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def check_output(path: str | Path, suffixes: tuple[str, ...] = (), *, option: str = "--out") -> Path:
+    """Refuse an output path that cannot be written, before any work is done: wrong suffix, an existing
+    folder, or a parent that is a file or not writable. Missing parent folders are fine (they are created)."""
+    path = Path(path)
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise ConfigError(f"{option} must end in {' or '.join(suffixes)}, got {path}")
+    if path.is_dir():
+        raise ConfigError(f"{option} {path} is a folder; give a file name")
+    _check_writable_parent(path, option)
+    return path
+
+
+def check_output_dir(path: str | Path, *, option: str) -> Path:
+    """Like :func:`check_output`, for a folder that results will be written into."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {path} exists and is not a folder")
+    _check_writable_parent(path / "x", option)
+    return path
+
+
+def _check_writable_parent(path: Path, option: str):
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:  # the nearest folder that exists
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{option} {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path}: no permission to write in {parent}")
+
+
+def write_text_atomic(path: str | Path, text: str):
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
