@@ -23,7 +23,7 @@ from latentdiff.errors import LatentDiffError
 from latentdiff.evaluation.evaluate import DEFAULT_EXTRACTOR, REFERENCES, _extractor, evaluate_samples
 from latentdiff.evaluation.features import EXTRACTORS
 from latentdiff.evaluation.metrics import classification_accuracy
-from latentdiff.pipeline.model import LatentDiffusion, resolve_device
+from latentdiff.pipeline import LatentDiffusion, resolve_device
 from latentdiff.utils.files import write_text_atomic
 
 

@@ -22,7 +22,7 @@ from latentdiff.codecs.autoencoder import Autoencoder
 from latentdiff.data.datasets import ImageData
 from latentdiff.diffusion.denoiser import Denoiser
 from latentdiff.pipeline.config import PRESETS, Config
-from latentdiff.pipeline.model import LatentDiffusion
+from latentdiff.pipeline import LatentDiffusion
 from latentdiff.training.loop import EMA, diffusion_loss, encode_dataset
 from latentdiff.utils.images import to_tensor
 

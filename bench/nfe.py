@@ -17,7 +17,7 @@ import torch
 from common import PeakMemory, sync
 
 from latentdiff.errors import ConfigError
-from latentdiff.pipeline.model import LatentDiffusion
+from latentdiff.pipeline import LatentDiffusion
 from latentdiff.sampling import samplers
 
 FULL_CHAIN_SAMPLERS = ("ddpm", "ddim")  # only these are run at NFE > 100 (1000 = the full DDPM chain)

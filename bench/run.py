@@ -39,7 +39,7 @@ from latentdiff.data.datasets import find_fashion_mnist, load_dataset
 from latentdiff.errors import ConfigError, LatentDiffError
 from latentdiff.evaluation.evaluate import evaluate_samples
 from latentdiff.evaluation.features import EXTRACTORS
-from latentdiff.pipeline.model import resolve_device
+from latentdiff.pipeline import resolve_device
 from latentdiff.utils.images import to_tensor
 
 PARTS = ("side-by-side", "nfe", "speed", "demo")

@@ -30,7 +30,7 @@ import torch
 from common import count_flops, sync
 
 from latentdiff.pipeline.config import config_from_dict
-from latentdiff.pipeline.model import LatentDiffusion, model_dir
+from latentdiff.pipeline import LatentDiffusion, model_dir
 from latentdiff.sampling import samplers
 from latentdiff.training.loop import diffusion_loss, read_metrics, train_diffusion
 

@@ -21,7 +21,7 @@ from latentdiff.data.datasets import load_dataset
 from latentdiff.guidance.cfg import classifier_free
 from latentdiff.guidance.gradient import brightness, decoded, user_guidance
 from latentdiff.pipeline import control
-from latentdiff.pipeline.model import LatentDiffusion
+from latentdiff.pipeline import LatentDiffusion
 from latentdiff.sampling.samplers import sample
 from latentdiff.utils.images import make_grid, save_png, to_pil, to_uint8
 

@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from latentdiff.pipeline.model import LatentDiffusion, default_card
+from latentdiff.pipeline import LatentDiffusion
+
+from latentdiff.pipeline.directory import default_card
 from latentdiff.utils.state import load_state
 
 ROOT = Path(__file__).resolve().parents[1]

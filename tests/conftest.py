@@ -8,7 +8,7 @@ import torch
 
 from latentdiff.cli import main as cli
 from latentdiff.pipeline.config import load_config
-from latentdiff.pipeline.model import LatentDiffusion
+from latentdiff.pipeline import LatentDiffusion
 
 TINY_CLASSES = ("c0", "c1", "c2")
 

@@ -9,7 +9,7 @@ import torch
 
 from latentdiff.models.classifier import ClassifierConfig, NoisyClassifier, save_classifier
 from latentdiff.pipeline.config import load_config
-from latentdiff.pipeline.model import LatentDiffusion
+from latentdiff.pipeline import LatentDiffusion
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "guidance.py"
 
@@ -32,7 +32,7 @@ def model_dir(tmp_path_factory):
     save_classifier(NoisyClassifier(ClassifierConfig(in_channels=ae.cfg.latent_channels, base_channels=8,
                                                      num_res_blocks=1)), d / "classifier.safetensors",
                     {"latent_shape": list(ae.latent_shape), "num_train_steps": pipe.denoiser.schedule.num_steps,
-                     "scale_factor": float(ae.scale_factor)})
+                     "latent_stats": ae.latent_stats()})
     return d
 
 

@@ -11,13 +11,14 @@ from PIL import Image
 from latentdiff.cli import main as cli
 from latentdiff.data.datasets import load_dataset
 from latentdiff.diffusion.denoiser import prediction_from_output
-from latentdiff.diffusion.schedule import NoiseSchedule, timesteps
+from latentdiff.diffusion.schedule import NoiseSchedule
 from latentdiff.errors import DataError, ModelError
 from latentdiff.guidance.cfg import classifier_free
 from latentdiff.guidance.gradient import classifier_guidance
 from latentdiff.models.classifier import ClassifierConfig, NoisyClassifier, load_classifier, save_classifier
 from latentdiff.pipeline.config import TrainConfig, load_config
-from latentdiff.pipeline.model import LatentDiffusion
+from latentdiff.pipeline import LatentDiffusion
+from latentdiff.sampling.grids import timesteps
 from latentdiff.sampling.samplers import ddim
 from latentdiff.training.classifier import accuracy_by_noise, noise_buckets, train_classifier
 from latentdiff.utils.images import to_tensor
@@ -159,7 +160,7 @@ def trained(tmp_path_factory):
     with torch.no_grad():
         out.weight[c:] = 0.0
         out.bias[c:] = -8.0  # log σ² of the posterior
-    pipe.autoencoder.estimate_scale_factor(to_tensor(load_dataset("bundled", "train", limit=500).images))
+    pipe.autoencoder.fit_latent_stats(to_tensor(load_dataset("bundled", "train", limit=500).images))
     pipe.save(d / "model")
     pipe = LatentDiffusion.load(d / "model")
     train = TrainConfig(steps=120, batch_size=64, lr=3e-3, warmup_steps=10, ema_decay=0.9, log_every=40,
@@ -189,9 +190,12 @@ def test_saved_classifier_round_trip_and_compatibility(trained, tmp_path):
     again = accuracy_by_noise(loaded, torch.zeros(4, *pipe.autoencoder.latent_shape), torch.zeros(4, dtype=torch.long),
                               pipe.denoiser.schedule, noise_buckets(100, 2))
     assert [b["t"] for b in again] == [[0, 49], [50, 99]]
-    save_classifier(net, tmp_path / "other.safetensors", {**meta, "scale_factor": 3.0})
-    with pytest.raises(ModelError, match="another autoencoder"):
-        pipe.load_classifier(tmp_path / "other.safetensors")
+    other = {k: v for k, v in meta.items() if k != "latent_stats"}
+    for stats in ({"latent_stats": {"shift": meta["latent_stats"]["shift"], "scale": [3.0] * len(meta["latent_stats"]["scale"])}},
+                  {"scale_factor": 3.0}):  # the per-channel header, and the one-scale header of older files
+        save_classifier(net, tmp_path / "other.safetensors", {**other, **stats})
+        with pytest.raises(ModelError, match="another autoencoder"):
+            pipe.load_classifier(tmp_path / "other.safetensors")
     save_classifier(net, tmp_path / "t.safetensors", {**meta, "num_train_steps": 1000})
     with pytest.raises(ModelError, match="T = 1000"):
         pipe.load_classifier(tmp_path / "t.safetensors")

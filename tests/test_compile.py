@@ -9,7 +9,7 @@ import torch
 
 from latentdiff.errors import ConfigError
 from latentdiff.pipeline.config import load_config
-from latentdiff.pipeline.model import LatentDiffusion
+from latentdiff.pipeline import LatentDiffusion
 from latentdiff.utils import state as ld_state
 
 

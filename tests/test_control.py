@@ -16,14 +16,15 @@ from PIL import Image
 from latentdiff.cli import control as control_cli
 from latentdiff.cli import main as cli
 from latentdiff.diffusion.denoiser import prediction_from_output
-from latentdiff.diffusion.schedule import NoiseSchedule, timesteps
+from latentdiff.diffusion.schedule import NoiseSchedule
 from latentdiff.errors import ConfigError, DataError
 from latentdiff.evaluation.metrics import psnr
 from latentdiff.guidance.cfg import blend
 from latentdiff.guidance.gradient import brightness, decoded, region_mean, user_guidance
-from latentdiff.pipeline.config import load_config
 from latentdiff.pipeline import control
-from latentdiff.pipeline.model import LatentDiffusion
+from latentdiff.pipeline.config import load_config
+from latentdiff.pipeline import LatentDiffusion
+from latentdiff.sampling.grids import timesteps
 from latentdiff.sampling.samplers import ddim
 from latentdiff.utils.images import to_tensor
 
@@ -65,7 +66,7 @@ def tiny_pipe(num_classes=3, *overrides):
             opt.zero_grad()
             loss.backward()
             opt.step()
-        pipe.autoencoder.estimate_scale_factor(x)
+        pipe.autoencoder.fit_latent_stats(x)
         _CODEC.update({k: v.clone() for k, v in pipe.autoencoder.state_dict().items()})
     pipe.autoencoder.load_state_dict(_CODEC)
     return pipe.eval()

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
+from latentdiff.data import datasets as data
 from latentdiff.data.datasets import (
     CLASS_NAMES,
     FASHION_MNIST_MD5,
@@ -25,7 +26,6 @@ from latentdiff.data.datasets import (
     load_image_folder,
     read_idx,
 )
-from latentdiff.data import datasets as data
 from latentdiff.errors import DataError
 from latentdiff.utils.images import to_tensor, to_uint8
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from latentdiff.data.datasets import load_dataset
 from latentdiff.errors import ConfigError
-from latentdiff.pipeline.model import LatentDiffusion
+from latentdiff.pipeline import LatentDiffusion
 from latentdiff.training import distributed
 from latentdiff.training.loop import load_trained_autoencoder, read_metrics
 from latentdiff.utils.state import load_state

@@ -11,7 +11,7 @@ from latentdiff.errors import ConfigError, ModelError
 from latentdiff.guidance.cfg import classifier_free
 from latentdiff.models.unet import UNet, UNetConfig
 from latentdiff.pipeline.config import load_config
-from latentdiff.pipeline.model import LatentDiffusion
+from latentdiff.pipeline import LatentDiffusion
 from latentdiff.training import checkpoints as ckpt
 from latentdiff.utils import state as ld_state
 
@@ -63,11 +63,35 @@ def test_autoencoder_trains_down_on_a_tiny_batch():
     assert loss.item() < 0.5 * first
 
 
-def test_scale_factor_normalises_latents():
-    ae = Autoencoder(AutoencoderConfig(base_channels=8), (16, 16))
+@pytest.mark.parametrize("stats", ["per-channel", "global"])
+def test_latent_stats_normalise_latents(stats):
+    ae = Autoencoder(AutoencoderConfig(base_channels=8, latent_stats=stats), (16, 16))
     x = torch.rand(64, 1, 16, 16) * 2 - 1
-    ae.estimate_scale_factor(x)
-    assert ae.to_latent(x).std().item() == pytest.approx(1.0, rel=1e-4)
+    ae.fit_latent_stats(x)
+    z = ae.to_latent(x)  # (N, c, h, w), normalised
+    if stats == "global":
+        assert z.std().item() == pytest.approx(1.0, rel=1e-4)
+        assert torch.all(ae.latent_shift == 0)
+    else:
+        per_channel = z.transpose(0, 1).flatten(1)
+        torch.testing.assert_close(per_channel.mean(1), torch.zeros(4), atol=1e-5, rtol=0)
+        torch.testing.assert_close(per_channel.std(1), torch.ones(4), atol=1e-4, rtol=0)
+    # normalise and denormalise are inverse; from_latent decodes the denormalised latent
+    post = ae.encode(x)
+    torch.testing.assert_close(ae.denormalize(ae.normalize(post.mean)), post.mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ae.from_latent(z), ae.decode(post.mean), atol=1e-5, rtol=1e-5)
+
+
+def test_a_codec_saved_with_one_scale_factor_loads_with_the_same_arithmetic():
+    """Files from before per-channel statistics hold one `scale_factor` s: z_n = z · s exactly, z = z_n / s."""
+    ae = Autoencoder(AutoencoderConfig(base_channels=8), (16, 16))
+    sd = {k: v for k, v in ae.state_dict().items() if not k.startswith("latent_")}
+    sd["scale_factor"] = torch.tensor(0.37)
+    ae.load_state_dict(sd)
+    x = torch.rand(3, 1, 16, 16) * 2 - 1
+    mean = ae.encode(x).mean
+    assert torch.equal(ae.to_latent(x), mean * torch.tensor(0.37))
+    assert torch.equal(ae.from_latent(mean), ae.decode(mean / torch.tensor(0.37)))
 
 
 def _tiny_pipe(num_classes=3):

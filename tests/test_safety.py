@@ -25,7 +25,7 @@ from PIL import Image
 from latentdiff.errors import ConfigError, ModelError
 from latentdiff.evaluation.features import _read_weights
 from latentdiff.pipeline.config import MAX_PARAMETERS, Config, config_from_dict, load_config
-from latentdiff.pipeline.model import LatentDiffusion, pretrained_dir
+from latentdiff.pipeline import LatentDiffusion, pretrained_dir
 from latentdiff.training import checkpoints as ckpt
 from latentdiff.utils import state as ld_state
 
@@ -374,8 +374,8 @@ def test_crafted_weights(tmp_path, tiny_model_dir):
     expect("does not match config.json")
     write("denoiser", tensors)
     ae = dict(good["autoencoder"][0])
-    write("autoencoder", {**ae, "scale_factor": torch.tensor(0.0)})
-    expect("scale factor <= 0")
+    write("autoencoder", {**ae, "latent_scale": torch.zeros_like(ae["latent_scale"])})
+    expect("latent scale <= 0")
     raw = (model / "autoencoder.safetensors").read_bytes()
     (model / "autoencoder.safetensors").write_bytes(raw[: len(raw) // 2])  # truncated
     expect("not a valid safetensors file")

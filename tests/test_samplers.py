@@ -12,12 +12,13 @@ import sys
 import pytest
 import torch
 
+from latentdiff import guidance
 from latentdiff.cli import main as cli
 from latentdiff.diffusion.denoiser import Prediction, prediction_from_output
-from latentdiff.diffusion.schedule import ALL_SPACINGS, NoiseSchedule, karras_sigmas, timesteps
+from latentdiff.diffusion.schedule import NoiseSchedule
 from latentdiff.errors import ConfigError
-from latentdiff import guidance
 from latentdiff.sampling import samplers
+from latentdiff.sampling.grids import ALL_SPACINGS, karras_sigmas, timesteps
 
 MU, S_DATA = 0.8, 0.35
 
@@ -272,7 +273,7 @@ def test_samplers_with_classifier_free_guidance_on_a_network():
     """The real guidance wrapper (one batched call per evaluation) runs through every sampler and equals
     guiding by hand with two separate calls, x̂ = x̂_u + w (x̂_c - x̂_u); at scale 1 it is the conditional model."""
     from latentdiff.pipeline.config import load_config
-    from latentdiff.pipeline.model import LatentDiffusion
+    from latentdiff.pipeline import LatentDiffusion
 
     cfg = load_config(preset="tiny", overrides=["unet.num_classes=3"])
     torch.manual_seed(0)
@@ -436,7 +437,7 @@ def test_cli_sample_with_a_new_sampler_and_spacing(tmp_path, capsys):
     from PIL import Image
 
     from latentdiff.pipeline.config import load_config
-    from latentdiff.pipeline.model import LatentDiffusion
+    from latentdiff.pipeline import LatentDiffusion
 
     torch.manual_seed(0)
     pipe = LatentDiffusion.build(load_config(preset="tiny"), (28, 28), tuple("abcdefghij")).eval()

@@ -7,6 +7,7 @@ import torch
 
 from latentdiff.diffusion import schedule as S
 from latentdiff.errors import ConfigError
+from latentdiff.sampling import grids as G
 
 
 @pytest.mark.parametrize("kind", S.SCHEDULES)
@@ -97,10 +98,10 @@ def test_parameterisation_conversions_invert(t):
     torch.testing.assert_close(S.v_to_eps(xt, v, abar), eps, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("spacing", S.SPACINGS)
+@pytest.mark.parametrize("spacing", G.SPACINGS)
 @pytest.mark.parametrize("steps", [1, 7, 50, 1000])
 def test_timestep_grids(spacing, steps):
-    ts = S.timesteps(1000, steps, spacing)
+    ts = G.timesteps(1000, steps, spacing)
     assert ts.dtype == torch.long
     assert len(ts) == steps
     assert bool((ts[1:] < ts[:-1]).all())  # strictly descending
@@ -115,6 +116,6 @@ def test_bad_schedule_inputs():
     with pytest.raises(ConfigError, match="unknown noise schedule"):
         S.NoiseSchedule.create("quadratic")
     with pytest.raises(ConfigError, match="between 1 and"):
-        S.timesteps(1000, 0)
+        G.timesteps(1000, 0)
     with pytest.raises(ConfigError, match="between 1 and"):
-        S.timesteps(1000, 1001)
+        G.timesteps(1000, 1001)

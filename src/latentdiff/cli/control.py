@@ -137,7 +137,7 @@ def _resize_mask(mask: np.ndarray, model_hw: tuple[int, int]) -> np.ndarray:
 
 
 def _load_pipe(args):
-    from latentdiff.pipeline.model import LatentDiffusion, resolve_device
+    from latentdiff.pipeline import LatentDiffusion, resolve_device
 
     return LatentDiffusion.load(args.model, resolve_device(args.device))
 

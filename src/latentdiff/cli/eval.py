@@ -50,7 +50,7 @@ def _print_table(title: str, rows: list[tuple[str, object, object]], result: dic
 
 
 def cmd_eval(args) -> None:
-    from latentdiff.pipeline.model import LatentDiffusion, resolve_device
+    from latentdiff.pipeline import LatentDiffusion, resolve_device
 
     device = resolve_device(args.device)
     options = dict(reference=args.reference, extractor=args.extractor, weights=args.inception_weights, k=args.k,
@@ -103,7 +103,7 @@ def cmd_eval(args) -> None:
 
 
 def cmd_eval_autoencoder(args) -> None:
-    from latentdiff.pipeline.model import resolve_device
+    from latentdiff.pipeline import resolve_device
 
     if args.extractor != "inception" and args.inception_weights:
         raise ConfigError("--inception-weights only applies with --extractor inception")

@@ -40,7 +40,7 @@ class _LazyNames:
 
 
 SAMPLER_NAMES = _LazyNames("latentdiff.sampling.samplers", "SAMPLERS")  # ddpm, ddim, euler, heun, dpmpp-2m, dpmpp-2m-sde, unipc
-SPACING_NAMES = _LazyNames("latentdiff.diffusion.schedule", "ALL_SPACINGS")
+SPACING_NAMES = _LazyNames("latentdiff.sampling.grids", "ALL_SPACINGS")
 COMPILE_MODES = _LazyNames("latentdiff.pipeline.model", "COMPILE_MODES")
 PRECISIONS = _LazyNames("latentdiff.pipeline.config", "PRECISIONS")
 
@@ -154,7 +154,7 @@ def cmd_train(args):
 def cmd_sample(args):
     import numpy as np
 
-    from latentdiff.pipeline.model import LatentDiffusion, resolve_device
+    from latentdiff.pipeline import LatentDiffusion, resolve_device
     from latentdiff.utils.files import check_output, check_output_dir
     from latentdiff.utils.images import save_individual, save_samples
 
@@ -205,7 +205,7 @@ def cmd_train_classifier(args):
     import torch
 
     from latentdiff.models.classifier import CLASSIFIER_FILE
-    from latentdiff.pipeline.model import LatentDiffusion, resolve_device
+    from latentdiff.pipeline import LatentDiffusion, resolve_device
     from latentdiff.training.classifier import default_training, train_classifier
 
     if args.out is None and str(args.model).startswith("pretrained:"):
@@ -249,7 +249,7 @@ def cmd_download(args):
 
 
 def cmd_info(args):
-    from latentdiff.pipeline.model import LatentDiffusion
+    from latentdiff.pipeline import LatentDiffusion
 
     pipe = LatentDiffusion.load(args.model)
     n_ae = sum(p.numel() for p in pipe.autoencoder.parameters())

@@ -1,8 +1,11 @@
 """KL-regularised convolutional autoencoder (Rombach et al. 2022, §3 and appendix G).
 
 Images x ∈ [-1, 1]^(C×H×W) are encoded to a diagonal Gaussian posterior q(z|x) with
-z ∈ R^(c × H/f × W/f). The codec owns the latent normalisation: ``scale_factor`` (estimated from
-data as 1/std of the posterior means) maps z to the unit-variance latents the diffusion model sees.
+z ∈ R^(c × H/f × W/f). The codec owns the latent normalisation: per-channel statistics
+(``latent_shift``, ``latent_scale``, estimated from data and saved with the weights) map z to the
+zero-mean, unit-variance latents the diffusion model sees, z_n = (z - shift) · scale. No other module
+knows the constants: everything else calls :meth:`Autoencoder.to_latent` / :meth:`from_latent` /
+:meth:`sample_latent`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from latentdiff.errors import ConfigError
 from latentdiff.nn.layers import Attention, ResBlock, group_norm
 
 FACTORS = (1, 2, 4, 8)
+LATENT_STATS = ("per-channel", "global")
 
 
 @dataclass
@@ -29,6 +33,8 @@ class AutoencoderConfig:
     attention: bool = False        # self-attention at the latent resolution
     kl_weight: float = 1e-6        # β of the β·KL term
     recon_loss: str = "l1"         # "l1" or "l2"
+    latent_stats: str = "per-channel"  # latent normalisation fitted after training: "per-channel" mean/std, or
+                                       # "global" (shift 0, one scale 1/std: Rombach et al. 2022's scale factor)
 
     def validate(self):
         if self.factor not in FACTORS:
@@ -43,6 +49,9 @@ class AutoencoderConfig:
             raise ConfigError(f"autoencoder.recon_loss must be 'l1' or 'l2', got {self.recon_loss!r}")
         if self.kl_weight < 0:
             raise ConfigError("autoencoder.kl_weight must be >= 0")
+        if self.latent_stats not in LATENT_STATS:
+            raise ConfigError(f"autoencoder.latent_stats must be one of {', '.join(LATENT_STATS)}, "
+                              f"got {self.latent_stats!r}")
 
     @property
     def levels(self) -> int:
@@ -124,7 +133,7 @@ class Decoder(nn.Module):
 
 
 class Autoencoder(nn.Module):
-    """Encoder + decoder + the latent scale factor (a buffer, saved with the weights)."""
+    """Encoder + decoder + the latent statistics (buffers, saved with the weights): the image codec."""
 
     def __init__(self, cfg: AutoencoderConfig, image_size: tuple[int, int] = (28, 28)):
         super().__init__()
@@ -133,7 +142,8 @@ class Autoencoder(nn.Module):
         self.image_size = tuple(image_size)
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.register_buffer("scale_factor", torch.tensor(1.0))
+        self.register_buffer("latent_shift", torch.zeros(cfg.latent_channels))  # per-channel mean of z
+        self.register_buffer("latent_scale", torch.ones(cfg.latent_channels))   # per-channel 1/std of z
 
     def compile_targets(self) -> tuple[nn.Module, ...]:
         """What `training.compile` compiles: the codec is used through encode/decode, never forward()."""
@@ -152,7 +162,7 @@ class Autoencoder(nn.Module):
         return self.cfg.latent_shape(self.image_size)
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        """Images (B, C, H, W) in [-1, 1] -> posterior over *unscaled* latents."""
+        """Images (B, C, H, W) in [-1, 1] -> posterior over *unnormalised* latents."""
         if tuple(x.shape[-2:]) != self.image_size or x.shape[1] != self.cfg.image_channels:
             raise ConfigError(f"autoencoder expects images of shape {self.cfg.image_channels}×{self.image_size[0]}×"
                               f"{self.image_size[1]}, got {tuple(x.shape[1:])}")
@@ -160,17 +170,77 @@ class Autoencoder(nn.Module):
         return DiagonalGaussian(mean, logvar)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Unscaled latents -> images (not clamped)."""
+        """Unnormalised latents -> images (not clamped)."""
         return self.decoder(z, self._sizes())
 
-    # The diffusion model only ever sees normalised latents: these two are the codec's interface.
+    # --- the latent normalisation: the diffusion model only ever sees normalised latents ----------
+
+    def _stats(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (1, -1) + (1,) * (z.ndim - 2)  # (C,) -> (1, C, 1, 1)
+        return self.latent_shift.reshape(shape), self.latent_scale.reshape(shape)
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """z_n = (z - shift) · scale, per channel."""
+        shift, scale = self._stats(z)
+        return (z - shift) * scale
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        """z = z_n / scale + shift, per channel (the inverse of :meth:`normalize`)."""
+        shift, scale = self._stats(z)
+        return z / scale + shift
+
+    def sample_latent(self, posterior: DiagonalGaussian, generator: torch.Generator | None = None,
+                      noise: torch.Tensor | None = None) -> torch.Tensor:
+        """A normalised sample of the posterior: z_n = (μ + σ ε - shift) · scale."""
+        return self.normalize(posterior.sample(generator, noise))
+
     def to_latent(self, x: torch.Tensor, sample: bool = False, generator=None) -> torch.Tensor:
+        """Images -> normalised latents (the posterior mean, or a sample with `sample`)."""
         post = self.encode(x)
-        z = post.sample(generator) if sample else post.mean
-        return z * self.scale_factor
+        return self.sample_latent(post, generator) if sample else self.normalize(post.mean)
 
     def from_latent(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decode(z / self.scale_factor)
+        """Normalised latents -> images in about [-1, 1] (not clamped)."""
+        return self.decode(self.denormalize(z))
+
+    def latent_stats(self) -> dict[str, list[float]]:
+        """The normalisation as plain numbers (for model cards, headers and compatibility checks)."""
+        return {"shift": [float(v) for v in self.latent_shift], "scale": [float(v) for v in self.latent_scale]}
+
+    @torch.no_grad()
+    def encode_dataset(self, images: torch.Tensor, batch_size: int = 500) -> DiagonalGaussian:
+        """The posteriors of a whole data set (N, C, H, W) in [-1, 1], encoded once in batches, as one
+        DiagonalGaussian over unnormalised latents (N, c, h, w) on the images' device."""
+        means, logvars = [], []
+        for i in range(0, len(images), batch_size):
+            post = self.encode(images[i:i + batch_size])
+            means.append(post.mean)
+            logvars.append(post.logvar)
+        return DiagonalGaussian(torch.cat(means), torch.cat(logvars))
+
+    @torch.no_grad()
+    def fit_latent_stats(self, images: torch.Tensor, batch_size: int = 256) -> dict[str, list[float]]:
+        """Estimate the normalisation from the posterior means of `images` (Rombach et al. 2022, appendix G, for
+        "global"; per-channel mean and std for "per-channel", the colour-ready default)."""
+        z = self.encode_dataset(images, batch_size).mean.float()  # (N, c, h, w)
+        if self.cfg.latent_stats == "global":
+            self.latent_shift.zero_()
+            self.latent_scale.fill_(1.0 / max(z.std().item(), 1e-8))
+        else:
+            per_channel = z.transpose(0, 1).flatten(1)  # (c, N·h·w)
+            self.latent_shift.copy_(per_channel.mean(1))
+            self.latent_scale.copy_(1.0 / per_channel.std(1).clamp_min(1e-8))
+        return self.latent_stats()
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Also reads files written before per-channel statistics: their one ``scale_factor`` s becomes
+        shift 0 and scale s in every channel (the same arithmetic, so old models give the same images)."""
+        state_dict = dict(state_dict)
+        if "scale_factor" in state_dict and "latent_scale" not in state_dict:
+            s = state_dict.pop("scale_factor")
+            state_dict["latent_scale"] = s.reshape(1).expand(self.cfg.latent_channels).clone()
+            state_dict["latent_shift"] = torch.zeros(self.cfg.latent_channels, dtype=s.dtype)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def loss(self, x: torch.Tensor, generator=None, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """Per-sample reconstruction (L1 or L2, mean over pixels) + β·KL (per latent element).
@@ -182,11 +252,3 @@ class Autoencoder(nn.Module):
         rec_loss = err.flatten(1).mean(1)
         kl = post.kl() / post.mean[0].numel()
         return rec_loss + self.cfg.kl_weight * kl, {"rec": rec_loss.detach().mean(), "kl": kl.detach().mean()}
-
-    @torch.no_grad()
-    def estimate_scale_factor(self, images: torch.Tensor, batch_size: int = 256) -> float:
-        """1 / std of posterior means over `images` (Rombach et al. 2022, appendix G)."""
-        zs = [self.encode(images[i:i + batch_size]).mean.float() for i in range(0, len(images), batch_size)]
-        std = torch.cat(zs).std().item()
-        self.scale_factor.fill_(1.0 / max(std, 1e-8))
-        return 1.0 / max(std, 1e-8)

@@ -2,8 +2,9 @@
 
 A *denoiser* is any callable ``fn(x_t, t) -> Prediction`` where ``t`` is a (B,) long tensor of
 timesteps and the prediction holds both the clean-latent estimate x̂0 and the implied noise ε̂.
-Conditioning is bound before sampling (see :func:`Denoiser.bind` and ``guidance.py``), so a sampler
-never sees labels. ε-, v- and x0-prediction are adapters here, never branches in a sampler.
+The condition (a :class:`~latentdiff.diffusion.cond.Cond`) is bound before sampling (see
+:func:`Denoiser.bind` and ``guidance/``), so a sampler never sees it. ε-, v- and x0-prediction are
+adapters here, never branches in a sampler.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from latentdiff.diffusion import schedule as S
+from latentdiff.diffusion.cond import Cond
 from latentdiff.errors import ConfigError
 
 
@@ -48,28 +50,39 @@ def training_target(kind: str, x0: torch.Tensor, eps: torch.Tensor, abar: torch.
 
 
 class Denoiser(nn.Module):
-    """Network + schedule + parameterisation -> ``predict(x_t, t, labels) -> Prediction``.
+    """Network + schedule + parameterisation -> ``denoiser(x_t, t, cond) -> Prediction``.
 
-    The network itself knows nothing of diffusion: it maps (x_t, t, labels) to a tensor shaped like
+    The network itself knows nothing of diffusion: it maps (x_t, t, **cond) to a tensor shaped like
     x_t. Predictions are computed in float32 whatever the autocast dtype of the network.
+    `num_classes` > 0 marks a class-conditional network whose extra label `num_classes` is the null
+    label of classifier-free guidance.
     """
 
-    def __init__(self, net: nn.Module, schedule: S.NoiseSchedule, prediction: str = "eps"):
+    def __init__(self, net: nn.Module, schedule: S.NoiseSchedule, prediction: str = "eps", num_classes: int = 0):
         super().__init__()
         if prediction not in S.PREDICTIONS:
             raise ConfigError(f"unknown prediction type {prediction!r}; choose one of {', '.join(S.PREDICTIONS)}")
         self.net = net
         self.schedule = schedule
         self.prediction = prediction
+        self.num_classes = int(num_classes)
 
-    def forward(self, xt: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> Prediction:
-        out = self.net(xt, t, labels).float()
+    def forward(self, xt: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> Prediction:
+        kwargs = cond.net_kwargs() if cond is not None else {}
+        out = self.net(xt, t, **kwargs).float()
         return prediction_from_output(out, xt.float(), self.schedule.abar(t), self.prediction)
 
-    def bind(self, labels: torch.Tensor | None = None) -> DenoiserFn:
-        """A label-free denoiser function for samplers (labels fixed for the whole trajectory)."""
+    def null_cond(self, batch: int, device: torch.device | str | None = None) -> Cond:
+        """The unconditional condition for `batch` samples: the null label on a class-conditional network."""
+        if not self.num_classes:
+            return Cond()
+        device = device if device is not None else next(self.net.parameters()).device
+        return Cond(labels=torch.full((batch,), self.num_classes, dtype=torch.long, device=device))
+
+    def bind(self, cond: Cond | None = None) -> DenoiserFn:
+        """A condition-free denoiser function for samplers (the condition is fixed for the whole trajectory)."""
 
         def fn(xt: torch.Tensor, t: torch.Tensor) -> Prediction:
-            return self(xt, t, labels)
+            return self(xt, t, cond)
 
         return fn

@@ -47,7 +47,7 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     return 1 - alphas
 
 
-def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def per_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Per-sample values (B,) -> (B, 1, 1, …) matching x's rank and dtype."""
     return v.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
@@ -103,13 +103,13 @@ class NoiseSchedule:
 
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Sample q(x_t | x_0): x_t = sqrt(ᾱ_t) x_0 + sqrt(1-ᾱ_t) ε."""
-        a = _bcast(self.abar(t), x0)
+        a = per_sample(self.abar(t), x0)
         return a.sqrt() * x0 + (1 - a).sqrt() * eps
 
     def step_noise(self, x_prev: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Sample q(x_t | x_{t-1}): x_t = sqrt(1-β_t) x_{t-1} + sqrt(β_t) ε."""
         t = torch.as_tensor(t, dtype=torch.long)
-        b = _bcast(self._table("beta", t.device)[t], x_prev)
+        b = per_sample(self._table("beta", t.device)[t], x_prev)
         return (1 - b).sqrt() * x_prev + b.sqrt() * eps
 
     def posterior(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor):
@@ -118,7 +118,7 @@ class NoiseSchedule:
         With α = ᾱ_t/ᾱ_{t'} and β = 1-α the one-stride posterior is
         mean = sqrt(ᾱ_{t'}) β/(1-ᾱ_t) x_0 + sqrt(α)(1-ᾱ_{t'})/(1-ᾱ_t) x_t,  var = β (1-ᾱ_{t'})/(1-ᾱ_t).
         """
-        a_t, a_p = _bcast(self.abar(t), xt), _bcast(self.abar(t_prev), xt)
+        a_t, a_p = per_sample(self.abar(t), xt), per_sample(self.abar(t_prev), xt)
         alpha = a_t / a_p
         beta = 1 - alpha
         mean = a_p.sqrt() * beta / (1 - a_t) * x0 + alpha.sqrt() * (1 - a_p) / (1 - a_t) * xt
@@ -130,7 +130,7 @@ class NoiseSchedule:
 # x_t = a x0 + s ε,   v = a ε - s x0   (Salimans & Ho 2022, §4)
 
 def _as(abar: torch.Tensor, x: torch.Tensor):
-    abar = _bcast(abar, x)
+    abar = per_sample(abar, x)
     return abar.sqrt(), (1 - abar).sqrt()
 
 
@@ -157,63 +157,3 @@ def v_to_eps(xt, v, abar):
 def v_target(x0, eps, abar):
     a, s = _as(abar, x0)
     return a * eps - s * x0
-
-
-# --- timestep grids for sampling: functions returning descending integer tensors ----------------
-
-SPACINGS = ("trailing", "leading", "linspace", "uniform")  # grids that depend on T alone
-ALL_SPACINGS = (*SPACINGS, "karras")  # "karras" also needs the schedule's noise levels
-
-
-def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> torch.Tensor:
-    """σ_i = (σ_max^(1/ρ) + i/(n-1) (σ_min^(1/ρ) - σ_max^(1/ρ)))^ρ, i = 0…n-1 (Karras et al. 2022, eq. 5), float64."""
-    if n == 1:
-        return torch.tensor([sigma_max], dtype=torch.float64)
-    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return (hi + ramp * (lo - hi)) ** rho
-
-
-def nearest_timesteps(schedule: NoiseSchedule, sigmas: torch.Tensor) -> torch.Tensor:
-    """The discrete t whose σ_t is nearest to each σ in log σ (σ spans orders of magnitude), as long."""
-    log_sig = 0.5 * (torch.log1p(-schedule.alpha_bar) - torch.log(schedule.alpha_bar))  # (T,), increasing in t
-    q = torch.log(sigmas.to(torch.float64))
-    hi = torch.searchsorted(log_sig, q).clamp(1, len(log_sig) - 1)  # log_sig[hi-1] < q <= log_sig[hi]
-    lo = hi - 1
-    return torch.where((q - log_sig[lo]).abs() <= (log_sig[hi] - q).abs(), lo, hi)
-
-
-def timesteps(num_train_steps: int, num_steps: int, spacing: str = "trailing",
-              schedule: NoiseSchedule | None = None) -> torch.Tensor:
-    """At most `num_steps` distinct timesteps in descending order, ending near t = 0.
-
-    "trailing" always includes t = T-1 (pure noise), which matters for few steps (Lin et al. 2023,
-    table 2); "leading" is the DDIM paper's  t = k·T/S; "linspace" rounds an even grid from T-1 to 0
-    and "uniform" is another name for it. These give exactly `num_steps` timesteps.
-    "karras" (needs `schedule`) takes Karras et al.'s ρ = 7 grid of σ between σ_0 and σ_{T-1}, maps
-    each σ to the nearest timestep and drops repeats, so it can return fewer than `num_steps` when
-    the grid is finer than the discrete σ_t near t = 0. It always starts at T-1: where σ_{T-1} = ∞
-    (zero terminal SNR) the ρ-grid spans σ_0…σ_{T-2} and its first point is replaced by T-1.
-    """
-    if not 1 <= num_steps <= num_train_steps:
-        raise ConfigError(f"steps must be between 1 and {num_train_steps}, got {num_steps}")
-    T = num_train_steps
-    if spacing == "trailing":
-        ts = torch.round(torch.arange(T, 0, -T / num_steps, dtype=torch.float64)).long() - 1
-    elif spacing == "leading":
-        ts = (torch.arange(num_steps, dtype=torch.long) * (T // num_steps)).flip(0)
-    elif spacing in ("linspace", "uniform"):
-        ts = torch.linspace(T - 1, 0, num_steps, dtype=torch.float64).round().long()
-    elif spacing == "karras":
-        if schedule is None:
-            raise ConfigError("the karras timestep spacing needs the noise schedule (pass schedule=...)")
-        if schedule.num_steps != T:
-            raise ConfigError(f"the schedule has {schedule.num_steps} steps, not {T}")
-        sig = schedule.sigma(torch.arange(T))  # (T,) float64, increasing; σ_{T-1} = ∞ at zero terminal SNR
-        top = T - 1 if bool(torch.isfinite(sig[-1])) else T - 2
-        ts = nearest_timesteps(schedule, karras_sigmas(float(sig[0]), float(sig[top]), num_steps))
-        ts[0] = T - 1
-    else:
-        raise ConfigError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(ALL_SPACINGS)}")
-    ts = torch.unique(ts.clamp(0, T - 1)).flip(0)
-    return ts

@@ -215,7 +215,7 @@ def evaluate_autoencoder(model, *, n: int = 2000, reference: str = "fashion-mnis
     ``model`` is a :class:`~latentdiff.pipeline.LatentDiffusion`, a model directory or ``pretrained:NAME``.
     """
     from latentdiff.evaluation.metrics import frechet_distance, psnr, ssim
-    from latentdiff.pipeline.model import LatentDiffusion
+    from latentdiff.pipeline import LatentDiffusion
 
     pipe = model if isinstance(model, LatentDiffusion) else LatentDiffusion.load(model, device)
     ext = _extractor(extractor, weights, device)

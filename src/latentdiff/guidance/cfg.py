@@ -1,29 +1,32 @@
-"""Guidance as denoiser -> denoiser wrappers, so every sampler gets every kind of guidance.
+"""Guidance that mixes predictions: classifier-free guidance and blending of two conditionings.
 
-classifier_free (labels), blend (mix two conditionings), and gradient guidance: classifier_guidance (a
-noise-aware classifier's log p(y | x_t)) and user_guidance (any objective on x̂0 or, through `decoded`, on
-the decoded image; e.g. `brightness`, `region_mean`), both through one shift, gradient_guidance.
+Both take denoisers and return a denoiser (``fn(x_t, t) -> Prediction``), so every sampler gets them.
 """
 
 from __future__ import annotations
 
 import torch
 
+from latentdiff.diffusion.cond import Cond
 from latentdiff.diffusion.denoiser import Denoiser, DenoiserFn, Prediction
+from latentdiff.diffusion.schedule import per_sample
+from latentdiff.errors import ConfigError
 
 
-def classifier_free(model: Denoiser, labels: torch.Tensor, scale: float) -> DenoiserFn:
+def classifier_free(model: Denoiser, cond: Cond, scale: float) -> DenoiserFn:
     """Classifier-free guidance (Ho & Salimans 2022): x̂ = x̂_u + w (x̂_c - x̂_u), one batched forward.
 
     scale = 1 is the conditional model, scale = 0 the unconditional one. The combination is applied
     to x̂0 and ε̂ alike; both are affine in the network output, so this equals guiding the output.
     """
     if scale == 1.0:
-        return model.bind(labels)
-    null = torch.full_like(labels, model.net.cfg.num_classes)
+        return model.bind(cond)
+    if cond.batch_size is None:
+        raise ConfigError("classifier-free guidance needs a condition (e.g. class labels) to guide towards")
+    both_cond = cond.cat(model.null_cond(cond.batch_size, cond.labels.device if cond.labels is not None else None))
 
     def fn(xt: torch.Tensor, t: torch.Tensor) -> Prediction:
-        both = model(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([labels, null]))
+        both = model(torch.cat([xt, xt]), torch.cat([t, t]), both_cond)
         (x0_c, x0_u), (eps_c, eps_u) = both.x0.chunk(2), both.eps.chunk(2)
         return Prediction(x0_u + scale * (x0_c - x0_u), eps_u + scale * (eps_c - eps_u))
 
@@ -42,7 +45,7 @@ def blend(fn_a: DenoiserFn, fn_b: DenoiserFn, weight: float | torch.Tensor) -> D
     def fn(xt: torch.Tensor, t: torch.Tensor) -> Prediction:
         a, b = fn_a(xt, t), fn_b(xt, t)
         w = torch.as_tensor(weight, dtype=a.x0.dtype, device=xt.device)
-        w = w.reshape(-1, *([1] * (xt.ndim - 1))) if w.ndim else w  # (B,) -> (B, 1, 1, 1)
+        w = per_sample(w, a.x0) if w.ndim else w  # (B,) -> (B, 1, 1, 1)
         return Prediction(a.x0 + w * (b.x0 - a.x0), a.eps + w * (b.eps - a.eps))
 
     return fn

@@ -1,8 +1,6 @@
-"""Guidance as denoiser -> denoiser wrappers, so every sampler gets every kind of guidance.
-
-classifier_free (labels), blend (mix two conditionings), and gradient guidance: classifier_guidance (a
-noise-aware classifier's log p(y | x_t)) and user_guidance (any objective on x̂0 or, through `decoded`, on
-the decoded image; e.g. `brightness`, `region_mean`), both through one shift, gradient_guidance.
+"""Gradient guidance as denoiser -> denoiser wrappers: classifier guidance (a noise-aware classifier's
+log p(y | x_t)) and user guidance (any objective on x̂0 or, through `decoded`, on the decoded image; e.g.
+`brightness`, `region_mean`), both through one shift, :func:`gradient_guidance`.
 """
 
 from __future__ import annotations
@@ -11,8 +9,9 @@ from typing import Callable
 
 import torch
 
+from latentdiff.diffusion.cond import Cond
 from latentdiff.diffusion.denoiser import DenoiserFn, Prediction
-from latentdiff.diffusion.schedule import NoiseSchedule, _bcast
+from latentdiff.diffusion.schedule import NoiseSchedule, per_sample
 from latentdiff.errors import ConfigError
 
 Objective = Callable[[torch.Tensor], torch.Tensor]  # x̂0 (B, C, H, W) -> per-sample score (B,), higher is better
@@ -45,7 +44,7 @@ def gradient_guidance(denoiser: DenoiserFn, score: Score, scale: float, schedule
                 raise ConfigError(f"a guidance objective must return one score per sample, shape ({x.shape[0]},); "
                                   f"got {tuple(value.shape)}")
             (g,) = torch.autograd.grad(value.sum(), x)  # samples are independent: ∇ of the sum is per-sample ∇
-        abar = _bcast(schedule.abar(t), pred.x0)
+        abar = per_sample(schedule.abar(t), pred.x0)
         sigma = (1 - abar).sqrt()
         x0 = pred.x0.detach() + scale * sigma**2 / abar.sqrt() * g
         eps = pred.eps.detach() - scale * sigma * g
@@ -66,14 +65,18 @@ def user_guidance(denoiser: DenoiserFn, objective: Objective, scale: float, sche
 
 
 def classifier_guidance(denoiser: DenoiserFn, classifier: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                        labels: torch.Tensor, scale: float, schedule: NoiseSchedule) -> DenoiserFn:
+                        target: Cond | torch.Tensor, scale: float, schedule: NoiseSchedule) -> DenoiserFn:
     """Classifier guidance (Dhariwal & Nichol 2021, Algorithm 2): g = ∇_{x_t} log p_φ(y | x_t, t).
 
     `classifier(x_t, t)` returns logits (B, K) of a noise-aware classifier trained on noisy latents
-    (``classifier.py``); `labels` (B,) are the requested classes. ε̂' = ε̂ - s sqrt(1-ᾱ_t) g (eq. 14),
+    (``models/classifier.py``); `target` holds the requested classes (a Cond with labels, or a (B,) tensor). ε̂' = ε̂ - s sqrt(1-ᾱ_t) g (eq. 14),
     with x̂0 shifted consistently (:func:`gradient_guidance`). It wraps any denoiser, e.g. a
     classifier-free guided one, so the two compose.
     """
+    labels = target.labels if isinstance(target, Cond) else target
+    if labels is None:
+        raise ConfigError("classifier guidance needs the classes to guide towards")
+
     def log_prob(x: torch.Tensor, t: torch.Tensor, pred: Prediction) -> torch.Tensor:
         logits = classifier(x, t)
         logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # (B, K)

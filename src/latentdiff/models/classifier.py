@@ -113,14 +113,19 @@ def load_classifier(path: str | Path, device="cpu") -> tuple[NoisyClassifier, di
     return net.to(device).eval().requires_grad_(False), meta
 
 
-def check_compatible(meta: dict, path, *, latent_shape, num_train_steps: int, scale_factor: float):
-    """Refuse a classifier trained for another model's latents or noise levels."""
+def check_compatible(meta: dict, path, *, latent_shape, num_train_steps: int, latent_stats: dict):
+    """Refuse a classifier trained for another model's latents, normalisation or noise levels."""
     theirs = (tuple(meta.get("latent_shape", ())), int(meta.get("num_train_steps", -1)))
     if theirs != (tuple(latent_shape), int(num_train_steps)):
         raise ModelError(f"{path} was trained for latents {theirs[0]} and T = {theirs[1]}, but this model has "
                          f"latents {tuple(latent_shape)} and T = {num_train_steps}; train one for it with "
                          "`latentdiff train-classifier`")
-    if not np.isclose(meta.get("scale_factor", float("nan")), scale_factor, rtol=1e-3):
-        raise ModelError(f"{path} was trained for another autoencoder (latent scale factor "
-                         f"{meta.get('scale_factor')} vs {scale_factor:.6g}); train one for this model with "
-                         "`latentdiff train-classifier`")
+    stats = meta.get("latent_stats")
+    if stats is None and "scale_factor" in meta:  # written before per-channel statistics: one global scale
+        stats = {"shift": [0.0] * latent_shape[0], "scale": [meta["scale_factor"]] * latent_shape[0]}
+    ok = isinstance(stats, dict) and all(
+        isinstance(stats.get(k), list) and len(stats[k]) == len(latent_stats[k])
+        and np.allclose(np.asarray(stats[k], dtype=float), latent_stats[k], rtol=1e-3, atol=1e-6) for k in latent_stats)
+    if not ok:
+        raise ModelError(f"{path} was trained for another autoencoder (its latent normalisation differs from this "
+                         "model's); train one for this model with `latentdiff train-classifier`")

@@ -24,8 +24,9 @@ from collections.abc import Callable
 
 import torch
 
-from latentdiff.diffusion.schedule import NoiseSchedule, timesteps
+from latentdiff.diffusion.schedule import NoiseSchedule
 from latentdiff.errors import ConfigError
+from latentdiff.sampling.grids import timesteps
 
 Callback = Callable[[int, int, torch.Tensor], None] | None
 
@@ -309,7 +310,7 @@ def steps_for_nfe(name: str, budget: int) -> int:
 def sample(denoiser, noise, schedule: NoiseSchedule, *, sampler: str = "ddim", steps: int = 50,
            spacing: str | None = None, generator=None, callback: Callback = None, **options):
     """Run a named sampler over a timestep grid of ``steps`` steps with the given ``spacing``
-    (``schedule.ALL_SPACINGS``; default "trailing")."""
+    (``sampling.grids.ALL_SPACINGS``; default "trailing")."""
     _check_name(sampler)
     # "trailing" starts every grid at t = T-1 (pure noise); with steps = T it is every timestep
     ts = timesteps(schedule.num_steps, steps, spacing or "trailing", schedule).to(noise.device)

@@ -101,14 +101,13 @@ def train_classifier(pipe, run_dir: str | Path, out: str | Path, *, source: str 
     ae = pipe.autoencoder.to(device).eval()
     log(f"classifier: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, {len(data)} images from "
         f"{data_label(source)}, {data.num_classes} classes, latent {ae.latent_shape}")
-    mean, logvar = encode_dataset(ae, data.images, device)
-    std, scale = (0.5 * logvar).exp(), ae.scale_factor.to(device)
+    post = encode_dataset(ae, data.images, device)
     labels = torch.as_tensor(data.labels, device=device)
 
     def loss(idx, gen, rows):
         # draws cover the global batch (as in train.py), the network sees this process's rows only
         idx = idx.to(device)
-        z0 = sample_posterior(mean, std, scale, idx, gen)
+        z0 = sample_posterior(ae, post, idx, gen)
         t = torch.randint(schedule.num_steps, (len(idx),), generator=gen, device=device)
         eps = torch.randn(z0.shape, generator=gen, device=device)
         y, t = labels[idx][rows], t[rows]
@@ -117,7 +116,7 @@ def train_classifier(pipe, run_dir: str | Path, out: str | Path, *, source: str 
         return F.cross_entropy(logits.float(), y, reduction="none"), {"acc": acc}
 
     config = {"classifier": dataclasses.asdict(cfg), "training": dataclasses.asdict(train)}
-    final = run_stage(Stage("classifier", net, loss, len(mean), train), Path(run_dir), device, resume=resume,
+    final = run_stage(Stage("classifier", net, loss, len(post.mean), train), Path(run_dir), device, resume=resume,
                       config=config, log=log, progress=progress)
 
     # Measure exactly what is shipped: the weights after the cast to `dtype`.
@@ -127,11 +126,11 @@ def train_classifier(pipe, run_dir: str | Path, out: str | Path, *, source: str 
     has_test = source in SOURCES or (Path(source) / "test").is_dir()
     test = load_dataset(source, "test" if has_test else "train", data_dir=data_dir, limit=eval_limit)
     held_out = "test split" if has_test else "training images (no held-out split)"
-    t_mean, _ = encode_dataset(ae, test.images, device)
-    buckets = accuracy_by_noise(shipped, t_mean * scale, torch.as_tensor(test.labels, device=device), schedule,
+    z_test = ae.normalize(encode_dataset(ae, test.images, device).mean)
+    buckets = accuracy_by_noise(shipped, z_test, torch.as_tensor(test.labels, device=device), schedule,
                                 noise_buckets(schedule.num_steps))
     meta = {"latent_shape": list(ae.latent_shape), "num_train_steps": schedule.num_steps,
-            "scale_factor": float(ae.scale_factor), "class_names": list(data.class_names),
+            "latent_stats": ae.latent_stats(), "class_names": list(data.class_names),
             "data_source": data_label(source), "train_images": len(data), "train_steps": train.steps,
             "batch_size": train.batch_size, "lr": train.lr, "ema_decay": train.ema_decay,
             "evaluated_on": f"{data_label(source)}, {held_out} ({len(test)} images, posterior means)",

@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from latentdiff.codecs.autoencoder import Autoencoder, AutoencoderConfig
+from latentdiff.codecs.autoencoder import Autoencoder, AutoencoderConfig, DiagonalGaussian
 from latentdiff.data.datasets import ImageData, load_dataset
 from latentdiff.diffusion.denoiser import Denoiser, training_target
 from latentdiff.errors import ConfigError, ModelError, TrainingError, WriteError
 from latentdiff.pipeline.config import Config, TrainConfig, apply_updates, uses_bf16
-from latentdiff.pipeline.model import LatentDiffusion, resolve_device
+from latentdiff.pipeline import LatentDiffusion, resolve_device
 from latentdiff.training import checkpoints as ckpt
 from latentdiff.training import distributed
 from latentdiff.utils import state as ld_state
@@ -426,7 +426,7 @@ def train_autoencoder(cfg: Config, run_dir: str | Path, *, resume: bool = False,
     run_stage(stage, run_dir, device, precision=cfg.precision, resume=resume, config=cfg.to_dict(), log=log,
               progress=progress)
     ae.eval()
-    scale = ae.estimate_scale_factor(images[:5000])
+    stats = ae.fit_latent_stats(images[:5000])
     metrics: dict = {}
     if main:
         try:
@@ -435,7 +435,7 @@ def train_autoencoder(cfg: Config, run_dir: str | Path, *, resume: bool = False,
         except Exception:  # an image folder without a test/ subfolder: report on training images
             test, held_out = data, "training images (no held-out split)"
         metrics = evaluate_autoencoder(ae, test.images[:2000], device)
-        metrics.update(evaluated_on=held_out, scale_factor=scale, steps=cfg.autoencoder_training.steps)
+        metrics.update(evaluated_on=held_out, latent_stats=stats, steps=cfg.autoencoder_training.steps)
         ld_state.save_state(run_dir / "autoencoder.safetensors", ae.state_dict(),
                         {"autoencoder": vars(ae_cfg), "image_size": list(data.image_size), "metrics": metrics,
                          "class_names": list(data.class_names), "data_source": data.source})
@@ -468,22 +468,15 @@ def load_trained_autoencoder(run_dir: Path, device) -> tuple[Autoencoder, dict]:
 
 # --- stage 2: latent diffusion ------------------------------------------------------------------
 
-def encode_dataset(ae: Autoencoder, images: np.ndarray, device, batch_size: int = 500):
-    """Posterior (mean, logvar) of every image, computed once: (N, c, h, w) each, on `device`."""
-    means, logvars = [], []
-    with torch.no_grad():
-        for i in range(0, len(images), batch_size):
-            post = ae.encode(to_tensor(images[i:i + batch_size]).to(device))
-            means.append(post.mean)
-            logvars.append(post.logvar)
-    return torch.cat(means), torch.cat(logvars)
+def encode_dataset(ae: Autoencoder, images: np.ndarray, device, batch_size: int = 500) -> DiagonalGaussian:
+    """The posterior of every image, computed once (unnormalised; the codec normalises samples of it)."""
+    return ae.encode_dataset(to_tensor(images).to(device), batch_size)
 
 
-def sample_posterior(mean: torch.Tensor, std: torch.Tensor, scale: torch.Tensor, idx: torch.Tensor,
-                     gen: torch.Generator) -> torch.Tensor:
-    """A fresh sample of the cached posteriors of items `idx`, normalised: z0 = (μ + σ ε) · scale_factor."""
-    noise = torch.randn(mean[idx].shape, generator=gen, device=mean.device)
-    return (mean[idx] + std[idx] * noise) * scale
+def sample_posterior(ae: Autoencoder, post: DiagonalGaussian, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A fresh normalised sample of the cached posteriors of items `idx` (the codec owns the normalisation)."""
+    noise = torch.randn(post.mean[idx].shape, generator=gen, device=post.mean.device)
+    return ae.sample_latent(DiagonalGaussian(post.mean[idx], post.logvar[idx]), noise=noise)
 
 
 def diffusion_loss(den: Denoiser, z0: torch.Tensor, labels: torch.Tensor | None, gen: torch.Generator,
@@ -541,9 +534,7 @@ def train_diffusion(cfg: Config, run_dir: str | Path, *, resume: bool = False, l
     n_params = sum(p.numel() for p in den.parameters())
     log(f"denoiser: {n_params / 1e6:.2f}M parameters, latent {ae.latent_shape}, "
         f"{'class-conditional (' + str(data.num_classes) + ' classes)' if conditional else 'unconditional'}")
-    mean, logvar = encode_dataset(ae, data.images, device)
-    std = (0.5 * logvar).exp()
-    scale = ae.scale_factor.to(device)
+    post = encode_dataset(ae, data.images, device)
     labels = torch.as_tensor(data.labels, device=device) if conditional else None
     null = cfg.unet.num_classes
     drop = cfg.diffusion.cond_drop_prob
@@ -552,7 +543,7 @@ def train_diffusion(cfg: Config, run_dir: str | Path, *, resume: bool = False, l
         # Every random draw covers the whole global batch (cheap next to the network), so that each
         # process's rows get exactly the numbers a single process would; the U-Net sees only `rows`.
         idx = idx.to(device)
-        z0 = sample_posterior(mean, std, scale, idx, gen)
+        z0 = sample_posterior(ae, post, idx, gen)
         y = None
         if labels is not None:
             y = labels[idx]
@@ -564,7 +555,7 @@ def train_diffusion(cfg: Config, run_dir: str | Path, *, resume: bool = False, l
         snapshot = LatentDiffusion(cfg, ae, Denoiser(net, den.schedule, den.prediction), pipe.class_names)
         write_sample_grid(snapshot, run_dir / "samples" / f"step-{step:08d}.png")
 
-    stage = Stage("denoiser", den.net, loss, len(mean), cfg.training, on_sample)
+    stage = Stage("denoiser", den.net, loss, len(post.mean), cfg.training, on_sample)
     t0 = time.perf_counter()
     net = run_stage(stage, run_dir, device, precision=cfg.precision, resume=resume, config=cfg.to_dict(), log=log,
                     progress=progress)
