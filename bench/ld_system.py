@@ -20,9 +20,8 @@ from common import autocast, count_flops, lr_budget, sync, train_for
 
 from latentdiff.codecs.autoencoder import Autoencoder
 from latentdiff.data.datasets import ImageData
-from latentdiff.diffusion.denoiser import Denoiser
-from latentdiff.pipeline.config import PRESETS, Config
 from latentdiff.pipeline import LatentDiffusion
+from latentdiff.pipeline.config import PRESETS, Config
 from latentdiff.training.loop import EMA, diffusion_loss, encode_dataset
 from latentdiff.utils.images import to_tensor
 
@@ -148,7 +147,7 @@ class LatentDiffusionRun:
         self.flops["denoiser_per_step"] = count_flops(lambda: den_loss().float().mean().backward())
         opt.zero_grad(set_to_none=True)
         self.snapshots = den_stats.snapshots
-        self.pipe = LatentDiffusion(cfg, ae, Denoiser(ema.model, den.schedule, den.prediction),
+        self.pipe = LatentDiffusion(cfg, ae, den.with_net(ema.model),
                                     pipe.class_names).eval()
         self._net_copy = copy.deepcopy(ema.model)
         return {"seconds": total, "autoencoder": ae_stats.to_dict(), "encode_seconds": prep_end - ae_stats.seconds,
@@ -164,7 +163,7 @@ class LatentDiffusionRun:
         pipe = self.pipe
         if state is not None:
             self._net_copy.load_state_dict(state)
-            pipe = LatentDiffusion(self.cfg, pipe.autoencoder, Denoiser(self._net_copy, pipe.denoiser.schedule,
-                                                                        pipe.denoiser.prediction), pipe.class_names)
+            pipe = LatentDiffusion(self.cfg, pipe.autoencoder, pipe.denoiser.with_net(self._net_copy),
+                                   pipe.class_names)
         labels = np.arange(n) % pipe.num_classes if pipe.num_classes else None
         return pipe.generate(n, sampler=self.sampler, steps=self.sample_steps, seed=seed, labels=labels)

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from common import count_flops, sync
 
-from latentdiff.pipeline.config import config_from_dict
 from latentdiff.pipeline import LatentDiffusion, model_dir
+from latentdiff.pipeline.config import config_from_dict
 from latentdiff.sampling import samplers
 from latentdiff.training.loop import diffusion_loss, read_metrics, train_diffusion
 

@@ -18,10 +18,11 @@ import numpy as np
 import torch
 
 from latentdiff.data.datasets import load_dataset
+from latentdiff.diffusion.cond import Cond
 from latentdiff.guidance.cfg import classifier_free
 from latentdiff.guidance.gradient import brightness, decoded, user_guidance
-from latentdiff.pipeline import control
-from latentdiff.pipeline import LatentDiffusion
+from latentdiff.pipeline import LatentDiffusion, control
+from latentdiff.pipeline import inpaint as inpaint_mod
 from latentdiff.sampling.samplers import sample
 from latentdiff.utils.images import make_grid, save_png, to_pil, to_uint8
 
@@ -52,7 +53,7 @@ def brightness_rows(pipe, labels, targets, scale: float, seed: int) -> np.ndarra
     schedule, rows = pipe.denoiser.schedule, []
     noise = torch.randn((len(labels), *pipe.autoencoder.latent_shape),
                         generator=torch.Generator().manual_seed(seed))
-    base = classifier_free(pipe.denoiser, torch.as_tensor(labels), pipe.cfg.sample.guidance)
+    base = classifier_free(pipe.denoiser, Cond(labels=torch.as_tensor(labels)), pipe.cfg.sample.guidance)
     for target in targets:
         fn = base if target is None else user_guidance(base, decoded(pipe.autoencoder, brightness(target)), scale,
                                                        schedule)
@@ -104,7 +105,7 @@ def main():
     save_input("in-sneaker.png", sneaker)
     sweep = [control.img2img(pipe, shirt, st, seed=0) for st in (0.2, 0.4, 0.6, 0.8, 1.0)]
     save("edit-strength.png", np.concatenate([shirt, *sweep]), 6)
-    towards = [control.img2img(pipe, shirt, 0.6, label=c, seed=0) for c in (2, 3, 4, 6)]
+    towards = [control.img2img(pipe, shirt, 0.6, labels=c, seed=0) for c in (2, 3, 4, 6)]
     save("edit-class.png", np.concatenate([shirt, *towards]), 5)
 
     # 5. inpainting: image, mask (the hole in white), results for three seeds
@@ -112,7 +113,7 @@ def main():
     save_input("in-boot.png", boot)
     mask = np.zeros((28, 28), dtype=bool)
     mask[RECT[1]:RECT[3], RECT[0]:RECT[2]] = True  # the shaft of the boot
-    results = [control.inpaint(pipe, boot, mask, resample=2, seed=sd) for sd in range(3)]
+    results = [inpaint_mod.inpaint(pipe, boot, mask, resample=2, seed=sd) for sd in range(3)]
     shown_mask = np.where(mask[None, ..., None], 255, boot // 3).astype(np.uint8)
     save("inpaint.png", np.concatenate([boot, shown_mask, *results]), 5)
 
@@ -120,7 +121,7 @@ def main():
     trouser = pick(test, 1)
     broken = damage(trouser)
     save_input("in-damaged.png", broken)
-    fixed, found = control.repair(pipe, broken, seed=0)
+    fixed, found = inpaint_mod.repair(pipe, broken, seed=0)
     save("repair.png", np.concatenate([broken, np.where(found[..., None], 255, 0).astype(np.uint8), fixed, trouser]),
          4)
 

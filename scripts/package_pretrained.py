@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from latentdiff.pipeline import LatentDiffusion
-
 from latentdiff.pipeline.directory import default_card
 from latentdiff.utils.state import load_state
 

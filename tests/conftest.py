@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from latentdiff.cli import main as cli
-from latentdiff.pipeline.config import load_config
 from latentdiff.pipeline import LatentDiffusion
+from latentdiff.pipeline.config import load_config
 
 TINY_CLASSES = ("c0", "c1", "c2")
 

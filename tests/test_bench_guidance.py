@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from latentdiff.models.classifier import ClassifierConfig, NoisyClassifier, save_classifier
-from latentdiff.pipeline.config import load_config
 from latentdiff.pipeline import LatentDiffusion
+from latentdiff.pipeline.config import load_config
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "guidance.py"
 

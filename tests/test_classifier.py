@@ -10,14 +10,15 @@ from PIL import Image
 
 from latentdiff.cli import main as cli
 from latentdiff.data.datasets import load_dataset
+from latentdiff.diffusion.cond import Cond
 from latentdiff.diffusion.denoiser import prediction_from_output
 from latentdiff.diffusion.schedule import NoiseSchedule
 from latentdiff.errors import DataError, ModelError
 from latentdiff.guidance.cfg import classifier_free
 from latentdiff.guidance.gradient import classifier_guidance
 from latentdiff.models.classifier import ClassifierConfig, NoisyClassifier, load_classifier, save_classifier
-from latentdiff.pipeline.config import TrainConfig, load_config
 from latentdiff.pipeline import LatentDiffusion
+from latentdiff.pipeline.config import TrainConfig, load_config
 from latentdiff.sampling.grids import timesteps
 from latentdiff.sampling.samplers import ddim
 from latentdiff.training.classifier import accuracy_by_noise, noise_buckets, train_classifier
@@ -109,7 +110,7 @@ def test_composes_with_classifier_free_guidance():
     x = torch.randn(3, *pipe.autoencoder.latent_shape, generator=g)
     t = torch.tensor([90, 40, 5])
     y = torch.tensor([1, 4, 9])
-    cfg_fn = classifier_free(pipe.denoiser, y, 2.5)
+    cfg_fn = classifier_free(pipe.denoiser, Cond(labels=y), 2.5)
     with torch.no_grad():
         base = cfg_fn(x, t)
         out = classifier_guidance(cfg_fn, clf, y, 1.5, sched)(x, t)
@@ -120,8 +121,8 @@ def test_composes_with_classifier_free_guidance():
     sigma = (1 - sched.abar(t)).sqrt().float().reshape(-1, 1, 1, 1)
     torch.testing.assert_close(out.eps, base.eps - 1.5 * sigma * grad)
     # classifier scale 0 with CFG scale 1 is the conditional model
-    plain = classifier_guidance(classifier_free(pipe.denoiser, y, 1.0), clf, y, 0.0, sched)(x, t)
-    torch.testing.assert_close(plain.x0, pipe.denoiser(x, t, y).x0)
+    plain = classifier_guidance(classifier_free(pipe.denoiser, Cond(labels=y), 1.0), clf, y, 0.0, sched)(x, t)
+    torch.testing.assert_close(plain.x0, pipe.denoiser(x, t, Cond(labels=y)).x0)
 
     pipe.classifier = clf
     a, _ = pipe.generate(4, labels=[0, 1, 2, 3], steps=3, seed=5, guidance=2.0)

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from latentdiff.diffusion.cond import Cond
 from latentdiff.errors import ConfigError
-from latentdiff.pipeline.config import load_config
 from latentdiff.pipeline import LatentDiffusion
+from latentdiff.pipeline.config import load_config
 from latentdiff.utils import state as ld_state
 
 
@@ -57,11 +58,11 @@ def test_failure_on_first_call_falls_back_once(monkeypatch):
     x, t, y = _inputs(pipe)
     den = pipe.compiled_denoiser(True)
     with pytest.warns(RuntimeWarning, match="backend compiler failed"):
-        out = den(x, t, y)
-    torch.testing.assert_close(out.x0, pipe.denoiser(x, t, y).x0, rtol=0, atol=0)
+        out = den(x, t, Cond(labels=y))
+    torch.testing.assert_close(out.x0, pipe.denoiser(x, t, Cond(labels=y)).x0, rtol=0, atol=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second warning, no second attempt
-        den(x, t, y)
+        den(x, t, Cond(labels=y))
     assert len(calls) == 1
     assert pipe.compiled_denoiser(True) is den  # cached per mode
     with pytest.raises(ConfigError, match="unknown compile mode"):
@@ -72,7 +73,7 @@ def test_compiled_denoiser_shares_the_weights_and_keeps_save_format(tmp_path, mo
     monkeypatch.setattr(torch, "compile", lambda net, **kw: net)  # the wiring, without a backend
     pipe = _tiny_pipe()
     den = pipe.compiled_denoiser()
-    assert den.net.eager is pipe.denoiser.net and den.net.cfg is pipe.denoiser.net.cfg
+    assert den.net.eager is pipe.denoiser.net and den.num_classes == pipe.denoiser.num_classes
     pipe.save(tmp_path / "m")  # the state dict is the uncompiled network's
     assert LatentDiffusion.load(tmp_path / "m").denoiser.net.state_dict().keys() == pipe.denoiser.net.state_dict().keys()
 

@@ -21,9 +21,9 @@ from latentdiff.errors import ConfigError, DataError
 from latentdiff.evaluation.metrics import psnr
 from latentdiff.guidance.cfg import blend
 from latentdiff.guidance.gradient import brightness, decoded, region_mean, user_guidance
-from latentdiff.pipeline import control
+from latentdiff.pipeline import LatentDiffusion, control
+from latentdiff.pipeline import inpaint as inpaint_mod
 from latentdiff.pipeline.config import load_config
-from latentdiff.pipeline import LatentDiffusion
 from latentdiff.sampling.grids import timesteps
 from latentdiff.sampling.samplers import ddim
 from latentdiff.utils.images import to_tensor
@@ -195,11 +195,11 @@ def test_slerp_falls_back_to_lerp_when_parallel():
 def test_latent_mask_any_pooling():
     mask = np.zeros((1, 28, 28), dtype=bool)
     mask[0, 5, 9] = True  # pixel (y=5, x=9) lies in the 4×4 cell (1, 2)
-    m = control.latent_mask(mask, 4, (7, 7))
+    m = inpaint_mod.latent_mask(mask, 4, (7, 7))
     assert m.shape == (1, 1, 7, 7) and m.sum() == 1 and m[0, 0, 1, 2] == 1
     odd = np.zeros((1, 30, 30), dtype=bool)  # 30 px -> ceil(30/4) = 8 cells; the last cell is half image
     odd[0, 29, 29] = True
-    m = control.latent_mask(odd, 4, (8, 8))
+    m = inpaint_mod.latent_mask(odd, 4, (8, 8))
     assert m.shape == (1, 1, 8, 8) and m.sum() == 1 and m[0, 0, 7, 7] == 1
 
 
@@ -210,7 +210,7 @@ def test_repaint_keeps_known_and_samples_unknown_from_the_data(sched):
     m = torch.tensor([0.0, 1.0], dtype=torch.float64).reshape(1, 1, 1, 2)
     # Strided ancestral steps lose some variance (see test_samplers.py), more so on coarse grids.
     for resample, steps, rel in ((0, 1000, 0.03), (1, 250, 0.08)):
-        z = control.inpaint_latent(sched, exact_denoiser(sched), known, m, timesteps(1000, steps), resample=resample,
+        z = inpaint_mod.inpaint_latent(sched, exact_denoiser(sched), known, m, timesteps(1000, steps), resample=resample,
                                    generator=torch.Generator().manual_seed(0))
         assert torch.equal(z[..., 0], known[..., 0])
         assert z[..., 1].mean().item() == pytest.approx(MU, abs=0.03)
@@ -221,30 +221,30 @@ def test_inpaint_pastes_known_pixels_and_regenerates_the_hole(pipe):
     images = blobs(2)
     mask = np.zeros((28, 28), dtype=bool)
     mask[8:16, 10:20] = True
-    out = control.inpaint(pipe, images, mask, steps=10, seed=1, label=[0, 1])
+    out = inpaint_mod.inpaint(pipe, images, mask, steps=10, seed=1, labels=[0, 1])
     assert out.shape == images.shape and out.dtype == np.uint8
     assert np.array_equal(out[:, ~mask], images[:, ~mask])  # known pixels byte-identical
     assert not np.array_equal(out[:, mask], images[:, mask])
-    again = control.inpaint(pipe, images, mask, steps=10, seed=1, label=[0, 1], resample=1)
+    again = inpaint_mod.inpaint(pipe, images, mask, steps=10, seed=1, labels=[0, 1], resample=1)
     assert np.array_equal(again[:, ~mask], images[:, ~mask])
     # an empty mask regenerates nothing: the decoded latent is the codec's reconstruction exactly
     empty = np.zeros((28, 28), dtype=bool)
-    raw = control.inpaint(pipe, images, empty, steps=5, seed=1, paste_back=False)
+    raw = inpaint_mod.inpaint(pipe, images, empty, steps=5, seed=1, paste_back=False)
     assert np.array_equal(raw, control.reconstruct(pipe, images))
-    assert np.array_equal(control.inpaint(pipe, images, empty, steps=5), images)
+    assert np.array_equal(inpaint_mod.inpaint(pipe, images, empty, steps=5), images)
     with pytest.raises(DataError, match="mask must be 28×28"):
-        control.inpaint(pipe, images, np.zeros((20, 28), dtype=bool))
+        inpaint_mod.inpaint(pipe, images, np.zeros((20, 28), dtype=bool))
 
 
 def test_damage_mask_finds_specks_and_scratches():
     clean = blobs(1, seed=4)
-    assert not control.damage_mask(clean).any()
+    assert not inpaint_mod.damage_mask(clean).any()
     damaged = clean.copy()
     specks = [(3, 3), (20, 5), (14, 14), (25, 22)]
     for y, x in specks:
         damaged[0, y, x, 0] = 255 if (y + x) % 2 else 0
     damaged[0, 22, 6:20, 0] = 250  # a thin bright horizontal scratch
-    mask = control.damage_mask(damaged)[0]
+    mask = inpaint_mod.damage_mask(damaged)[0]
     for y, x in specks:
         assert mask[y, x], (y, x)
     assert mask[22, 6:20].all()
@@ -256,15 +256,15 @@ def test_damage_mask_finds_specks_and_scratches():
 
 def test_ddim_inversion_round_trip(pipe):
     images = blobs(2)
-    noise = control.invert(pipe, images, steps=25, label=[0, 2])
+    noise = control.invert(pipe, images, steps=25, labels=[0, 2])
     assert noise.shape == (2, *pipe.autoencoder.latent_shape)
-    fn, ts = control.denoiser_fn(pipe, [0, 2], 2, 1.0), timesteps(100, 25)
-    z0 = control.encode(pipe, images)
+    fn, ts = control.bound_denoiser(pipe, pipe.request(2, labels=[0, 2], guidance=1.0)), timesteps(100, 25)
+    z0 = control.encode_images(pipe, images)
     rel = lambda z: ((z - z0).flatten(1).norm(dim=1) / z0.flatten(1).norm(dim=1)).max().item()  # noqa: E731
     back = ddim(fn, noise, pipe.denoiser.schedule, ts)
     assert rel(back) < 0.05  # first-order error of the inversion: 0.03 at 25 steps, 0.017 at 50
     assert rel(ddim(fn, torch.randn_like(noise), pipe.denoiser.schedule, ts)) > 0.5  # a wrong noise does not
-    assert psnr(control.decode(pipe, back), control.reconstruct(pipe, images)).min() > 40  # dB (measured: 54)
+    assert psnr(control.decode_latents(pipe, back), control.reconstruct(pipe, images)).min() > 40  # dB (measured: 54)
 
 
 def test_interpolate_images_ends_reconstruct_and_seeds_match_generate(pipe):
@@ -273,7 +273,7 @@ def test_interpolate_images_ends_reconstruct_and_seeds_match_generate(pipe):
     assert frames.shape == (4, 28, 28, 1)
     assert psnr(frames[:1], control.reconstruct(pipe, a))[0] > 35
     assert psnr(frames[3:], control.reconstruct(pipe, b))[0] > 35
-    seeds = control.interpolate_seeds(pipe, 5, 6, 3, label=1, guidance=2.0, steps=4)
+    seeds = control.interpolate_seeds(pipe, 5, 6, 3, classes=1, guidance=2.0, steps=4)
     for frame, seed in ((seeds[0], 5), (seeds[2], 6)):
         ref, _ = pipe.generate(1, seed=seed, labels=1, guidance=2.0, steps=4, sampler="ddim")
         assert np.abs(frame.astype(int) - ref[0].astype(int)).max() <= 1
@@ -306,7 +306,7 @@ def test_class_arithmetic_adds_the_mean_difference(pipe):
     same = control.class_arithmetic(pipe, images, 1, 1, means=means)
     assert np.array_equal(same, control.reconstruct(pipe, images))
     moved = control.class_arithmetic(pipe, images, 2, 0, means=means)
-    assert np.array_equal(moved, control.decode(pipe, control.encode(pipe, images) + 1.0 * (means[2] - means[0])))
+    assert np.array_equal(moved, control.decode_latents(pipe, control.encode_images(pipe, images) + 1.0 * (means[2] - means[0])))
     assert not np.array_equal(moved, same)
     with pytest.raises(ConfigError, match="class must be between"):
         control.class_arithmetic(pipe, images, 5, 0, means=means)

@@ -16,8 +16,8 @@ from latentdiff.data.datasets import CLASS_NAMES, load_dataset
 from latentdiff.errors import ConfigError, DataError
 from latentdiff.evaluation.evaluate import EXTRACTOR_NAMES, _subset, evaluate_autoencoder, evaluate_samples
 from latentdiff.evaluation.features import EXTRACTORS
-from latentdiff.pipeline.config import load_config
 from latentdiff.pipeline import LatentDiffusion
+from latentdiff.pipeline.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 200  # > 129, the minimum for a full-rank covariance of the classifier's 128-d features

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from latentdiff.codecs.autoencoder import Autoencoder, AutoencoderConfig
+from latentdiff.diffusion.cond import Cond
 from latentdiff.errors import ConfigError, ModelError
 from latentdiff.guidance.cfg import classifier_free
 from latentdiff.models.unet import UNet, UNetConfig
-from latentdiff.pipeline.config import load_config
 from latentdiff.pipeline import LatentDiffusion
+from latentdiff.pipeline.config import load_config
 from latentdiff.training import checkpoints as ckpt
 from latentdiff.utils import state as ld_state
 
@@ -121,13 +122,13 @@ def test_guidance_scale_one_equals_conditional_model():
     x = torch.randn(3, *pipe.autoencoder.latent_shape)
     t = torch.tensor([10, 50, 90])
     y = torch.tensor([0, 1, 2])
-    cond = pipe.denoiser(x, t, y)
+    cond = pipe.denoiser(x, t, Cond(labels=y))
     for scale, expected in ((1.0, cond), (0.0, pipe.denoiser(x, t, None))):
-        out = classifier_free(pipe.denoiser, y, scale)(x, t)
+        out = classifier_free(pipe.denoiser, Cond(labels=y), scale)(x, t)
         torch.testing.assert_close(out.x0, expected.x0, rtol=1e-5, atol=1e-5)
     # scale 3 extrapolates: x̂ = x̂_u + 3 (x̂_c - x̂_u)
     unc = pipe.denoiser(x, t, None)
-    out = classifier_free(pipe.denoiser, y, 3.0)(x, t)
+    out = classifier_free(pipe.denoiser, Cond(labels=y), 3.0)(x, t)
     torch.testing.assert_close(out.eps, unc.eps + 3 * (cond.eps - unc.eps), rtol=1e-5, atol=1e-5)
 
 

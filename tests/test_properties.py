@@ -24,8 +24,8 @@ from PIL import Image
 
 from latentdiff.errors import ConfigError, DataError, ModelError
 from latentdiff.evaluation.evaluate import load_samples
-from latentdiff.pipeline.config import Config, load_config
 from latentdiff.pipeline import LatentDiffusion
+from latentdiff.pipeline.config import Config, load_config
 
 FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 SLOW = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

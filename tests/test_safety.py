@@ -24,8 +24,8 @@ from PIL import Image
 
 from latentdiff.errors import ConfigError, ModelError
 from latentdiff.evaluation.features import _read_weights
-from latentdiff.pipeline.config import MAX_PARAMETERS, Config, config_from_dict, load_config
 from latentdiff.pipeline import LatentDiffusion, pretrained_dir
+from latentdiff.pipeline.config import MAX_PARAMETERS, Config, config_from_dict, load_config
 from latentdiff.training import checkpoints as ckpt
 from latentdiff.utils import state as ld_state
 

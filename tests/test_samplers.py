@@ -14,6 +14,7 @@ import torch
 
 from latentdiff import guidance
 from latentdiff.cli import main as cli
+from latentdiff.diffusion.cond import Cond
 from latentdiff.diffusion.denoiser import Prediction, prediction_from_output
 from latentdiff.diffusion.schedule import NoiseSchedule
 from latentdiff.errors import ConfigError
@@ -272,8 +273,8 @@ def test_every_sampler_works_with_guidance(sched, sampler):
 def test_samplers_with_classifier_free_guidance_on_a_network():
     """The real guidance wrapper (one batched call per evaluation) runs through every sampler and equals
     guiding by hand with two separate calls, x̂ = x̂_u + w (x̂_c - x̂_u); at scale 1 it is the conditional model."""
-    from latentdiff.pipeline.config import load_config
     from latentdiff.pipeline import LatentDiffusion
+    from latentdiff.pipeline.config import load_config
 
     cfg = load_config(preset="tiny", overrides=["unet.num_classes=3"])
     torch.manual_seed(0)
@@ -282,7 +283,7 @@ def test_samplers_with_classifier_free_guidance_on_a_network():
         p.data.add_(0.01 * torch.randn_like(p))
     noise = torch.randn(3, *pipe.autoencoder.latent_shape, generator=torch.Generator().manual_seed(1))
     labels, w = torch.tensor([0, 1, 2]), 2.5
-    cond_fn, unc_fn = pipe.denoiser.bind(labels), pipe.denoiser.bind(None)
+    cond_fn, unc_fn = pipe.denoiser.bind(Cond(labels=labels)), pipe.denoiser.bind(None)
 
     def by_hand(xt, t):
         c, u = cond_fn(xt, t), unc_fn(xt, t)
@@ -292,10 +293,10 @@ def test_samplers_with_classifier_free_guidance_on_a_network():
     for name in samplers.SAMPLERS:
         def run(fn, name=name):
             return samplers.sample(fn, noise, sched, sampler=name, steps=4, generator=torch.Generator().manual_seed(2))
-        guided = run(guidance.classifier_free(pipe.denoiser, labels, w))
+        guided = run(guidance.classifier_free(pipe.denoiser, Cond(labels=labels), w))
         assert torch.isfinite(guided).all(), name
         torch.testing.assert_close(guided, run(by_hand), rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(run(guidance.classifier_free(pipe.denoiser, labels, 1.0)), run(cond_fn))
+        torch.testing.assert_close(run(guidance.classifier_free(pipe.denoiser, Cond(labels=labels), 1.0)), run(cond_fn))
 
 
 @pytest.mark.parametrize("sampler", samplers.SAMPLERS)
@@ -436,8 +437,8 @@ def test_cli_sample_with_a_new_sampler_and_spacing(tmp_path, capsys):
 
     from PIL import Image
 
-    from latentdiff.pipeline.config import load_config
     from latentdiff.pipeline import LatentDiffusion
+    from latentdiff.pipeline.config import load_config
 
     torch.manual_seed(0)
     pipe = LatentDiffusion.build(load_config(preset="tiny"), (28, 28), tuple("abcdefghij")).eval()

@@ -170,13 +170,13 @@ def cmd_edit(args):
     out = _check_out(args)
     pipe = _load_pipe(args)
     image, _ = load_image(args.image, pipe)
-    result = img2img(pipe, image, args.strength, label=args.class_, guidance=args.guidance, steps=args.steps,
+    result = img2img(pipe, image, args.strength, labels=args.class_, guidance=args.guidance, steps=args.steps,
                      seed=args.seed)
     _save(result[0], out, _meta(args, "edit", [args.image], strength=args.strength))
 
 
 def cmd_inpaint(args):
-    from latentdiff.pipeline.control import inpaint
+    from latentdiff.pipeline.inpaint import inpaint
 
     out = _check_out(args)
     pipe = _load_pipe(args)
@@ -186,20 +186,20 @@ def cmd_inpaint(args):
     if not mask.any():
         raise DataError("the mask is empty: nothing to inpaint (white pixels, >= 128, mark what to regenerate)")
     result = inpaint(pipe, image, mask, steps=args.steps, resample=args.resample, seed=args.seed,
-                     label=args.class_, guidance=args.guidance)
+                     labels=args.class_, guidance=args.guidance)
     _save(result[0], out, _meta(args, "inpaint", [args.image] + ([args.mask] if args.mask else []),
                                 rect=args.rect, resample=args.resample))
 
 
 def cmd_repair(args):
-    from latentdiff.pipeline.control import repair
+    from latentdiff.pipeline.inpaint import repair
 
     out = _check_out(args)
     pipe = _load_pipe(args)
     image, size = load_image(args.image, pipe)
     mask = load_mask(args.mask, size, pipe.image_shape[1:]) if args.mask else None
     result, used = repair(pipe, image, mask, steps=args.steps, resample=args.resample, seed=args.seed,
-                          label=args.class_, guidance=args.guidance)
+                          labels=args.class_, guidance=args.guidance)
     _save(result[0], out, _meta(args, "repair", [args.image] + ([args.mask] if args.mask else []),
                                 resample=args.resample, damaged_pixels=int(used.sum())))
     print(f"repaired {int(used.sum())} pixels ({'given mask' if args.mask else 'detected damage'})")
@@ -220,7 +220,7 @@ def _endpoint(text: str, pipe, steps, label):
     if text.startswith("seed:"):
         return seed_noise(pipe, _seed_of(text)), False
     image, _ = load_image(text, pipe)
-    return invert(pipe, image, steps=steps, label=label), True
+    return invert(pipe, image, steps=steps, labels=label, guidance=1.0), True
 
 
 def cmd_interpolate(args):
@@ -247,7 +247,7 @@ def cmd_interpolate(args):
     guidance = 1.0 if (img_a or img_b) else args.guidance
     if guidance is None:
         guidance = pipe.cfg.sample.guidance
-    frames = interpolate_noise(pipe, na, nb, args.frames, label=classes, guidance=guidance, steps=args.steps)
+    frames = interpolate_noise(pipe, na, nb, args.frames, classes=classes, guidance=guidance, steps=args.steps)
     meta = _meta(args, "interpolate", [p for p in (args.a, args.b) if not p.startswith("seed:")],
                  endpoints=[Path(p).name for p in (args.a, args.b)], frames=args.frames, guidance_used=guidance)
     meta["latentdiff"]["class"] = None if classes is None else list(classes)
@@ -271,7 +271,7 @@ def cmd_combine(args):
         raise ConfigError(f"--weights has {len(weights)} values for {len(args.images)} images")
     pipe = _load_pipe(args)
     images = np.concatenate([load_image(p, pipe)[0] for p in args.images])
-    result = combine(pipe, images, weights, args.strength, label=args.class_, guidance=args.guidance,
+    result = combine(pipe, images, weights, args.strength, labels=args.class_, guidance=args.guidance,
                      steps=args.steps, seed=args.seed)
     total = sum(weights)
     _save(result[0], out, _meta(args, "combine", args.images, weights=[w / total for w in weights],

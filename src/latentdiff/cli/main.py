@@ -256,7 +256,7 @@ def cmd_info(args):
     n_den = sum(p.numel() for p in pipe.denoiser.parameters())
     print(json.dumps({"image_shape": pipe.image_shape, "latent_shape": pipe.autoencoder.latent_shape,
                       "classes": list(pipe.class_names), "autoencoder_parameters": n_ae,
-                      "denoiser_parameters": n_den, "scale_factor": float(pipe.autoencoder.scale_factor),
+                      "denoiser_parameters": n_den, "latent_stats": pipe.autoencoder.latent_stats(),
                       "prediction": pipe.denoiser.prediction, "schedule": pipe.cfg.diffusion.schedule,
                       "num_train_steps": pipe.cfg.diffusion.num_train_steps}, indent=2))
 

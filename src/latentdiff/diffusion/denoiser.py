@@ -79,6 +79,10 @@ class Denoiser(nn.Module):
         device = device if device is not None else next(self.net.parameters()).device
         return Cond(labels=torch.full((batch,), self.num_classes, dtype=torch.long, device=device))
 
+    def with_net(self, net: nn.Module) -> "Denoiser":
+        """The same schedule, parameterisation and classes around another network (an EMA copy, a compiled one)."""
+        return Denoiser(net, self.schedule, self.prediction, self.num_classes)
+
     def bind(self, cond: Cond | None = None) -> DenoiserFn:
         """A condition-free denoiser function for samplers (the condition is fixed for the whole trajectory)."""
 

@@ -176,5 +176,5 @@ class LatentDiffusion:
             raise ConfigError(f"unknown compile mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
         if mode not in self._compiled:
             den = self.denoiser
-            self._compiled[mode] = Denoiser(CompiledNet(den.net, mode), den.schedule, den.prediction, den.num_classes)
+            self._compiled[mode] = den.with_net(CompiledNet(den.net, mode))
         return self._compiled[mode]

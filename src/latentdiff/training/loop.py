@@ -26,8 +26,8 @@ from latentdiff.codecs.autoencoder import Autoencoder, AutoencoderConfig, Diagon
 from latentdiff.data.datasets import ImageData, load_dataset
 from latentdiff.diffusion.denoiser import Denoiser, training_target
 from latentdiff.errors import ConfigError, ModelError, TrainingError, WriteError
-from latentdiff.pipeline.config import Config, TrainConfig, apply_updates, uses_bf16
 from latentdiff.pipeline import LatentDiffusion, resolve_device
+from latentdiff.pipeline.config import Config, TrainConfig, apply_updates, uses_bf16
 from latentdiff.training import checkpoints as ckpt
 from latentdiff.training import distributed
 from latentdiff.utils import state as ld_state
@@ -440,7 +440,7 @@ def train_autoencoder(cfg: Config, run_dir: str | Path, *, resume: bool = False,
                         {"autoencoder": vars(ae_cfg), "image_size": list(data.image_size), "metrics": metrics,
                          "class_names": list(data.class_names), "data_source": data.source})
         log(f"autoencoder on {held_out}: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}, "
-            f"latent scale factor {scale:.4f}")
+            f"latent scale per channel {', '.join(f'{v:.3f}' for v in stats['scale'])}")
     distributed.barrier()  # the other processes wait until rank 0 has written the model
     return ae, metrics
 
@@ -552,7 +552,7 @@ def train_diffusion(cfg: Config, run_dir: str | Path, *, resume: bool = False, l
         return diffusion_loss(den, z0, y, gen, cfg.diffusion.min_snr_gamma, rows), {}
 
     def on_sample(step, net):
-        snapshot = LatentDiffusion(cfg, ae, Denoiser(net, den.schedule, den.prediction), pipe.class_names)
+        snapshot = LatentDiffusion(cfg, ae, den.with_net(net), pipe.class_names)
         write_sample_grid(snapshot, run_dir / "samples" / f"step-{step:08d}.png")
 
     stage = Stage("denoiser", den.net, loss, len(post.mean), cfg.training, on_sample)
@@ -560,7 +560,7 @@ def train_diffusion(cfg: Config, run_dir: str | Path, *, resume: bool = False, l
     net = run_stage(stage, run_dir, device, precision=cfg.precision, resume=resume, config=cfg.to_dict(), log=log,
                     progress=progress)
     train_seconds = time.perf_counter() - t0
-    final = LatentDiffusion(cfg, ae, Denoiser(net, den.schedule, den.prediction), pipe.class_names).eval()
+    final = LatentDiffusion(cfg, ae, den.with_net(net), pipe.class_names).eval()
     if main:
         ae_metrics = ae_meta.get("metrics") or {}  # absent when the autoencoder came from a saved model directory
         extra = {"train_steps": cfg.training.steps, "autoencoder_steps": ae_metrics.get("steps"),
