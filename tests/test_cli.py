@@ -265,3 +265,18 @@ def test_data_flags_name_the_folder_given(tmp_path, monkeypatch):
     code, _, err = run_cli("train-autoencoder", "--preset", "tiny", "--data", "yes", "--run-dir", tmp_path / "run",
                            "--no-progress")
     assert_one_line_error(code, err, "'yes'")
+
+
+def test_load_config_fields_are_typed_and_checked():
+    from latentdiff.errors import ConfigError
+    from latentdiff.pipeline.config import load_config
+
+    cfg = load_config(preset="tiny", overrides=["data.data_dir=0123"], fields={"data.source": "null"})
+    assert cfg.data.data_dir == "83"  # --set reads YAML (1.1), where 0123 is the octal number 83
+    assert cfg.data.source == "null"  # a field's str is taken as it is
+    for fields, needle in (({"data.nope": 1}, "unknown config key 'data.nope'"),
+                           ({"nope.x": 1}, "unknown config key 'nope.x'"),
+                           ({"data.image_size": "big"}, "data.image_size must be an integer"),
+                           ({"data.image_size": 4}, "data.image_size must be between 8 and 1024")):
+        with pytest.raises(ConfigError, match=needle):
+            load_config(preset="tiny", fields=fields)
