@@ -225,9 +225,10 @@ def test_bounded_values():
             unit.parse(bad)
     count = Bounded(int, 1, 10, requirement="must be in 1..10")
     assert count.parse("10") == 10 and count.parse("+3") == 3 and count.parse("1_0") == 10
-    for bad in ("0", "11", "2.0", "1e1", str(2**64)):
+    for bad in ("0", "11", "2.0", "1e1", str(2**64), "9" * 400):  # 400 digits: beyond float, no OverflowError
         with pytest.raises(ValueError):
             count.parse(bad)
+    assert Bounded(int, 1, requirement="positive").parse("9" * 400) == int("9" * 400)
 
 
 @pytest.fixture

@@ -45,7 +45,8 @@ class Bounded(click.ParamType):
             number = self.cast(value)
         except (TypeError, ValueError):
             raise ValueError(f"expected {kind}, got {value!r}") from None
-        ok = (math.isfinite(number) and (self.low is None or (number > self.low if self.open_low else number >= self.low))
+        ok = ((self.cast is int or math.isfinite(number)) and  # isfinite(a 400-digit int) would overflow
+              (self.low is None or (number > self.low if self.open_low else number >= self.low))
               and (self.high is None or number <= self.high))
         if not ok:
             raise ValueError(f"{self.requirement}, got {value}")
