@@ -219,10 +219,7 @@ def test_training_needs_labels(tmp_path):
 
 
 def run(capsys, *args):
-    try:
-        code = cli.main([str(a) for a in args])
-    except SystemExit as e:
-        code = e.code
+    code = cli.main([str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -6,14 +6,11 @@ outputs v ≈ 0, i.e. x̂0 ≈ sqrt(ᾱ_t) x_t: close to the exact denoiser of N
 why DDIM inversion is nearly exact even on it.
 """
 
-import argparse
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from latentdiff.cli import control as control_cli
 from latentdiff.cli import main as cli
 from latentdiff.diffusion.denoiser import prediction_from_output
 from latentdiff.diffusion.schedule import NoiseSchedule
@@ -337,24 +334,10 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture
-def run(monkeypatch, capsys):
-    """`latentdiff ARGS` in-process, with the control commands registered even before cli.py lists them."""
-    original = cli.build_parser
-
-    def build():
-        parser = original()
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        if "edit" not in sub.choices:
-            control_cli.register(sub)
-        return parser
-
-    monkeypatch.setattr(cli, "build_parser", build)
-
+def run(capsys):
+    """`latentdiff ARGS` in-process: (exit code, stdout, stderr)."""
     def go(*args):
-        try:
-            code = cli.main([str(a) for a in args])
-        except SystemExit as e:
-            code = e.code
+        code = cli.main([str(a) for a in args])
         out, err = capsys.readouterr()
         return code, out, err
 

@@ -1,24 +1,36 @@
-"""The control subcommands of `latentdiff`: edit, inpaint, repair, interpolate, combine.
+"""The control commands of `latentdiff`: edit, inpaint, repair, interpolate, combine.
 
-Inputs are image files (any size with the model's aspect ratio; colour is converted to the
-model's channels), masks are image files of the input's size (white = regenerate) or a
-rectangle. Results are PNGs carrying their provenance in text chunks. Added to the parser by
-``cli.build_parser`` through :func:`register`.
+Inputs are read by :mod:`latentdiff.cli.inputs`. Results are PNGs carrying their provenance in
+text chunks.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
+import click
 import numpy as np
 
-from latentdiff.cli.main import _seed, bounded, one_line
+from latentdiff.cli.inputs import load_image, load_mask, rect_mask
+from latentdiff.cli.options import (
+    NONNEG_INT,
+    SEED,
+    STRENGTH,
+    Bounded,
+    Parsed,
+    argument,
+    command,
+    compose,
+    device_option,
+    exclusive,
+    guidance_option,
+    model_option,
+    out_option,
+    seed_option,
+    steps_option,
+    with_namespace,
+)
 from latentdiff.errors import ConfigError, DataError
-
-# torch and the pipeline are imported inside the commands: `register` runs for every `latentdiff`
-# invocation, and `latentdiff --help` should not wait for torch.
 
 DEFAULT_MODEL = "pretrained:fashion-mnist"
 
@@ -26,19 +38,13 @@ DEFAULT_MODEL = "pretrained:fashion-mnist"
 # --- option types ------------------------------------------------------------------------------
 
 
-_strength = bounded(float, 0, 1, open_low=True, requirement="must be in (0, 1]")
-_frames = bounded(int, 2, 1000, requirement="must be between 2 and 1000")
-_scale = bounded(int, 1, 16, requirement="must be between 1 and 16")
-_resample = bounded(int, 0, 100, requirement="must be >= 0 and at most 100")
-
-
 def _weights(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.5,0.5, got {text!r}") from None
+        raise ValueError(f"expected comma-separated numbers such as 0.5,0.5, got {text!r}") from None
     if not all(np.isfinite(v) and v > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"every weight must be a positive finite number, got {text}")
+        raise ValueError(f"every weight must be a positive finite number, got {text}")
     return values
 
 
@@ -46,9 +52,9 @@ def _rect(text: str) -> tuple[int, int, int, int]:
     try:
         x0, y0, x1, y1 = (int(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected four integers x0,y0,x1,y1, got {text!r}") from None
+        raise ValueError(f"expected four integers x0,y0,x1,y1, got {text!r}") from None
     if not (0 <= x0 < x1 and 0 <= y0 < y1):
-        raise argparse.ArgumentTypeError(f"need 0 <= x0 < x1 and 0 <= y0 < y1, got {text}")
+        raise ValueError(f"need 0 <= x0 < x1 and 0 <= y0 < y1, got {text}")
     return x0, y0, x1, y1
 
 
@@ -56,105 +62,59 @@ def _classes(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected K or K1,K2, got {text!r}") from None
+        raise ValueError(f"expected K or K1,K2, got {text!r}") from None
     if len(values) > 2 or min(values) < 0:
-        raise argparse.ArgumentTypeError(f"expected one or two class indices >= 0, got {text}")
+        raise ValueError(f"expected one or two class indices >= 0, got {text}")
     return values
 
 
-# --- input files -------------------------------------------------------------------------------
+FRAMES = Bounded(int, 2, 1000, requirement="must be between 2 and 1000")
+SCALE = Bounded(int, 1, 16, requirement="must be between 1 and 16")
+RESAMPLE = Bounded(int, 0, 100, requirement="must be >= 0 and at most 100")
+IMAGE_HELP = ("input image (PNG/JPEG); colour is converted to the model's channels and a different size is resized "
+              "if the aspect ratio matches")
 
 
-def _warn(message: str):
-    sys.stderr.write(f"latentdiff: warning: {one_line(message)}\n")
+def common_options(out_default: str, class_type=NONNEG_INT,
+                   class_help: str = "condition on class K (conditional models)"):
+    """The options every control command has."""
+    return compose(
+        model_option(required=False, default=DEFAULT_MODEL),
+        out_option(out_default, f"output PNG (default: {out_default})"),
+        click.option("--class", "class_", type=class_type, metavar="K", help=class_help),
+        steps_option("sampling steps of the full grid (default: the model's)"),
+        guidance_option("classifier-free guidance scale with --class (1 = none; default: the model's)"),
+        seed_option(help="random seed; same seed, same result (default: 0)"),
+        device_option(),
+    )
 
 
-def load_image(path: str | Path, pipe) -> tuple[np.ndarray, tuple[int, int]]:
-    """One image file -> (uint8 1×H×W×C in the model's shape, the file's own (width, height)).
-
-    Colour mode is converted to the model's channels (RGB -> L by ITU-R 601 luma, L -> RGB by
-    repetition, alpha dropped). A different size is resized only if the aspect ratio is the same.
-    """
-    from PIL import Image
-
-    from latentdiff.data.datasets import as_mode, open_image
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"image file not found: {path}")
-    c, h, w = pipe.image_shape
-    im = as_mode(open_image(path), c)
-    size = im.size
-    if size != (w, h):
-        if size[0] * h != size[1] * w:
-            raise DataError(f"{path} is {size[0]}×{size[1]} but the model works on {w}×{h} images; the aspect "
-                            f"ratio differs, so crop it to {w}:{h} first")
-        _warn(f"resized {path.name} from {size[0]}×{size[1]} to {w}×{h}")
-        im = im.resize((w, h), Image.Resampling.LANCZOS)
-    return np.array(im, dtype=np.uint8).reshape(1, h, w, c), size  # a writable copy for torch
+# --- shared steps ------------------------------------------------------------------------------
 
 
-def load_mask(path: str | Path, image_size: tuple[int, int], model_hw: tuple[int, int]) -> np.ndarray:
-    """A mask file of the input image's size (white, >= 128, = regenerate) -> bool H×W at the model's size.
+def _load_pipe(opts):
+    from latentdiff.pipeline.model import LatentDiffusion, resolve_device
 
-    When the image was resized, the mask is box-filtered to the model's size and any coverage
-    counts, so that resizing never shrinks the hole.
-    """
-
-    from latentdiff.data.datasets import as_mode, open_image
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"mask file not found: {path}")
-    im = as_mode(open_image(path), 1)
-    if im.size != image_size:
-        raise DataError(f"the mask {path} is {im.size[0]}×{im.size[1]} but the image is "
-                        f"{image_size[0]}×{image_size[1]}; they must be the same size")
-    return _resize_mask(np.asarray(im) >= 128, model_hw)
+    return LatentDiffusion.load(opts.model, resolve_device(opts.device))
 
 
-def rect_mask(rect: tuple[int, int, int, int], image_size: tuple[int, int], model_hw: tuple[int, int]) -> np.ndarray:
-    """x0,y0,x1,y1 (x1, y1 exclusive) in the input image's pixels -> bool H×W at the model's size."""
-    x0, y0, x1, y1 = rect
-    w, h = image_size
-    if x1 > w or y1 > h:
-        raise ConfigError(f"--rect {x0},{y0},{x1},{y1} reaches outside the {w}×{h} image")
-    mask = np.zeros((h, w), dtype=bool)
-    mask[y0:y1, x0:x1] = True
-    return _resize_mask(mask, model_hw)
-
-
-def _resize_mask(mask: np.ndarray, model_hw: tuple[int, int]) -> np.ndarray:
-    from PIL import Image
-
-    if mask.shape == tuple(model_hw):
-        return mask
-    im = Image.fromarray(mask.astype(np.uint8) * 255).resize(model_hw[::-1], Image.Resampling.BOX)
-    return np.asarray(im) > 0
-
-
-# --- commands ----------------------------------------------------------------------------------
-
-
-def _load_pipe(args):
-    from latentdiff.pipeline import LatentDiffusion, resolve_device
-
-    return LatentDiffusion.load(args.model, resolve_device(args.device))
-
-
-def _check_out(args, suffix=".png") -> Path:
+def _check_out(opts, suffix=".png") -> Path:
     from latentdiff.utils.files import check_output
 
-    return check_output(args.out, (suffix,))
+    return check_output(opts.out, (suffix,))
 
 
-def _meta(args, command: str, inputs, **extra) -> dict:
-    from latentdiff import __version__
+def _request(opts, pipe, n: int, **fields):
+    """The command's SampleRequest for `n` images, resolved against the model (every check happens there)."""
+    return pipe.request(n, labels=opts.class_, guidance=opts.guidance, steps=opts.steps, seed=opts.seed, **fields)
 
-    info = {"command": command, "model": str(args.model), "inputs": [Path(str(p)).name for p in inputs],
-            "seed": args.seed, "steps": args.steps, "guidance": args.guidance, "class": args.class_,
-            **extra, "synthetic": True}
-    return {"Software": f"latentdiff {__version__}", "latentdiff": info}
+
+def _meta(opts, name: str, inputs, request, **extra) -> dict:
+    """The provenance record: the command, its inputs, the resolved request and the operation's own settings."""
+    from latentdiff.cli.sample import metadata
+
+    return metadata(opts.model, {"command": name, "inputs": [Path(str(p)).name for p in inputs],
+                                 **request.to_dict(), **extra})
 
 
 def _save(img: np.ndarray, out: Path, meta: dict):
@@ -164,53 +124,121 @@ def _save(img: np.ndarray, out: Path, meta: dict):
     print(f"wrote {out}")
 
 
-def cmd_edit(args):
+# --- edit, inpaint, repair, combine --------------------------------------------------------------
+
+
+@command("edit", help="Noise the image's latent to strength·T and denoise it again (SDEdit, Meng et al. 2022): low "
+                      "strength keeps the image, strength 1 ignores it. With --class the result is pulled towards "
+                      "that class.")
+@argument("image", metavar="IMAGE", help=IMAGE_HELP)
+@click.option("--strength", type=STRENGTH, default=0.6, metavar="S", help="how much to change, in (0, 1] (default: 0.6)")
+@common_options("edited.png")
+@with_namespace
+def edit(opts):
     from latentdiff.pipeline.control import img2img
 
-    out = _check_out(args)
-    pipe = _load_pipe(args)
-    image, _ = load_image(args.image, pipe)
-    result = img2img(pipe, image, args.strength, labels=args.class_, guidance=args.guidance, steps=args.steps,
-                     seed=args.seed)
-    _save(result[0], out, _meta(args, "edit", [args.image], strength=args.strength))
+    out = _check_out(opts)
+    pipe = _load_pipe(opts)
+    image, _ = load_image(opts.image, pipe)
+    request = _request(opts, pipe, len(image))
+    result = img2img(pipe, image, opts.strength, request)
+    _save(result[0], out, _meta(opts, "edit", [opts.image], request, strength=opts.strength))
 
 
-def cmd_inpaint(args):
-    from latentdiff.pipeline.inpaint import inpaint
+@command("inpaint", help="Regenerate the pixels under a mask (RePaint, Lugmayr et al. 2022): at every step the known "
+                         "region is replaced by the input noised to the current level. Pixels outside the mask are "
+                         "copied from the input unchanged. Give --mask or --rect.")
+@argument("image", metavar="IMAGE", help=IMAGE_HELP)
+@click.option("--mask", metavar="MASK.png", help="mask image of the input's size; white (>= 128) = regenerate")
+@click.option("--rect", type=Parsed("rect", _rect), metavar="x0,y0,x1,y1",
+              help="regenerate this rectangle (input pixels, x1 and y1 exclusive)")
+@click.option("--resample", type=RESAMPLE, default=0, metavar="N",
+              help="RePaint resampling: redo each step N more times for a better fit (default: 0)")
+@common_options("inpainted.png")
+@with_namespace
+def inpaint(opts):
+    from latentdiff.pipeline.inpaint import inpaint as run
 
-    out = _check_out(args)
-    pipe = _load_pipe(args)
-    image, size = load_image(args.image, pipe)
+    exclusive(click.get_current_context(), "--mask", "--rect")
+    out = _check_out(opts)
+    pipe = _load_pipe(opts)
+    image, size = load_image(opts.image, pipe)
     hw = pipe.image_shape[1:]
-    mask = load_mask(args.mask, size, hw) if args.mask else rect_mask(args.rect, size, hw)
+    mask = load_mask(opts.mask, size, hw) if opts.mask else rect_mask(opts.rect, size, hw)
     if not mask.any():
         raise DataError("the mask is empty: nothing to inpaint (white pixels, >= 128, mark what to regenerate)")
-    result = inpaint(pipe, image, mask, steps=args.steps, resample=args.resample, seed=args.seed,
-                     labels=args.class_, guidance=args.guidance)
-    _save(result[0], out, _meta(args, "inpaint", [args.image] + ([args.mask] if args.mask else []),
-                                rect=args.rect, resample=args.resample))
+    request = _request(opts, pipe, len(image))
+    result = run(pipe, image, mask, request, resample=opts.resample)
+    _save(result[0], out, _meta(opts, "inpaint", [opts.image] + ([opts.mask] if opts.mask else []), request,
+                                rect=opts.rect, resample=opts.resample))
 
 
-def cmd_repair(args):
-    from latentdiff.pipeline.inpaint import repair
+@command("repair", help="Detect damaged pixels (isolated black/white specks, thin bright or dark lines) unless --mask "
+                        "is given, and inpaint them; undamaged pixels are copied unchanged.")
+@argument("image", metavar="IMAGE", help=IMAGE_HELP)
+@click.option("--mask", metavar="MASK.png", help="mask image of the input's size; white (>= 128) = damaged")
+@click.option("--resample", type=RESAMPLE, default=2, metavar="N", help="RePaint resampling (default: 2)")
+@common_options("repaired.png")
+@with_namespace
+def repair(opts):
+    from latentdiff.pipeline.inpaint import repair as run
 
-    out = _check_out(args)
-    pipe = _load_pipe(args)
-    image, size = load_image(args.image, pipe)
-    mask = load_mask(args.mask, size, pipe.image_shape[1:]) if args.mask else None
-    result, used = repair(pipe, image, mask, steps=args.steps, resample=args.resample, seed=args.seed,
-                          labels=args.class_, guidance=args.guidance)
-    _save(result[0], out, _meta(args, "repair", [args.image] + ([args.mask] if args.mask else []),
-                                resample=args.resample, damaged_pixels=int(used.sum())))
-    print(f"repaired {int(used.sum())} pixels ({'given mask' if args.mask else 'detected damage'})")
+    out = _check_out(opts)
+    pipe = _load_pipe(opts)
+    image, size = load_image(opts.image, pipe)
+    mask = load_mask(opts.mask, size, pipe.image_shape[1:]) if opts.mask else None
+    request = _request(opts, pipe, len(image))
+    result, used = run(pipe, image, mask, request, resample=opts.resample)
+    _save(result[0], out, _meta(opts, "repair", [opts.image] + ([opts.mask] if opts.mask else []), request,
+                                resample=opts.resample, damaged_pixels=int(used.sum())))
+    print(f"repaired {int(used.sum())} pixels ({'given mask' if opts.mask else 'detected damage'})")
+
+
+@command("combine", help="Encode the images, mix their latents with the (normalised) weights, then partially denoise "
+                         "the mix (SDEdit at --strength) so that it looks like one image again.")
+@argument("images", nargs=-1, required=True, metavar="IMAGE...", help="two or more images")
+@click.option("--weights", type=Parsed("weights", _weights), metavar="W1,W2,...",
+              help="one positive weight per image (default: equal)")
+@click.option("--strength", type=STRENGTH, default=0.5, metavar="S",
+              help="denoising strength in (0, 1] (default: 0.5)")
+@common_options("combined.png")
+@with_namespace
+def combine(opts):
+    from latentdiff.pipeline.control import combine as run
+
+    out = _check_out(opts)
+    if len(opts.images) < 2:
+        raise ConfigError(f"combine needs at least two images, got {len(opts.images)}")
+    weights = opts.weights or [1.0] * len(opts.images)
+    if len(weights) != len(opts.images):
+        raise ConfigError(f"--weights has {len(weights)} values for {len(opts.images)} images")
+    pipe = _load_pipe(opts)
+    images = np.concatenate([load_image(p, pipe)[0] for p in opts.images])
+    request = _request(opts, pipe, 1)
+    result = run(pipe, images, weights, opts.strength, request)
+    total = sum(weights)
+    _save(result[0], out, _meta(opts, "combine", opts.images, request, weights=[w / total for w in weights],
+                                strength=opts.strength))
+
+
+# --- interpolate ---------------------------------------------------------------------------------
 
 
 def _seed_of(text: str) -> int:
     """`seed:K` -> K."""
     try:
-        return _seed(text[5:])
-    except argparse.ArgumentTypeError as e:
+        return SEED.parse(text[5:])
+    except ValueError as e:
         raise ConfigError(f"expected seed:INTEGER with an integer between 0 and 2^63-1, got {text!r} ({e})") from None
+
+
+def _check_endpoints(*ends: str) -> None:
+    """Both ends before the slow inversion of either."""
+    for end in ends:
+        if end.startswith("seed:"):
+            _seed_of(end)
+        elif not Path(end).is_file():
+            raise DataError(f"image file not found: {end}")
 
 
 def _endpoint(text: str, pipe, steps, label):
@@ -223,138 +251,54 @@ def _endpoint(text: str, pipe, steps, label):
     return invert(pipe, image, steps=steps, labels=label, guidance=1.0), True
 
 
-def cmd_interpolate(args):
+def _write_strip(frames, out: Path, gif: Path, meta: dict, scale: int) -> None:
+    """The frames as a PNG strip and an animated GIF, both or neither."""
     from PIL import Image
 
-    from latentdiff.pipeline.control import interpolate_noise
-    from latentdiff.utils.files import atomic_path, check_output
+    from latentdiff.utils.files import atomic_path
     from latentdiff.utils.images import make_grid, save_png, to_pil
 
-    out = _check_out(args)
-    gif = check_output(out.with_suffix(".gif"))
-    for end in (args.a, args.b):  # check both ends before the slow inversion of either
-        if end.startswith("seed:"):
-            _seed_of(end)
-        elif not Path(end).is_file():
-            raise DataError(f"image file not found: {end}")
-    pipe = _load_pipe(args)
-    classes = args.class_
-    if classes is not None and len(classes) == 1:
-        classes = (classes[0], classes[0])
-    na, img_a = _endpoint(args.a, pipe, args.steps, None if classes is None else classes[0])
-    nb, img_b = _endpoint(args.b, pipe, args.steps, None if classes is None else classes[1])
-    # An inverted image is only reproduced by the unguided model it was inverted with.
-    guidance = 1.0 if (img_a or img_b) else args.guidance
-    if guidance is None:
-        guidance = pipe.cfg.sample.guidance
-    frames = interpolate_noise(pipe, na, nb, args.frames, classes=classes, guidance=guidance, steps=args.steps)
-    meta = _meta(args, "interpolate", [p for p in (args.a, args.b) if not p.startswith("seed:")],
-                 endpoints=[Path(p).name for p in (args.a, args.b)], frames=args.frames, guidance_used=guidance)
-    meta["latentdiff"]["class"] = None if classes is None else list(classes)
     pils = [to_pil(f) for f in frames]
-    if args.scale > 1:
-        pils = [p.resize((p.width * args.scale, p.height * args.scale), Image.NEAREST) for p in pils]
+    if scale > 1:
+        pils = [p.resize((p.width * scale, p.height * scale), Image.NEAREST) for p in pils]
     with atomic_path(gif) as tmp:  # the strip is written inside: a failed write leaves neither file
         pils[0].save(tmp, format="GIF", save_all=True, append_images=pils[1:], duration=100, loop=0)
-        save_png(make_grid(frames, nrow=len(frames)), out, meta, scale=args.scale)
+        save_png(make_grid(frames, nrow=len(frames)), out, meta, scale=scale)
+
+
+@command("interpolate", help="Interpolate between two endpoints, each an image (inverted with deterministic DDIM) or "
+                             "seed:K (that seed's starting noise): the noises are interpolated spherically and "
+                             "decoded with DDIM. Writes OUT (a strip) and an animated GIF of the same name. "
+                             "--guidance applies only when both ends are seeds.")
+@argument("a", metavar="A", help="first endpoint: an image file or seed:K")
+@argument("b", metavar="B", help="last endpoint: an image file or seed:K")
+@click.option("--frames", type=FRAMES, default=8, metavar="N", help="number of frames, >= 2 (default: 8)")
+@click.option("--scale", type=SCALE, default=1, metavar="N",
+              help="enlarge the strip and GIF N times, up to 16 (default: 1)")
+@common_options("interpolation.png", class_type=Parsed("classes", _classes),
+                class_help="K for both ends, or K1,K2 to blend from class K1 to class K2")
+@with_namespace
+def interpolate(opts):
+    from latentdiff.pipeline.control import interpolate_noise
+    from latentdiff.utils.files import check_output
+
+    out = _check_out(opts)
+    gif = check_output(out.with_suffix(".gif"))
+    _check_endpoints(opts.a, opts.b)
+    pipe = _load_pipe(opts)
+    classes = opts.class_
+    if classes is not None and len(classes) == 1:
+        classes = (classes[0], classes[0])
+    na, img_a = _endpoint(opts.a, pipe, opts.steps, None if classes is None else classes[0])
+    nb, img_b = _endpoint(opts.b, pipe, opts.steps, None if classes is None else classes[1])
+    # An inverted image is only reproduced by the unguided model it was inverted with.
+    guidance = 1.0 if (img_a or img_b) else opts.guidance
+    if guidance is None:
+        guidance = pipe.cfg.sample.guidance
+    request = pipe.request(opts.frames, guidance=guidance, steps=opts.steps, seed=opts.seed)
+    frames = interpolate_noise(pipe, na, nb, opts.frames, classes=classes, request=request)
+    meta = _meta(opts, "interpolate", [p for p in (opts.a, opts.b) if not p.startswith("seed:")], request,
+                 endpoints=[Path(p).name for p in (opts.a, opts.b)], frames=opts.frames,
+                 classes=None if classes is None else list(classes))
+    _write_strip(frames, out, gif, meta, opts.scale)
     print(f"wrote {out} and {gif} ({len(frames)} frames)")
-
-
-def cmd_combine(args):
-    from latentdiff.pipeline.control import combine
-
-    out = _check_out(args)
-    if len(args.images) < 2:
-        raise ConfigError(f"combine needs at least two images, got {len(args.images)}")
-    weights = args.weights or [1.0] * len(args.images)
-    if len(weights) != len(args.images):
-        raise ConfigError(f"--weights has {len(weights)} values for {len(args.images)} images")
-    pipe = _load_pipe(args)
-    images = np.concatenate([load_image(p, pipe)[0] for p in args.images])
-    result = combine(pipe, images, weights, args.strength, labels=args.class_, guidance=args.guidance,
-                     steps=args.steps, seed=args.seed)
-    total = sum(weights)
-    _save(result[0], out, _meta(args, "combine", args.images, weights=[w / total for w in weights],
-                                strength=args.strength))
-
-
-# --- the parser ----------------------------------------------------------------------------------
-
-
-def register(subparsers) -> None:
-    """Add the edit, inpaint, repair, interpolate and combine subcommands to the `latentdiff` parser."""
-    from latentdiff.cli.main import _nonneg_float, _nonneg_int, _positive_int
-
-    def common(p, out_default: str, class_type=_nonneg_int, class_help="condition on class K (conditional models)"):
-        p.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR",
-                       help=f"a model directory or pretrained:NAME (default: {DEFAULT_MODEL})")
-        p.add_argument("--out", default=out_default, help=f"output PNG (default: {out_default})")
-        p.add_argument("--class", dest="class_", type=class_type, metavar="K", help=class_help)
-        p.add_argument("--steps", type=_positive_int, help="sampling steps of the full grid (default: the model's)")
-        p.add_argument("--guidance", type=_nonneg_float,
-                       help="classifier-free guidance scale with --class (1 = none; default: the model's)")
-        p.add_argument("--seed", type=_seed, default=0, help="random seed; same seed, same result (default: 0)")
-        p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: auto")
-
-    image_help = ("input image (PNG/JPEG); colour is converted to the model's channels and a different size "
-                  "is resized if the aspect ratio matches")
-
-    p = subparsers.add_parser(
-        "edit", help="re-imagine an image, keeping its layout (SDEdit)",
-        description="Noise the image's latent to strength·T and denoise it again (SDEdit, Meng et al. 2022): "
-                    "low strength keeps the image, strength 1 ignores it. With --class the result is pulled "
-                    "towards that class.")
-    p.add_argument("image", help=image_help)
-    p.add_argument("--strength", type=_strength, default=0.6, help="how much to change, in (0, 1] (default: 0.6)")
-    common(p, "edited.png")
-    p.set_defaults(func=cmd_edit)
-
-    p = subparsers.add_parser(
-        "inpaint", help="regenerate a masked region of an image, keep the rest",
-        description="Regenerate the pixels under a mask (RePaint, Lugmayr et al. 2022): at every step the known "
-                    "region is replaced by the input noised to the current level. Pixels outside the mask are "
-                    "copied from the input unchanged.")
-    p.add_argument("image", help=image_help)
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--mask", metavar="MASK.png", help="mask image of the input's size; white (>= 128) = regenerate")
-    where.add_argument("--rect", type=_rect, metavar="x0,y0,x1,y1",
-                       help="regenerate this rectangle (input pixels, x1 and y1 exclusive)")
-    p.add_argument("--resample", type=_resample, default=0, metavar="N",
-                   help="RePaint resampling: redo each step N more times for a better fit (default: 0)")
-    common(p, "inpainted.png")
-    p.set_defaults(func=cmd_inpaint)
-
-    p = subparsers.add_parser(
-        "repair", help="remove salt-and-pepper noise and scratches (or a given mask) by inpainting",
-        description="Detect damaged pixels (isolated black/white specks, thin bright or dark lines) unless "
-                    "--mask is given, and inpaint them; undamaged pixels are copied unchanged.")
-    p.add_argument("image", help=image_help)
-    p.add_argument("--mask", metavar="MASK.png", help="mask image of the input's size; white (>= 128) = damaged")
-    p.add_argument("--resample", type=_resample, default=2, metavar="N", help="RePaint resampling (default: 2)")
-    common(p, "repaired.png")
-    p.set_defaults(func=cmd_repair)
-
-    p = subparsers.add_parser(
-        "interpolate", help="a strip and animated GIF morphing from A to B",
-        description="Interpolate between two endpoints, each an image (inverted with deterministic DDIM) or "
-                    "seed:K (that seed's starting noise): the noises are interpolated spherically and decoded "
-                    "with DDIM. Writes OUT (a strip) and an animated GIF of the same name. --guidance applies "
-                    "only when both ends are seeds.")
-    p.add_argument("a", help="first endpoint: an image file or seed:K")
-    p.add_argument("b", help="last endpoint: an image file or seed:K")
-    p.add_argument("--frames", type=_frames, default=8, help="number of frames, >= 2 (default: 8)")
-    p.add_argument("--scale", type=_scale, default=1, help="enlarge the strip and GIF N times, up to 16 (default: 1)")
-    common(p, "interpolation.png", class_type=_classes,
-           class_help="K for both ends, or K1,K2 to blend from class K1 to class K2")
-    p.set_defaults(func=cmd_interpolate)
-
-    p = subparsers.add_parser(
-        "combine", help="mix several images into one",
-        description="Encode the images, mix their latents with the (normalised) weights, then partially "
-                    "denoise the mix (SDEdit at --strength) so that it looks like one image again.")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="two or more images")
-    p.add_argument("--weights", type=_weights, metavar="W1,W2,...", help="one positive weight per image "
-                   "(default: equal)")
-    p.add_argument("--strength", type=_strength, default=0.5, help="denoising strength in (0, 1] (default: 0.5)")
-    common(p, "combined.png")
-    p.set_defaults(func=cmd_combine)

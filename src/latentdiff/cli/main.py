@@ -1,393 +1,126 @@
-"""The `latentdiff` command: one subcommand per user task.
+"""The `latentdiff` command: one subcommand per user task, each in the module of its command group.
 
-Every user error (bad option, missing file, invalid config) prints one line starting with
-``latentdiff: error:`` and exits with code 2, without a traceback.
+Commands are imported only when they run or show their own --help, so `latentdiff --help` lists
+them all without importing torch. Every user error (bad option, missing file, invalid config)
+prints one line starting with ``latentdiff: error:`` and exits with code 2, without a traceback.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
-import math
 import sys
-import time
-from pathlib import Path
+from importlib import import_module
+
+import click
 
 from latentdiff import __version__
-from latentdiff.errors import ConfigError, LatentDiffError
+from latentdiff.cli.options import one_line
+from latentdiff.errors import LatentDiffError
 from latentdiff.utils.logs import configure_logging
-from latentdiff.utils.progress import progress_bar
+
+# name: ("module:command", the one-line help that `latentdiff --help` shows without importing the module)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("latentdiff.cli.train:demo",
+             "train a small model on the bundled data (CPU, minutes) and write samples.png"),
+    "train-autoencoder": ("latentdiff.cli.train:train_autoencoder",
+                          "stage 1: train the KL autoencoder (reports PSNR/SSIM)"),
+    "train": ("latentdiff.cli.train:train",
+              "stage 2: train the latent diffusion model (needs stage 1 in RUN_DIR)"),
+    "sample": ("latentdiff.cli.sample:sample", "generate images from a trained model"),
+    "train-classifier": ("latentdiff.cli.train:train_classifier",
+                         "train a noise-aware classifier for classifier guidance"),
+    "download": ("latentdiff.cli.info:download", "download the full Fashion-MNIST (checksum-verified)"),
+    "info": ("latentdiff.cli.info:info", "describe a model directory"),
+    "eval": ("latentdiff.cli.eval:evaluate",
+             "score a model or a samples file: FD next to its real-vs-real floor, precision/recall"),
+    "eval-autoencoder": ("latentdiff.cli.eval:evaluate_autoencoder_command",
+                         "score an autoencoder's reconstructions: PSNR, SSIM, recon FD next to its floor"),
+    "edit": ("latentdiff.cli.control:edit", "re-imagine an image, keeping its layout (SDEdit)"),
+    "inpaint": ("latentdiff.cli.control:inpaint", "regenerate a masked region of an image, keep the rest"),
+    "repair": ("latentdiff.cli.control:repair",
+               "remove salt-and-pepper noise and scratches (or a given mask) by inpainting"),
+    "interpolate": ("latentdiff.cli.control:interpolate", "a strip and animated GIF morphing from A to B"),
+    "combine": ("latentdiff.cli.control:combine", "mix several images into one"),
+}
 
 
-class _LazyNames:
-    """argparse `choices` read from a registry on first use: building the parser must not import torch
-    (`latentdiff --help` stays fast), yet the names come from the registry, so new samplers appear."""
+class LazyGroup(click.Group):
+    """A click group whose commands are "module:attribute" strings, imported on first use."""
 
-    def __init__(self, module: str, attribute: str):
-        self.module, self.attribute = module, attribute
+    def __init__(self, *args, lazy: dict[str, tuple[str, str]], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy
 
-    def _names(self) -> tuple[str, ...]:
-        from importlib import import_module
+    def list_commands(self, ctx) -> list[str]:
+        return list(self.lazy)
 
-        return tuple(getattr(import_module(self.module, __package__), self.attribute))
+    def get_command(self, ctx, name: str) -> click.Command | None:
+        if name not in self.lazy:
+            return None
+        module, attribute = self.lazy[name][0].split(":")
+        return getattr(import_module(module), attribute)
 
-    def __contains__(self, value) -> bool:
-        return value in self._names()
+    def resolve_command(self, ctx, args):
+        if args[0] not in self.lazy and not args[0].startswith("-"):
+            raise click.UsageError(f"argument COMMAND: invalid choice: {args[0]!r} "
+                                   f"(choose from {', '.join(self.lazy)})", ctx)
+        return super().resolve_command(ctx, args)
 
-    def __iter__(self):
-        return iter(self._names())
-
-
-SAMPLER_NAMES = _LazyNames("latentdiff.sampling.samplers", "SAMPLERS")  # ddpm, ddim, euler, heun, dpmpp-2m, dpmpp-2m-sde, unipc
-SPACING_NAMES = _LazyNames("latentdiff.sampling.grids", "ALL_SPACINGS")
-COMPILE_MODES = _LazyNames("latentdiff.pipeline.model", "COMPILE_MODES")
-PRECISIONS = _LazyNames("latentdiff.pipeline.config", "PRECISIONS")
-
-
-def one_line(text: str) -> str:
-    """`text` with control and other unprintable characters escaped (\\n, \\x1b, ...): a message that quotes a
-    file name or option value stays on one line and cannot drive the terminal."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    def format_commands(self, ctx, formatter) -> None:
+        """The command list from the one-line helps of `lazy`: no command module is imported."""
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, text) for name, (_, text) in self.lazy.items()])
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2
-        sys.stderr.write(f"latentdiff: error: {one_line(message)} (see `{self.prog} --help`)\n")
-        raise SystemExit(2)
+@click.group(cls=LazyGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"],
+                                                              "max_content_width": 110},
+             epilog="Quick start: `latentdiff demo`, then `latentdiff sample --model pretrained:fashion-mnist "
+                    "--n 64 --out samples.png`. `latentdiff COMMAND --help` explains a command.")
+@click.version_option(__version__, "--version", prog_name="latentdiff", message="%(prog)s %(version)s")
+def cli():
+    """Latent diffusion models: train an autoencoder, train a diffusion model in its latent space, and sample
+    from it."""
 
 
-def bounded(cast, low=None, high=None, *, open_low: bool = False, requirement: str):
-    """An argparse type: parse with `cast` (int or float), then require low <= value <= high
-    (low < value when `open_low`); `requirement` is the message's "must be …" part."""
-    kind = "an integer" if cast is int else "a number"
-
-    def parse(text: str):
-        try:
-            value = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
-        ok = math.isfinite(value) and (low is None or (value > low if open_low else value >= low)) \
-            and (high is None or value <= high)
-        if not ok:
-            raise argparse.ArgumentTypeError(f"{requirement}, got {text}")
-        return value
-
-    return parse
+def _param_name(param: click.Parameter) -> str:
+    if isinstance(param, click.Option):
+        return max(param.opts, key=len)
+    return param.human_readable_name
 
 
-_positive_int = bounded(int, 1, requirement="must be a positive integer")
-_count = bounded(int, 1, 1_000_000, requirement="must be a positive integer (at most 1000000)")
-_seed = bounded(int, 0, 2**63 - 1, requirement="must be between 0 and 2^63-1")
-MAX_GRID = 10_000  # images in one PNG grid; more go to an .npz
-_nonneg_int = bounded(int, 0, requirement="must be >= 0")
-_nonneg_float = bounded(float, 0, requirement="must be a finite number >= 0")
-_unit_float = bounded(float, 0, 1, requirement="must be between 0 and 1")
+def error_message(e: click.ClickException) -> str:
+    """A click error as one message in the words of the other errors: "argument --n: must be ..."."""
+    if isinstance(e, click.MissingParameter) and e.param is not None:
+        text = f"missing {e.param.param_type_name} {_param_name(e.param)}"
+    elif isinstance(e, click.BadParameter) and e.param is not None:
+        text = f"argument {_param_name(e.param)}: {e.message}"
+    else:
+        text = e.format_message()
+    ctx = getattr(e, "ctx", None)
+    return f"{text} (see `{ctx.command_path} --help`)" if ctx is not None else text
 
 
-def _add_config_options(p: argparse.ArgumentParser):
-    g = p.add_argument_group("configuration (a preset or YAML file, then overrides)")
-    g.add_argument("--config", metavar="YAML", help="YAML config file (see configs/); may name a `preset:`")
-    g.add_argument("--preset", choices=("demo", "fashion-mnist", "tiny", "default"),
-                   help="start from a named preset instead of / below the YAML file (default: default)")
-    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config field, e.g. --set training.lr=5e-4 (repeatable)")
-    g.add_argument("--run-dir", default="runs/latentdiff", metavar="DIR",
-                   help="where checkpoints, samples and the final model go (default: runs/latentdiff)")
-    g.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in RUN_DIR")
-    g.add_argument("--data", metavar="SOURCE",
-                   help="'bundled' (packaged 10k subset), 'fashion-mnist' (full IDX files) or a folder of images")
-    g.add_argument("--data-dir", metavar="DIR", help="directory holding the four Fashion-MNIST IDX .gz files")
-    g.add_argument("--image-size", type=_positive_int, metavar="N", help="resize images to N×N")
-    g.add_argument("--steps", type=_positive_int, metavar="N", help="training steps for this stage")
-    g.add_argument("--batch-size", type=_positive_int, metavar="N", help="global batch size for this stage")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to train (default: auto)")
-    g.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
-
-
-def _load_cfg(args, stage_key: str):
-    from latentdiff.pipeline.config import load_config
-
-    over = list(args.overrides)
-    if args.data:
-        over.append(f"data.source={args.data}")
-    if args.data_dir:
-        over.append(f"data.data_dir={args.data_dir}")
-    if args.image_size:
-        over.append(f"data.image_size={args.image_size}")
-    if args.steps:
-        over.append(f"{stage_key}.steps={args.steps}")
-    if args.batch_size:
-        over.append(f"{stage_key}.batch_size={args.batch_size}")
-    if args.device:
-        over.append(f"device={args.device}")
-    return load_config(args.config, args.preset, over)
-
-
-@contextlib.contextmanager
-def _process_group():
-    """Training commands run under torchrun too: leave the process group on the way out."""
-    from latentdiff.training.distributed import shutdown
-
-    try:
-        yield
-    finally:
-        shutdown()
-
-
-def cmd_train_autoencoder(args):
-    from latentdiff.training.loop import train_autoencoder
-
-    cfg = _load_cfg(args, "autoencoder_training")
-    with _process_group():
-        train_autoencoder(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress)
-
-
-def cmd_train(args):
-    from latentdiff.training.loop import train_diffusion
-
-    cfg = _load_cfg(args, "training")
-    with _process_group():
-        train_diffusion(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress)
-
-
-def cmd_sample(args):
-    import numpy as np
-
-    from latentdiff.pipeline import LatentDiffusion, resolve_device
-    from latentdiff.utils.files import check_output, check_output_dir
-    from latentdiff.utils.images import save_individual, save_samples
-
-    out = check_output(args.out, (".png", ".npz"))
-    if out.suffix.lower() == ".png" and args.n > MAX_GRID:
-        raise ConfigError(f"--out {out}: a PNG grid holds at most {MAX_GRID} images; write --n {args.n} to an .npz")
-    if args.save_individual:
-        check_output_dir(args.save_individual, option="--save-individual")
-    pipe = LatentDiffusion.load(args.model, resolve_device(args.device))
-    num_classes = pipe.num_classes
-    if args.classifier_scale:
-        if args.unconditional:
-            raise ConfigError("--unconditional cannot be combined with --classifier-scale, which guides towards "
-                              "classes; for the unconditional denoiser plus classifier guidance use --guidance 0")
-        num_classes = pipe.load_classifier(args.classifier).num_classes
-    elif args.classifier:
-        raise ConfigError("--classifier only applies with --classifier-scale")
-    labels = None
-    if args.class_ is not None:
-        labels = np.full(args.n, args.class_)
-    elif num_classes and not args.unconditional:
-        labels = np.arange(args.n) % num_classes  # every class in turn
-    bar = progress_bar(args.n, "sampling", not args.no_progress)
-    t0 = time.perf_counter()
-    images, used = pipe.generate(args.n, sampler=args.sampler, steps=args.steps, seed=args.seed, labels=labels,
-                                 guidance=args.guidance, eta=args.eta, batch_size=args.batch_size,
-                                  spacing=args.spacing, compile=args.compile, precision=args.precision,
-                                  classifier_scale=args.classifier_scale, progress=bar.update if bar else None)
-    dt = time.perf_counter() - t0
-    if bar:
-        bar.close()
-    meta = {"Software": f"latentdiff {__version__}",
-            "latentdiff": {"model": str(args.model), "sampler": args.sampler or pipe.cfg.sample.sampler,
-                           "steps": args.steps or pipe.cfg.sample.steps, "spacing": args.spacing or "trailing",
-                           "seed": args.seed, "precision": args.precision,
-                           "guidance": pipe.cfg.sample.guidance if args.guidance is None else args.guidance,
-                           "classifier_scale": args.classifier_scale, "class": args.class_, "synthetic": True}}
-    nrow = num_classes if (used is not None and args.class_ is None and args.n % num_classes == 0) else None
-    save_samples(images, out, used, meta, nrow=nrow)
-    if args.save_individual:
-        save_individual(images, args.save_individual, meta)
-    print(f"wrote {len(images)} images to {out} ({len(images) / dt:.1f} images/s on {pipe.device})")
-
-
-def cmd_train_classifier(args):
-    import dataclasses
-
-    import torch
-
-    from latentdiff.models.classifier import CLASSIFIER_FILE
-    from latentdiff.pipeline import LatentDiffusion, resolve_device
-    from latentdiff.training.classifier import default_training, train_classifier
-
-    if args.out is None and str(args.model).startswith("pretrained:"):
-        raise ConfigError(f"{args.model} is part of the installed package: give --out PATH for the classifier "
-                          "(and use it with `latentdiff sample --classifier PATH`)")
-    device = resolve_device(args.device)
-    pipe = LatentDiffusion.load(args.model, device)
-    out = Path(args.out) if args.out else pipe.directory / CLASSIFIER_FILE
-    if out.suffix != ".safetensors":
-        raise ConfigError(f"--out must end in .safetensors, got {out}")
-    train = default_training()
-    train = dataclasses.replace(train, **{k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
-                                                              ("lr", args.lr), ("seed", args.seed)) if v is not None})
-    train_classifier(pipe, args.run_dir, out, source=args.data, data_dir=args.data_dir, train=train, device=device,
-                     dtype=getattr(torch, args.dtype),
-                     resume=args.resume, limit=args.limit, progress=not args.no_progress)
-
-
-def cmd_demo(args):
-    from latentdiff.pipeline.config import load_config
-    from latentdiff.training.distributed import is_main
-    from latentdiff.training.loop import train_autoencoder, train_diffusion
-
-    over = [f"device={args.device}"] if args.device else []
-    cfg = load_config(preset="demo", overrides=over)
-    t0 = time.perf_counter()
-    with _process_group():
-        train_autoencoder(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress)
-        pipe = train_diffusion(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress,
-                               grid_path=args.out)
-        if is_main():
-            print(f"demo finished in {time.perf_counter() - t0:.0f} s: {args.out} (one row per class: "
-                  f"{', '.join(pipe.class_names)}); model in {args.run_dir}")
-
-
-def cmd_download(args):
-    from latentdiff.data.datasets import download_fashion_mnist
-
-    path = download_fashion_mnist(args.dest, progress=not args.no_progress)
-    print(f"Fashion-MNIST is in {path}")
-
-
-def cmd_info(args):
-    from latentdiff.pipeline import LatentDiffusion
-
-    pipe = LatentDiffusion.load(args.model)
-    n_ae = sum(p.numel() for p in pipe.autoencoder.parameters())
-    n_den = sum(p.numel() for p in pipe.denoiser.parameters())
-    print(json.dumps({"image_shape": pipe.image_shape, "latent_shape": pipe.autoencoder.latent_shape,
-                      "classes": list(pipe.class_names), "autoencoder_parameters": n_ae,
-                      "denoiser_parameters": n_den, "latent_stats": pipe.autoencoder.latent_stats(),
-                      "prediction": pipe.denoiser.prediction, "schedule": pipe.cfg.diffusion.schedule,
-                      "num_train_steps": pipe.cfg.diffusion.num_train_steps}, indent=2))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="latentdiff", description="Latent diffusion models: train an autoencoder, train a "
-                     "diffusion model in its latent space, and sample from it.",
-                     epilog="Quick start: `latentdiff demo`, then `latentdiff sample --model "
-                            "pretrained:fashion-mnist --n 64 --out samples.png`.")
-    parser.add_argument("--version", action="version", version=f"latentdiff {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-
-    p = sub.add_parser("demo", help="train a small model on the bundled data (CPU, minutes) and write samples.png",
-                       description="Train a small autoencoder and class-conditional latent diffusion model on the "
-                                   "bundled Fashion-MNIST subset, then write a grid of samples (one row per class).")
-    p.add_argument("--out", default="samples.png", help="where the sample grid goes (default: samples.png)")
-    p.add_argument("--run-dir", default="demo-run", help="where the demo model goes (default: demo-run)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to train (default: auto)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted demo run")
-    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
-    p.set_defaults(func=cmd_demo)
-
-    p = sub.add_parser("train-autoencoder", help="stage 1: train the KL autoencoder (reports PSNR/SSIM)",
-                       description="Train the KL-regularised autoencoder on images, estimate the latent scale "
-                                   "factor, and report PSNR/SSIM on the held-out split. Writes "
-                                   "RUN_DIR/autoencoder.safetensors.")
-    _add_config_options(p)
-    p.set_defaults(func=cmd_train_autoencoder)
-
-    p = sub.add_parser("train", help="stage 2: train the latent diffusion model (needs stage 1 in RUN_DIR)",
-                       description="Train the U-Net denoiser on latents of the frozen autoencoder in RUN_DIR. "
-                                   "When it finishes, RUN_DIR is a model directory usable with `sample --model`.")
-    _add_config_options(p)
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("sample", help="generate images from a trained model",
-                       description="Generate images. --out FILE.png writes a grid; --out FILE.npz writes uint8 "
-                                   "`images` (N×H×W or N×H×W×C) and `labels` for conditional models.")
-    p.add_argument("--model", required=True, metavar="DIR",
-                   help="a model directory, or pretrained:NAME (e.g. pretrained:fashion-mnist)")
-    p.add_argument("--n", type=_count, default=64, help="number of images (default: 64)")
-    p.add_argument("--steps", type=_positive_int, help="sampling steps (default: the model's, e.g. 50)")
-    p.add_argument("--sampler", choices=SAMPLER_NAMES, metavar="NAME",
-                   help="one of %(choices)s (default: the model's); heun costs two network evaluations "
-                        "per step, the others one")
-    p.add_argument("--spacing", choices=SPACING_NAMES, metavar="NAME",
-                   help="timestep grid: one of %(choices)s (default: trailing)")
-    p.add_argument("--compile", nargs="?", const="default", default=False, choices=COMPILE_MODES, metavar="MODE",
-                   help="run the U-Net through torch.compile; MODE is one of %(choices)s (default: default; "
-                        "reduce-overhead adds CUDA graphs on a GPU). Pays off for many batches; falls back to eager")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto", metavar="P",
-                   help="network arithmetic, one of %(choices)s: auto (bf16 autocast on CUDA, float32 on CPU), "
-                        "bf16 or fp32 (default: auto)")
-    p.add_argument("--eta", type=_unit_float, default=0.0, help="DDIM stochasticity η in [0, 1] (default: 0)")
-    p.add_argument("--seed", type=_seed, default=0, help="random seed; same seed, same images (default: 0)")
-    p.add_argument("--class", dest="class_", type=_nonneg_int, metavar="K",
-                   help="generate only class K (conditional models); default: all classes in turn")
-    p.add_argument("--unconditional", action="store_true", help="ignore classes (null label) on a conditional model")
-    p.add_argument("--guidance", type=_nonneg_float, help="classifier-free guidance scale (1 = none; default: model's)")
-    p.add_argument("--classifier-scale", type=_nonneg_float, default=0.0, metavar="S",
-                   help="classifier guidance scale with the model's noise-aware classifier (0 = none; default: 0)")
-    p.add_argument("--classifier", metavar="PATH",
-                   help="classifier file for --classifier-scale (default: MODEL_DIR/classifier.safetensors)")
-    p.add_argument("--out", default="samples.png", help=".png grid or .npz archive (default: samples.png)")
-    p.add_argument("--save-individual", metavar="DIR", help="also write one PNG per image into DIR")
-    p.add_argument("--batch-size", type=_positive_int, default=256, help="images per batch (default: 256)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: auto")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_sample)
-
-    p = sub.add_parser("train-classifier", help="train a noise-aware classifier for classifier guidance",
-                       description="Train a classifier of noisy latents p(y | z_t, t) on the model's data (encoded "
-                                   "with its autoencoder, noised to uniform t), report its held-out accuracy per "
-                                   "noise level, and write MODEL_DIR/classifier.safetensors (or --out). Use it with "
-                                   "`latentdiff sample --classifier-scale S`.")
-    p.add_argument("--model", required=True, metavar="DIR", help="a model directory or pretrained:NAME")
-    p.add_argument("--out", metavar="PATH", help="where the classifier goes (default: MODEL_DIR/classifier."
-                   "safetensors; required for pretrained models)")
-    p.add_argument("--data", metavar="SOURCE", help="labelled training data: 'bundled', 'fashion-mnist' or a folder "
-                   "with one subfolder per class (default: the model's training data)")
-    p.add_argument("--data-dir", metavar="DIR", help="directory holding the four Fashion-MNIST IDX .gz files")
-    p.add_argument("--limit", type=_positive_int, metavar="N", help="use only the first N training images")
-    p.add_argument("--steps", type=_positive_int, metavar="N", help="training steps (default: 2000)")
-    p.add_argument("--batch-size", type=_positive_int, metavar="N", help="batch size (default: 128)")
-    p.add_argument("--lr", type=bounded(float, 0, 1, open_low=True, requirement="must be in (0, 1]"),
-                   help="peak learning rate (default: 2e-3)")
-    p.add_argument("--seed", type=int, help="training seed (default: 0)")
-    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
-                   help="precision of the saved weights; accuracy is measured with them (default: float32)")
-    p.add_argument("--run-dir", default="runs/classifier", metavar="DIR",
-                   help="where resumable checkpoints go (default: runs/classifier)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in RUN_DIR")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: auto")
-    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
-    p.set_defaults(func=cmd_train_classifier)
-
-    p = sub.add_parser("download", help="download the full Fashion-MNIST (checksum-verified)",
-                       description="Download the four official Fashion-MNIST IDX files, verify their MD5 "
-                                   "checksums, and store them in DEST (default: the latentdiff cache directory).")
-    p.add_argument("dataset", choices=("fashion-mnist",), help="data set to download")
-    p.add_argument("--dest", help="target directory (default: cache directory)")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_download)
-
-    p = sub.add_parser("info", help="describe a model directory", description="Print a model's shapes and settings.")
-    p.add_argument("--model", required=True, metavar="DIR", help="a model directory or pretrained:NAME")
-    p.set_defaults(func=cmd_info)
-
-    from latentdiff.cli.eval import register as register_eval_commands
-    register_eval_commands(sub)
-    from latentdiff.cli.control import register as register_control_commands
-    register_control_commands(sub)
-    return parser
+def _fail(message: str) -> int:
+    sys.stderr.write(f"latentdiff: error: {one_line(message)}\n")
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run `latentdiff ARGV` (default: sys.argv[1:]); returns the exit code (0, 2 for user errors, 130)."""
     configure_logging()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "command", None):
-        parser.print_help()
-        return 2
+    args = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
-        args.func(args)
-    except LatentDiffError as e:
-        sys.stderr.write(f"latentdiff: error: {one_line(str(e))}\n")
-        return 2
-    except OSError as e:  # the environment (permissions, disk full), not a bug: one line, no traceback
-        sys.stderr.write(f"latentdiff: error: {one_line(str(e))}\n")
-        return 2
-    except KeyboardInterrupt:
+        if not args:  # no command: the overview, as an error (a script that forgot its command should fail)
+            click.echo(cli.get_help(click.Context(cli, info_name="latentdiff")))
+            return 2
+        with cli.make_context("latentdiff", args) as ctx:
+            cli.invoke(ctx)
+    except click.exceptions.Exit as e:  # --help, --version
+        return e.exit_code
+    except click.ClickException as e:
+        return _fail(error_message(e))
+    except (LatentDiffError, OSError) as e:  # OSError: the environment (permissions, disk full), not a bug
+        return _fail(str(e))
+    except (KeyboardInterrupt, click.Abort):
         sys.stderr.write("latentdiff: interrupted\n")
         return 130
     return 0

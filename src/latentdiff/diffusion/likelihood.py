@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from latentdiff.diffusion.denoiser import DenoiserFn
-from latentdiff.diffusion.schedule import NoiseSchedule, timesteps
+from latentdiff.diffusion.schedule import NoiseSchedule
 from latentdiff.errors import ConfigError
 
 VARIANCES = ("small", "large")
@@ -102,7 +102,8 @@ def vlb_grid(num_train_steps: int, steps: int | None = None) -> torch.Tensor:
     steps = num_train_steps if steps is None else steps
     if not 2 <= steps <= num_train_steps:
         raise ConfigError(f"the likelihood grid needs 2 to {num_train_steps} steps, got {steps}")
-    return timesteps(num_train_steps, steps, "linspace")
+    # the "linspace" grid of sampling.grids, written out here: diffusion/ sits below sampling/
+    return torch.linspace(num_train_steps - 1, 0, steps, dtype=torch.float64).round().long().unique().flip(0)
 
 
 def reverse_variance(schedule: NoiseSchedule, t: int, t_prev: int, variance: str = "small") -> float:

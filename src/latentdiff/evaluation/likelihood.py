@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from latentdiff.diffusion import likelihood as L
+from latentdiff.diffusion.cond import Cond
 from latentdiff.errors import ConfigError
 from latentdiff.pipeline.model import LatentDiffusion
 from latentdiff.utils.images import to_tensor
@@ -38,13 +39,11 @@ SCALES = ("pixel", "global")
 
 
 def normalisation(autoencoder) -> tuple[torch.Tensor, torch.Tensor]:
-    """(shift, scale) of the codec's map z_n = (z − shift)·scale from its latents to the diffusion model's.
-
-    Today the codec's ``to_latent`` is z·scale_factor (shift 0); a per-channel normalisation only has to
-    change this function.
-    """
-    scale = autoencoder.scale_factor.detach().double().cpu()
-    return torch.zeros_like(scale), scale
+    """(shift, scale), each (c, 1, 1), of the codec's per-channel map z_n = (z − shift)·scale from its latents
+    to the diffusion model's (float64, on the CPU)."""
+    shift = autoencoder.latent_shift.detach().double().cpu().reshape(-1, 1, 1)
+    scale = autoencoder.latent_scale.detach().double().cpu().reshape(-1, 1, 1)
+    return shift, scale
 
 
 def latent_kl_terms(mean: torch.Tensor, logvar: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
@@ -173,9 +172,7 @@ def evaluate_likelihood(pipe: LatentDiffusion, images: np.ndarray, *, train_imag
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     if labels is not None:
-        labels = pipe.check_labels(labels)
-        if labels.ndim == 0 or len(labels) != len(images):
-            raise ConfigError(f"got {labels.numel()} labels for {len(images)} images")
+        labels = pipe.request(len(images), labels=labels).label_tensor()
     schedule = pipe.denoiser.schedule
     ts = L.vlb_grid(schedule.num_steps, grid_steps)
     train_images = _default_train_images(pipe, fit_images) if train_images is None else train_images
@@ -205,7 +202,7 @@ def _batch_terms(pipe, x, post, y, sigma, norm, ts, variance, n_ode, ode_steps, 
     """Per-image nats of every term for one batch; the same z ~ q(z|x) feeds the decoder, H, CE and the ODE."""
     g_q, g_t, g_probe = gens
     schedule = pipe.denoiser.schedule
-    fn = pipe.denoiser.bind(y)
+    fn = pipe.denoiser.bind(Cond(labels=y) if y is not None else None)
     eps = torch.randn(post.mean.shape, generator=g_q, dtype=torch.float64).to(pipe.device)
     vlb: list[L.VLBTerms] = []
 
@@ -221,7 +218,7 @@ def _batch_terms(pipe, x, post, y, sigma, norm, ts, variance, n_ode, ode_steps, 
            "latent_vlb": vlb[0].total}
     if n_ode:
         z_n = ((z - shift.to(z)) * scale.to(z))[:n_ode]
-        sub = pipe.denoiser.bind(y[:n_ode] if y is not None else None)
+        sub = pipe.denoiser.bind(Cond(labels=y[:n_ode]) if y is not None else None)
         out["ode_latent_nll"] = -L.flow_log_likelihood(sub, schedule, z_n, steps=ode_steps, n_probes=n_hutchinson,
                                                        generator=g_probe)
     return out

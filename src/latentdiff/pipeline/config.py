@@ -309,8 +309,10 @@ def apply_updates(obj, updates: dict, prefix: str = ""):
             setattr(obj, key, _convert(value, hints[key], where))
 
 
-def load_config(path: str | Path | None = None, preset: str | None = None, overrides: list[str] | None = None) -> Config:
-    """Preset (or a YAML file, which may name a `preset:` to start from) + `key.sub=value` overrides."""
+def load_config(path: str | Path | None = None, preset: str | None = None, overrides: list[str] | None = None,
+                fields: dict[str, object] | None = None) -> Config:
+    """Preset (or a YAML file, which may name a `preset:` to start from) + `key.sub=value` overrides (YAML
+    values) + `fields` ({"data.data_dir": "0123"}: typed values, e.g. from command-line flags, set as given)."""
     data: dict = {}
     if path is not None:
         p = Path(path)
@@ -344,7 +346,28 @@ def load_config(path: str | Path | None = None, preset: str | None = None, overr
         except (yaml.YAMLError, RecursionError) as e:
             raise ConfigError(f"override {item!r}: the value is not valid YAML: {_first_line(e)}") from None
         apply_updates(cfg, nested)
+    for key, value in (fields or {}).items():
+        set_field(cfg, key, value)
     return cfg.validate()
+
+
+def set_field(cfg: Config, key: str, value) -> None:
+    """Set the dotted field `key` to the typed `value` (a str stays that str: never re-read as YAML, so "0123"
+    is not the number 83 and "yes" is not True); the type is checked, ranges are left to validate()."""
+    *path, name = key.split(".")
+    obj = cfg
+    for part in path:
+        obj = getattr(obj, part, None)
+        if not dataclasses.is_dataclass(obj):
+            raise ConfigError(f"unknown config key {key!r}")
+    hints = typing.get_type_hints(type(obj))
+    if name not in hints:
+        raise ConfigError(f"unknown config key {key!r}")
+    tp = hints[name]
+    if value is not None and typing.get_origin(tp) in (typing.Union, types.UnionType):
+        # Optional[X] with a value: convert to X directly, so the *string* "none" stays a string
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    setattr(obj, name, _convert(value, tp, key))
 
 
 def _first_line(err: Exception) -> str:

@@ -1,0 +1,85 @@
+"""Input files of the control commands: images converted to the model's shape, masks, rectangles.
+
+Inputs are image files (any size with the model's aspect ratio; colour is converted to the
+model's channels), masks are image files of the input's size (white = regenerate) or a rectangle.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from latentdiff.cli.options import one_line
+from latentdiff.errors import ConfigError, DataError
+
+
+def _warn(message: str):
+    sys.stderr.write(f"latentdiff: warning: {one_line(message)}\n")
+
+
+def load_image(path: str | Path, pipe) -> tuple[np.ndarray, tuple[int, int]]:
+    """One image file -> (uint8 1×H×W×C in the model's shape, the file's own (width, height)).
+
+    Colour mode is converted to the model's channels (RGB -> L by ITU-R 601 luma, L -> RGB by
+    repetition, alpha dropped). A different size is resized only if the aspect ratio is the same.
+    """
+    from PIL import Image
+
+    from latentdiff.data.datasets import as_mode, open_image
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"image file not found: {path}")
+    c, h, w = pipe.image_shape
+    im = as_mode(open_image(path), c)
+    size = im.size
+    if size != (w, h):
+        if size[0] * h != size[1] * w:
+            raise DataError(f"{path} is {size[0]}×{size[1]} but the model works on {w}×{h} images; the aspect "
+                            f"ratio differs, so crop it to {w}:{h} first")
+        _warn(f"resized {path.name} from {size[0]}×{size[1]} to {w}×{h}")
+        im = im.resize((w, h), Image.Resampling.LANCZOS)
+    return np.array(im, dtype=np.uint8).reshape(1, h, w, c), size  # a writable copy for torch
+
+
+def load_mask(path: str | Path, image_size: tuple[int, int], model_hw: tuple[int, int]) -> np.ndarray:
+    """A mask file of the input image's size (white, >= 128, = regenerate) -> bool H×W at the model's size.
+
+    When the image was resized, the mask is box-filtered to the model's size and any coverage
+    counts, so that resizing never shrinks the hole.
+    """
+
+    from latentdiff.data.datasets import as_mode, open_image
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"mask file not found: {path}")
+    im = as_mode(open_image(path), 1)
+    if im.size != image_size:
+        raise DataError(f"the mask {path} is {im.size[0]}×{im.size[1]} but the image is "
+                        f"{image_size[0]}×{image_size[1]}; they must be the same size")
+    return _resize_mask(np.asarray(im) >= 128, model_hw)
+
+
+def rect_mask(rect: tuple[int, int, int, int], image_size: tuple[int, int], model_hw: tuple[int, int]) -> np.ndarray:
+    """x0,y0,x1,y1 (x1, y1 exclusive) in the input image's pixels -> bool H×W at the model's size."""
+    x0, y0, x1, y1 = rect
+    w, h = image_size
+    if x1 > w or y1 > h:
+        raise ConfigError(f"--rect {x0},{y0},{x1},{y1} reaches outside the {w}×{h} image")
+    mask = np.zeros((h, w), dtype=bool)
+    mask[y0:y1, x0:x1] = True
+    return _resize_mask(mask, model_hw)
+
+
+def _resize_mask(mask: np.ndarray, model_hw: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    if mask.shape == tuple(model_hw):
+        return mask
+    im = Image.fromarray(mask.astype(np.uint8) * 255).resize(model_hw[::-1], Image.Resampling.BOX)
+    return np.asarray(im) > 0
+
+
