@@ -15,7 +15,7 @@ import torch
 
 from latentdiff.data.datasets import load_dataset
 from latentdiff.evaluation.likelihood import evaluate_likelihood, format_likelihood_table
-from latentdiff.pipeline.model import LatentDiffusion
+from latentdiff.pipeline import LatentDiffusion
 
 
 def main(argv=None):

@@ -201,7 +201,7 @@ def test_usage_errors_are_one_line(args, needle):
 
 
 def test_library_and_os_errors_are_one_line_and_interrupts_130(monkeypatch):
-    from latentdiff.pipeline.model import LatentDiffusion
+    from latentdiff.pipeline import LatentDiffusion
 
     def denied(*args, **kwargs):
         raise PermissionError("permission denied:\nline two")

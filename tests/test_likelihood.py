@@ -252,7 +252,7 @@ def test_units_bits_per_dim_from_nats(tiny_pipe):
 def tiny_pipe(tmp_path_factory):
     from conftest import build_tiny_model
 
-    from latentdiff.pipeline.model import LatentDiffusion
+    from latentdiff.pipeline import LatentDiffusion
 
     return LatentDiffusion.load(build_tiny_model(tmp_path_factory.mktemp("tiny-lik"), num_train_steps=20))
 

@@ -93,7 +93,7 @@ def common_options(out_default: str, class_type=NONNEG_INT,
 
 
 def _load_pipe(opts):
-    from latentdiff.pipeline.model import LatentDiffusion, resolve_device
+    from latentdiff.pipeline import LatentDiffusion, resolve_device
 
     return LatentDiffusion.load(opts.model, resolve_device(opts.device))
 

@@ -13,7 +13,7 @@ from latentdiff.cli.options import OneOf, argument, command, model_option, no_pr
 @model_option(help="a model directory or pretrained:NAME")
 @with_namespace
 def info(opts):
-    from latentdiff.pipeline.model import LatentDiffusion
+    from latentdiff.pipeline import LatentDiffusion
 
     pipe = LatentDiffusion.load(opts.model)
     n_ae = sum(p.numel() for p in pipe.autoencoder.parameters())

@@ -125,7 +125,7 @@ def _generate(pipe, request, show_progress: bool):
 @no_progress_option("no progress bar")
 @with_namespace
 def sample(opts):
-    from latentdiff.pipeline.model import LatentDiffusion, resolve_device
+    from latentdiff.pipeline import LatentDiffusion, resolve_device
     from latentdiff.utils.images import save_individual, save_samples
 
     out = _check_outputs(opts)

@@ -142,7 +142,7 @@ def _classifier_training(opts):
 def train_classifier(opts):
     import torch
 
-    from latentdiff.pipeline.model import LatentDiffusion, resolve_device
+    from latentdiff.pipeline import LatentDiffusion, resolve_device
     from latentdiff.training.classifier import train_classifier as run
 
     if opts.out is None and str(opts.model).startswith("pretrained:"):

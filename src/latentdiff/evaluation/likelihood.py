@@ -31,7 +31,7 @@ import torch
 from latentdiff.diffusion import likelihood as L
 from latentdiff.diffusion.cond import Cond
 from latentdiff.errors import ConfigError
-from latentdiff.pipeline.model import LatentDiffusion
+from latentdiff.pipeline import LatentDiffusion
 from latentdiff.utils.images import to_tensor
 
 LN2 = math.log(2)

@@ -78,11 +78,11 @@ class SampleRequest:
     def resolve(self, defaults: ModelDefaults) -> "SampleRequest":
         """Fill the defaults and check every field; the result is what runs and what is recorded."""
         n = _integer(self.n, "n", 1, MAX_IMAGES)
-        sampler = self.sampler or defaults.sampler
+        sampler = defaults.sampler if self.sampler is None else self.sampler
         if sampler not in SAMPLERS:
             raise ConfigError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        steps = _integer(self.steps or defaults.steps, "steps", 1, defaults.num_train_steps)
-        spacing = self.spacing or "trailing"
+        steps = _integer(defaults.steps if self.steps is None else self.steps, "steps", 1, defaults.num_train_steps)
+        spacing = "trailing" if self.spacing is None else self.spacing
         if spacing not in ALL_SPACINGS:
             raise ConfigError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(ALL_SPACINGS)}")
         guidance = _number(defaults.guidance if self.guidance is None else self.guidance, "guidance", MAX_GUIDANCE)
