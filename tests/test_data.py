@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from latentdiff.data.datasets import (
+from latentdiff.data import (
     CLASS_NAMES,
     FASHION_MNIST_MD5,
     ImageData,
@@ -25,7 +25,7 @@ from latentdiff.data.datasets import (
     load_image_folder,
     read_idx,
 )
-from latentdiff.data import datasets as data
+from latentdiff.data import fashion_mnist as data
 from latentdiff.errors import DataError
 from latentdiff.utils.images import to_tensor, to_uint8
 

@@ -12,7 +12,7 @@ import pytest
 from scipy.ndimage import gaussian_filter
 
 from latentdiff.cli import main as cli
-from latentdiff.data.datasets import CLASS_NAMES, load_dataset
+from latentdiff.data import CLASS_NAMES, load_dataset
 from latentdiff.errors import ConfigError, DataError
 from latentdiff.evaluation.evaluate import EXTRACTOR_NAMES, _subset, evaluate_autoencoder, evaluate_samples
 from latentdiff.evaluation.features import EXTRACTORS
@@ -141,7 +141,7 @@ def test_eval_samples_end_to_end_through_python_m(samples):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"),
                                                                       os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-m", "latentdiff", "eval", "--samples", str(samples), "--reference",
-                           "bundled", "--json"], capture_output=True, text=True, env=env, timeout=300)
+                           "bundled", "--json"], capture_output=True, text=True, env=env, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     result = json.loads(lines[-1])
@@ -196,7 +196,7 @@ def test_eval_bad_input_one_line_exit_2(capsys, tmp_path, samples, train):
          "inception weights file not found"),
     ]
     for args, needle in cases:
-        code, out, err = main(capsys, "eval", *args, "--reference", "bundled")
+        code, _, err = main(capsys, "eval", *args, "--reference", "bundled")
         lines = [ln for ln in err.splitlines() if ln.strip()]
         assert code == 2 and len(lines) == 1 and needle in lines[0], (args, code, err)
         assert lines[0].startswith("latentdiff: error:") and "Traceback" not in err

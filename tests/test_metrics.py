@@ -1,5 +1,6 @@
 """Tests for latentdiff.metrics: analytic cases, skimage cross-checks, rankings and bad input."""
 
+import itertools
 import math
 import warnings
 
@@ -215,7 +216,7 @@ def test_fd_ranks_noise_levels():
         fd_from_features(feats(ref), feats(np.clip(clean + rng.normal(0, s, clean.shape), 0, 1)))
         for s in (0.0, 0.3, 0.6, 1.0)  # clean, then three noise levels
     ]
-    assert all(lo < hi for lo, hi in zip(fds, fds[1:])), fds
+    assert all(lo < hi for lo, hi in itertools.pairwise(fds)), fds
 
 
 # ---------------------------------------------------------------------------------------------

@@ -242,7 +242,7 @@ def cmd_demo(args):
 
 
 def cmd_download(args):
-    from latentdiff.data.datasets import download_fashion_mnist
+    from latentdiff.data import download_fashion_mnist
 
     path = download_fashion_mnist(args.dest, progress=not args.no_progress)
     print(f"Fashion-MNIST is in {path}")

@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from latentdiff.evaluation.features import Extractor
 
 
-__all__ = ["REFERENCES", "EXTRACTOR_NAMES", "evaluate_samples", "evaluate_autoencoder", "reconstruct",
-           "load_samples", "register"]
+__all__ = ["EXTRACTOR_NAMES", "REFERENCES", "evaluate_autoencoder", "evaluate_samples", "load_samples",
+           "reconstruct"]
 
 
 REFERENCES = ("fashion-mnist", "bundled")

@@ -27,13 +27,13 @@ from latentdiff.errors import DataError
 __all__ = [
     "check_images",
     "check_same_size",
-    "psnr",
-    "ssim",
+    "classification_accuracy",
+    "fd_from_features",
     "feature_stats",
     "frechet_distance",
-    "fd_from_features",
     "precision_recall",
-    "classification_accuracy",
+    "psnr",
+    "ssim",
 ]
 
 # Float inputs may overshoot [0, 1] by this much (e.g. after a float32 (x + 1) / 2); they are clipped.
@@ -45,7 +45,7 @@ def _to_numpy(x, name: str) -> np.ndarray:
         return x.detach().cpu().numpy()
     try:
         return np.asarray(x)
-    except Exception as err:  # ragged lists and the like
+    except (ValueError, TypeError) as err:  # ragged lists and the like
         raise DataError(f"{name}: cannot be read as an array ({err})") from err
 
 
@@ -150,7 +150,7 @@ def ssim(a, b, data_range: float = 1.0, win_size: int = 7) -> np.ndarray:
     # Filter only over H and W; batch and channel axes are independent. The border values depend
     # on the filter's padding mode, but the crop below discards exactly those values.
     size = (1, win_size, win_size, 1)
-    mean = lambda z: uniform_filter(z, size=size)  # noqa: E731
+    mean = lambda z: uniform_filter(z, size=size)
     np_ = win_size * win_size
     cov_norm = np_ / (np_ - 1)  # sample covariance, as skimage use_sample_covariance=True
     ux, uy = mean(x), mean(y)
