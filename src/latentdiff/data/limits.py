@@ -27,7 +27,7 @@ MAX_IDX_BYTES = 1 << 31  # 2 GiB
 
 
 def _gib(n: int) -> str:
-    return f"{n / (1 << 30):.3g} GiB"
+    return f"{n / (1 << 30):.3g} GiB ({n} bytes)"
 
 
 def check_image_size(image_size: int | None) -> None:
