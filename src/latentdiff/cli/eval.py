@@ -23,11 +23,10 @@ from latentdiff.evaluation.evaluate import (
     EXTRACTOR_NAMES,
     REFERENCES,
     _check_count,
-    _check_same_size,
-    _reference_data,
     evaluate_autoencoder,
     evaluate_samples,
     load_samples,
+    preflight,
 )
 
 
@@ -42,9 +41,11 @@ def _print_table(title: str, rows: list[tuple[str, object, object]], result: dic
 
     width = max(len("metric"), *(len(name) for name, _, _ in rows))
     print(title)
-    print(f"  {'metric':<{width}}  {'value':>10}  {'real-vs-real floor':>18}")
+    print(f"  {'metric':<{width}}  {'value':>10}  {'real data':>10}")
     for name, value, floor in rows:
-        print(f"  {name:<{width}}  {fmt(value):>10}  {fmt(floor):>18}")
+        print(f"  {name:<{width}}  {fmt(value):>10}  {fmt(floor):>10}")
+    for note in result.get("notes", ()):
+        print(f"  note: {note}")
     if as_json:
         print(json.dumps({k: _finite(v) for k, v in result.items()}))
 
@@ -73,10 +74,10 @@ def cmd_eval(args) -> None:
         n = args.n or 10_000
         from latentdiff.evaluation.features import EXTRACTORS
 
-        _check_count(n, EXTRACTORS[args.extractor], "images")  # before spending minutes on sampling
+        _check_count(n, EXTRACTORS[args.extractor], "images")  # before loading the model
         pipe = LatentDiffusion.load(args.model, device)
         c, h, w = pipe.image_shape
-        _check_same_size((h, w, c), _reference_data(args.reference, "test", args.data_dir), "the model's images")
+        preflight(n, args.extractor, args.reference, args.data_dir, (h, w, c))  # before minutes of sampling
         labels = np.arange(n) % pipe.num_classes if pipe.num_classes else None  # every class in turn
         bar = progress_bar(n, "sampling", not args.no_progress)
         t0 = time.perf_counter()
@@ -97,9 +98,10 @@ def cmd_eval(args) -> None:
             (f"precision (k={result['k']})", result["precision"], None),
             (f"recall (k={result['k']})", result["recall"], None)]
     if "cond_acc" in result:
-        rows.append(("class accuracy", result["cond_acc"], None))
+        rows.append(("class accuracy", result["cond_acc"], result.get("cond_acc_real")))
     _print_table(f"{result['n']} samples from {source} vs {result['reference']} ({result['n_reference']} images); "
-                 f"floor: {result['n_floor']} real training images", rows, result, args.json)
+                 f"real data: FD of {result['n_floor']} real training images (the floor), class accuracy of the "
+                 "reference's test images", rows, result, args.json)
 
 
 def cmd_eval_autoencoder(args) -> None:
@@ -112,9 +114,11 @@ def cmd_eval_autoencoder(args) -> None:
                                   batch_size=args.batch_size, data_dir=args.data_dir)
     result["model"] = str(args.model)
     rows = [("PSNR (dB)", result["psnr"], None), ("SSIM", result["ssim"], None),
-            (f"recon FD ({result['extractor']})", result["fd"], result["fd_floor"])]
-    _print_table(f"autoencoder {args.model}: {result['n']} reconstructions of {result['reference']}", rows,
-                 result, args.json)
+            (f"recon FD, paired ({result['extractor']})", result["fd"], None),
+            (f"recon FD vs train ({result['extractor']})", result["fd_unpaired"], result["fd_floor"])]
+    _print_table(f"autoencoder {args.model}: {result['n']} reconstructions of {result['reference']}; paired: vs "
+                 f"their originals (0 = perfect); vs train: vs {result['n_floor']} real training images, real "
+                 "data: the originals vs the same (the floor)", rows, result, args.json)
 
 
 def _add_scoring_options(p) -> None:
@@ -170,10 +174,11 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_eval)
 
     p = subparsers.add_parser(
-        "eval-autoencoder", help="score an autoencoder's reconstructions: PSNR, SSIM, recon FD next to its floor",
+        "eval-autoencoder", help="score an autoencoder's reconstructions: PSNR, SSIM, paired and unpaired recon FD",
         description="Reconstruct the first N images of the reference test split through the model's autoencoder "
-                    "(posterior mean) and report mean PSNR, mean SSIM, and the FD between reconstructions and "
-                    "originals next to the real-vs-real floor (N real training images vs the same originals).")
+                    "(posterior mean) and report mean PSNR, mean SSIM, the paired FD between reconstructions and "
+                    "their originals (0 for a perfect codec), and the unpaired FD between reconstructions and N "
+                    "real training images next to its floor (the originals vs the same training images).")
     p.add_argument("--model", required=True, metavar="DIR", help="a model directory or pretrained:NAME")
     p.add_argument("--n", type=_count, default=2000, help="held-out images to reconstruct (default: 2000)")
     _add_scoring_options(p)

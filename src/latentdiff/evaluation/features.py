@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from importlib import resources
 from pathlib import Path
 
@@ -28,7 +29,8 @@ from latentdiff.evaluation.metrics import check_images
 from latentdiff.utils.state import load_state
 
 __all__ = ["CLASSIFIER_ARCH_VERSION", "CLASSIFIER_ASSET", "EXTRACTORS", "ClassifierExtractor", "Extractor",
-           "FIDInceptionV3", "FashionMNISTClassifier", "InceptionExtractor", "get_extractor"]
+           "FIDInceptionV3", "FashionMNISTClassifier", "InceptionExtractor", "get_extractor",
+           "weights_digest"]
 
 CLASSIFIER_ASSET = "fashion_mnist_classifier.safetensors"
 CLASSIFIER_ARCH_VERSION = 1  # bump when FashionMNISTClassifier's layers change; the asset's header records it
@@ -76,12 +78,22 @@ def _images_nchw(images, name: str = "images") -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)  # N×C×H×W
 
 
+def weights_digest(net: nn.Module) -> str:
+    """SHA-256 of a network's current parameters and buffers (names, dtypes, shapes and bytes)."""
+    h = hashlib.sha256()
+    for name, t in sorted(net.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # raw bytes of any dtype, bf16 included
+    return h.hexdigest()
+
+
 class Extractor:
-    """Maps image batches to N×D features; ``key`` identifies the network + weights (for caches)."""
+    """Maps image batches to N×D features; :meth:`cache_key` identifies the network + weights (for caches)."""
 
     name: str = ""
     dim: int = 0
-    key: str = ""
+    key: str = ""  # set by extractors built from a weight file; empty means "derive it from the weights"
     max_batch: int = 1 << 16  # caps batch_size where activations are large (Inception at 299×299)
 
     def __init__(self, net: nn.Module, device):
@@ -90,6 +102,20 @@ class Extractor:
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:  # x: B×C×H×W in [0, 1] on device
         raise NotImplementedError
+
+    def cache_key(self) -> str:
+        """``key`` when set, else the class and a digest of the network's current weights.
+
+        Reference features are cached under this key, so two extractors must never share one: an empty
+        key once let a second user-supplied extractor reuse the first one's reference features.
+        """
+        if self.key:
+            return self.key
+        net = getattr(self, "net", None)
+        if not isinstance(net, nn.Module):
+            raise ConfigError(f"extractor {type(self).__qualname__} has an empty `key` and no `net` to derive one "
+                              "from; set `key` to a string that identifies its network and weights")
+        return f"{type(self).__module__}.{type(self).__qualname__}:{weights_digest(net)}"
 
     def check_size(self, images) -> None:
         """Raise DataError when this extractor cannot take images of this size."""
