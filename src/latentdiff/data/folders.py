@@ -20,10 +20,10 @@ from PIL import Image, ImageOps
 from latentdiff.data.image_data import ImageData
 from latentdiff.data.limits import (
     MAX_IMAGE_PIXELS,
+    check_data_image,
     check_image_header,
     check_image_size,
     check_loaded_bytes,
-    check_loaded_pixels,
 )
 from latentdiff.errors import DataError
 
@@ -187,9 +187,8 @@ def load_image_folder(
     files = files[:limit]
 
     headers = [read_header(p) for p in files]
-    if image_size is None:
-        for p, h in zip(files, headers):
-            check_loaded_pixels(p, h.width, h.height)
+    for p, h in zip(files, headers):
+        check_data_image(p, h.width, h.height, image_size)
     if channels is None:
         channels = 1 if all(is_gray(h.mode) for h in headers) else 3
     _check_folder_size(root, headers, image_size, channels)

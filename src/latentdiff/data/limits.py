@@ -51,18 +51,18 @@ def check_loaded_bytes(n: int, height: int, width: int, channels: int, what: str
 
 
 def check_image_header(path, width: int, height: int) -> None:
-    """Refuse one image file from its header size: too many pixels to decode, or too elongated."""
+    """Refuse one image file from its header size: too many pixels to decode."""
     if width < 1 or height < 1 or width * height > MAX_IMAGE_PIXELS:
         raise DataError(f"image {path} is {width}×{height} pixels; latentdiff reads images with 1 to "
                         f"{MAX_IMAGE_PIXELS} pixels (8192×8192)")
+
+
+def check_data_image(path, width: int, height: int, image_size: int | None) -> None:
+    """Refuse a data-set image that is too elongated to crop, or too large to load at its own size."""
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
         raise DataError(f"image {path} is {width}×{height} pixels, an aspect ratio beyond latentdiff's limit of "
                         f"{MAX_ASPECT_RATIO}:1; crop it first")
-
-
-def check_loaded_pixels(path, width: int, height: int) -> None:
-    """Refuse an image that would be loaded at its own size (no --image-size) when it is too large to train on."""
-    if width * height > MAX_LOADED_PIXELS:
+    if image_size is None and width * height > MAX_LOADED_PIXELS:
         side = int(MAX_LOADED_PIXELS ** 0.5)
         raise DataError(f"image {path} is {width}×{height} pixels, beyond latentdiff's limit of {side}×{side} "
                         "for images loaded at their own size; pass --image-size N (image_size=N) to resize them")
