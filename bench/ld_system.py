@@ -19,7 +19,7 @@ import torch
 from common import autocast, count_flops, lr_budget, sync, train_for
 
 from latentdiff.codecs.autoencoder import Autoencoder
-from latentdiff.data.datasets import ImageData
+from latentdiff.data import ImageData
 from latentdiff.pipeline import LatentDiffusion
 from latentdiff.pipeline.config import PRESETS, Config
 from latentdiff.training.loop import EMA, diffusion_loss, encode_dataset

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from latentdiff.data.datasets import load_dataset
+from latentdiff.data import load_dataset
 from latentdiff.evaluation.likelihood import evaluate_likelihood, format_likelihood_table
 from latentdiff.pipeline import LatentDiffusion
 

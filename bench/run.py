@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from common import PeakMemory, machine, matmul_peak, sync
 
-from latentdiff.data.datasets import find_fashion_mnist, load_dataset
+from latentdiff.data import find_fashion_mnist, load_dataset
 from latentdiff.errors import ConfigError, LatentDiffError
 from latentdiff.evaluation.evaluate import evaluate_samples
 from latentdiff.evaluation.features import EXTRACTORS

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from latentdiff.data.datasets import BUNDLED_NPZ, BUNDLED_SIZES, FASHION_MNIST_SPLITS, find_fashion_mnist, read_idx
+from latentdiff.data import BUNDLED_NPZ, BUNDLED_SIZES, FASHION_MNIST_SPLITS, find_fashion_mnist, read_idx
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "src" / "latentdiff" / "assets" / BUNDLED_NPZ
 

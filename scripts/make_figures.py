@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from latentdiff.data.datasets import load_dataset
+from latentdiff.data import load_dataset
 from latentdiff.diffusion.cond import Cond
 from latentdiff.guidance.cfg import classifier_free
 from latentdiff.guidance.gradient import brightness, decoded, user_guidance

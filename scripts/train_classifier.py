@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from latentdiff.data.datasets import load_dataset
+from latentdiff.data import load_dataset
 from latentdiff.evaluation.features import CLASSIFIER_ARCH_VERSION, CLASSIFIER_ASSET, FashionMNISTClassifier
 from latentdiff.utils.images import to_tensor
 from latentdiff.utils.state import save_state

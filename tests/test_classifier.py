@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from latentdiff.cli import main as cli
-from latentdiff.data.datasets import load_dataset
+from latentdiff.data import load_dataset
 from latentdiff.diffusion.cond import Cond
 from latentdiff.diffusion.denoiser import prediction_from_output
 from latentdiff.diffusion.schedule import NoiseSchedule

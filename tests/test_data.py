@@ -7,6 +7,7 @@ import hashlib
 import http.server
 import struct
 import threading
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from latentdiff.data import datasets as data
-from latentdiff.data.datasets import (
+from latentdiff.data import (
     CLASS_NAMES,
     FASHION_MNIST_MD5,
     ImageData,
@@ -26,6 +26,7 @@ from latentdiff.data.datasets import (
     load_image_folder,
     read_idx,
 )
+from latentdiff.data import fashion_mnist as data
 from latentdiff.errors import DataError
 from latentdiff.utils.images import to_tensor, to_uint8
 
@@ -498,3 +499,102 @@ def test_folder_train_test_subfolders(tmp_path):
     assert test.images[0, 0, 0, 0] == 3 and "test" in test.source
     with pytest.raises(DataError, match="train.*test"):
         load_dataset(str(tmp_path), "val")
+
+
+# ----------------------------------------------------------------------------- memory limits (docs/reliability.md)
+
+
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A valid PNG signature + IHDR declaring width×height gray pixels, and no pixel data at all."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    return path
+
+
+def test_folder_large_image_refused_from_its_header(tmp_path):
+    # 8192×8192 passes the decoder limit but would be trained at full size; the file holds no pixels, so
+    # reaching the decoder would give a truncation error instead of this message
+    save(tmp_path / "ok.png", gray(5))
+    png_header_only(tmp_path / "huge.png", 8192, 8192)
+    with pytest.raises(DataError, match=r"huge.png is 8192×8192 pixels.*1024×1024.*--image-size"):
+        load_dataset(str(tmp_path))
+
+
+def test_folder_extreme_aspect_ratio_refused_before_resizing(tmp_path):
+    png_header_only(tmp_path / "strip.png", 1, 67_108_864)  # 1×(64 Mi): would resize to 28 × 1.9e9 before
+    with pytest.raises(DataError, match=r"strip.png is 1×67108864 pixels, an aspect ratio beyond .* 16:1"):
+        load_dataset(str(tmp_path), image_size=28)
+
+
+def test_decompression_bomb_header_gets_our_limit(tmp_path):
+    png_header_only(tmp_path / "bomb.png", 30_000, 30_000)
+    with pytest.raises(DataError, match=r"bomb.png declares 900000000 pixels; .* at most 67108864 pixels") as err:
+        load_image_folder(tmp_path, image_size=28)
+    assert "decompression bomb" not in str(err.value) and "DOS" not in str(err.value)
+
+
+def test_folder_total_size_is_checked_before_decoding(tmp_path, monkeypatch):
+    from latentdiff.data import limits
+
+    for i in range(3):
+        png_header_only(tmp_path / f"{i}.png", 8, 8)  # undecodable: the size check must come first
+    monkeypatch.setattr(limits, "MAX_LOADED_BYTES", 100)
+    with pytest.raises(DataError, match=r"3 images of 8×8×1 .* \(192 bytes\) in memory, beyond latentdiff's limit"):
+        load_image_folder(tmp_path, image_size=8)
+    with pytest.raises(DataError, match=r"\(3 images\).*\(192 bytes\) in memory, beyond"):
+        load_image_folder(tmp_path)
+
+
+def test_requested_size_is_checked_before_resizing():
+    with pytest.raises(DataError, match="--image-size 2048 is beyond latentdiff's limit of 1024×1024"):
+        load_dataset("bundled", image_size=2048)
+    # 10000 × 1024² bytes = 9.8 GiB: refused at once, before the first image is resized
+    with pytest.raises(DataError, match=r"bundled Fashion-MNIST subset \(train\): 10000 images of 1024×1024×1"):
+        load_dataset("bundled", image_size=1024)
+
+
+@pytest.mark.parametrize("fraction", [0.002, 0.012, 0.5, 0.99])
+def test_truncated_png_is_called_truncated(tmp_path, fraction):
+    noise = np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    blob = save(tmp_path / "src" / "ok.png", noise).read_bytes()
+    (tmp_path / "cut.png").write_bytes(blob[: max(9, int(len(blob) * fraction))])
+    with pytest.raises(DataError, match="cut.png.*truncated or corrupt") as err:
+        load_image_folder(tmp_path, image_size=None, channels=None)
+    assert "not a PNG" not in str(err.value)
+
+
+def test_crop_then_resize_keeps_the_centre_of_a_long_image(tmp_path):
+    # 16:1, the widest allowed: white around the centre square (columns 120..135 of 256, plus the bicubic
+    # filter's reach at 4× down), black elsewhere; resizing the whole strip first would mix in the black
+    img = np.zeros((16, 256), np.uint8)
+    img[:, 104:152] = 255
+    save(tmp_path / "long.png", img)
+    d = load_image_folder(tmp_path, image_size=4)
+    assert d.images.shape == (1, 4, 4, 1) and (d.images == 255).all()
+
+
+def test_idx_declaring_an_absurd_size_is_refused_unread(tmp_path):
+    path = tmp_path / "absurd.gz"
+    path.write_bytes(gzip.compress(struct.pack(">IIII", 0x00000803, 1 << 20, 1 << 10, 1 << 10)))  # 1 TiB
+    with pytest.raises(DataError, match=r"absurd.gz: IDX dimensions .* declare 1099511627776 bytes.*beyond"):
+        read_idx(path)
+
+
+def test_idx_gzip_bomb_is_not_inflated(tmp_path):
+    import tracemalloc
+
+    # declares 2 labels, then 64 MiB of zeros that compress to ~64 KB
+    path = tmp_path / "bomb-labels.gz"
+    path.write_bytes(gzip.compress(struct.pack(">II", 0x00000801, 2) + bytes(2 + (64 << 20)), compresslevel=9))
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=r"bomb-labels.gz.*trailing bytes \(longer than its header declares\)"):
+            read_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, peak  # reading it whole would take 64 MiB

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from latentdiff.data.datasets import load_dataset
+from latentdiff.data import load_dataset
 from latentdiff.errors import ConfigError
 from latentdiff.pipeline import LatentDiffusion
 from latentdiff.training import distributed

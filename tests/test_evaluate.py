@@ -6,16 +6,19 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from scipy.ndimage import gaussian_filter
 
 from latentdiff.cli import main as cli
-from latentdiff.data.datasets import CLASS_NAMES, load_dataset
+from latentdiff.data import CLASS_NAMES, load_dataset
 from latentdiff.errors import ConfigError, DataError
+from latentdiff.evaluation import evaluate as evaluation
 from latentdiff.evaluation.evaluate import EXTRACTOR_NAMES, _subset, evaluate_autoencoder, evaluate_samples
-from latentdiff.evaluation.features import EXTRACTORS
+from latentdiff.evaluation.features import EXTRACTORS, Extractor, InceptionExtractor
 from latentdiff.pipeline import LatentDiffusion
 from latentdiff.pipeline.config import load_config
 
@@ -102,6 +105,62 @@ def test_bad_labels_and_options_are_refused(real):
         score(images, k=0)
 
 
+class TinyExtractor(Extractor):
+    """A user-supplied extractor as a library user would write one: no `key`, random 8-d projection."""
+
+    name, dim = "tiny", 8
+
+    def __init__(self, seed: int):
+        torch.manual_seed(seed)
+        super().__init__(torch.nn.Linear(28 * 28, self.dim), "cpu")
+
+    def _forward(self, x):
+        return self.net(x.flatten(1))  # B×784 -> B×8
+
+
+def _fresh_fd(images, ext, **kw):
+    """The FD computed with empty per-process caches: what the result must be."""
+    saved = [dict(c) for c in (evaluation._FEATURES, evaluation._STATS)]
+    evaluation._FEATURES.clear(), evaluation._STATS.clear()
+    try:
+        return score(images, extractor=ext, **kw)["fd"]
+    finally:
+        for cache, old in zip((evaluation._FEATURES, evaluation._STATS), saved):
+            cache.clear()
+            cache.update(old)
+
+
+def test_user_extractors_without_key_never_share_reference_features(real):
+    images = real[0][:50]
+    a, b = TinyExtractor(0), TinyExtractor(1)
+    assert a.key == b.key == "" and a.cache_key() != b.cache_key()
+    fd_a, fd_b = score(images, extractor=a)["fd"], score(images, extractor=b)["fd"]
+    assert fd_b == pytest.approx(_fresh_fd(images, b), rel=1e-9) and fd_a != fd_b
+    with torch.no_grad():  # weights changed in place: a new key, new reference features
+        a.net.weight.mul_(2)
+    assert score(images, extractor=a)["fd"] == pytest.approx(_fresh_fd(images, a), rel=1e-9)
+
+
+def test_reference_smaller_than_feature_dim_is_refused():
+    # the bundled test split has 2000 images, inception features 2048 dimensions; refused before any feature
+    ext = InceptionExtractor(_random_init=True)
+    with pytest.raises(DataError, match=r"2000 reference images \(bundled Fashion-MNIST subset \(test\)\) are "
+                                        r"too few: .* 2048-d inception features needs at least 2049"):
+        score(np.zeros((2100, 28, 28), np.uint8), extractor=ext)
+
+
+def test_floor_on_fewer_training_images_is_noted(real, monkeypatch):
+    small_train = load_dataset("bundled", "train", limit=120)
+    original = evaluation._reference_data
+    monkeypatch.setattr(evaluation, "_reference_data",
+                        lambda ref, split, d: small_train if split == "train" else original(ref, split, d))
+    images = real[0][:150]
+    result = score(images, extractor=TinyExtractor(0))
+    assert result["n_floor"] == 120 and result["n"] == 150
+    assert any("all 120 training images" in note and "150 samples" in note for note in result["notes"])
+    assert "notes" not in score(real[0][:100], extractor=TinyExtractor(0))
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """An untrained tiny model: enough to exercise generation and reconstruction (scores are poor)."""
@@ -114,7 +173,18 @@ def test_evaluate_autoencoder_scores_reconstructions(model_dir):
     result = evaluate_autoencoder(str(model_dir), n=150, reference="bundled")
     assert result["n"] == 150 and np.isfinite(result["psnr"]) and -1 <= result["ssim"] <= 1
     # an untrained codec reconstructs badly: far above the real-vs-real floor
-    assert result["fd"] > 3 * result["fd_floor"] > 0, result
+    assert result["fd_unpaired"] > 3 * result["fd_floor"] > 0 and result["fd"] > 0, result
+
+
+def test_perfect_autoencoder_scores_zero_paired_and_the_floor_unpaired(model_dir):
+    pipe = LatentDiffusion.load(str(model_dir), "cpu")
+    # a perfect autoencoder: encode(x).mean = x, decode(z) = z
+    pipe.autoencoder.encode = lambda x: SimpleNamespace(mean=x)
+    pipe.autoencoder.decode = lambda z: z
+    result = evaluate_autoencoder(pipe, n=150, reference="bundled")
+    # the paired FD compares the originals with themselves; only the unpaired one has a floor, and meets it
+    assert result["fd"] == pytest.approx(0, abs=1e-6) and result["psnr"] == np.inf
+    assert result["fd_unpaired"] == pytest.approx(result["fd_floor"], rel=1e-9) and result["fd_floor"] > 0
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -138,7 +208,7 @@ def test_eval_samples_end_to_end_through_python_m(samples):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"),
                                                                       os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-m", "latentdiff", "eval", "--samples", str(samples), "--reference",
-                           "bundled", "--json"], capture_output=True, text=True, env=env, timeout=300)
+                           "bundled", "--json"], capture_output=True, text=True, env=env, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     result = json.loads(lines[-1])
@@ -147,6 +217,9 @@ def test_eval_samples_end_to_end_through_python_m(samples):
     assert result["n"] == 150 and result["cond_acc"] > 0.85 and 0 <= result["precision"] <= 1
     fd_row = next(ln for ln in lines if ln.strip().startswith("FD"))
     assert f"{result['fd']:.4f}" in fd_row and f"{result['fd_floor']:.4f}" in fd_row  # FD beside its floor
+    # the samples' class accuracy beside the classifier's accuracy on real test images
+    acc_row = next(ln for ln in lines if ln.strip().startswith("class accuracy"))
+    assert 0.85 < result["cond_acc_real"] < 1 and f"{result['cond_acc_real']:.4f}" in acc_row
 
 
 def test_eval_model_and_eval_autoencoder_commands(capsys, model_dir):
@@ -159,8 +232,18 @@ def test_eval_model_and_eval_autoencoder_commands(capsys, model_dir):
                           "--json", "--device", "cpu")
     assert code == 0, err
     result = json.loads(out.strip().splitlines()[-1])
-    assert {"psnr", "ssim", "fd", "fd_floor", "n"} <= set(result) and result["n"] == 130
-    assert "PSNR" in out and "SSIM" in out
+    assert {"psnr", "ssim", "fd", "fd_unpaired", "fd_floor", "n"} <= set(result) and result["n"] == 130
+    assert "PSNR" in out and "SSIM" in out and "real-vs-real" not in out
+    paired = next(ln for ln in out.splitlines() if "recon FD, paired" in ln)
+    unpaired = next(ln for ln in out.splitlines() if "recon FD vs train" in ln)
+    assert f"{result['fd_floor']:.4f}" not in paired and f"{result['fd_floor']:.4f}" in unpaired
+
+
+def test_eval_model_refuses_a_small_reference_before_sampling(capsys, model_dir):
+    code, _, err = main(capsys, "eval", "--model", model_dir, "--n", 2100, "--extractor", "inception",
+                        "--reference", "bundled", "--device", "cpu", "--no-progress")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "2000 reference images (bundled Fashion-MNIST subset (test)) are too few" in err
 
 
 def _npz(tmp_path, name, **arrays):
@@ -193,7 +276,7 @@ def test_eval_bad_input_one_line_exit_2(capsys, tmp_path, samples, train):
          "inception weights file not found"),
     ]
     for args, needle in cases:
-        code, out, err = main(capsys, "eval", *args, "--reference", "bundled")
+        code, _, err = main(capsys, "eval", *args, "--reference", "bundled")
         lines = [ln for ln in err.splitlines() if ln.strip()]
         assert code == 2 and len(lines) == 1 and needle in lines[0], (args, code, err)
         assert lines[0].startswith("latentdiff: error:") and "Traceback" not in err

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from latentdiff.data.datasets import load_dataset
+from latentdiff.data import load_dataset
 from latentdiff.errors import ConfigError, DataError, ModelError
 from latentdiff.evaluation.features import (
     CLASSIFIER_ARCH_VERSION,

@@ -41,11 +41,10 @@ from latentdiff.evaluation.evaluate import (
     EXTRACTOR_NAMES,
     REFERENCES,
     _check_count,
-    _check_same_size,
-    _reference_data,
     evaluate_autoencoder,
     evaluate_samples,
     load_samples,
+    preflight,
 )
 
 
@@ -60,9 +59,11 @@ def _print_table(title: str, rows: list[tuple[str, object, object]], result: dic
 
     width = max(len("metric"), *(len(name) for name, _, _ in rows))
     print(title)
-    print(f"  {'metric':<{width}}  {'value':>10}  {'real-vs-real floor':>18}")
+    print(f"  {'metric':<{width}}  {'value':>10}  {'real data':>10}")
     for name, value, floor in rows:
-        print(f"  {name:<{width}}  {fmt(value):>10}  {fmt(floor):>18}")
+        print(f"  {name:<{width}}  {fmt(value):>10}  {fmt(floor):>10}")
+    for note in result.get("notes", ()):
+        print(f"  note: {note}")
     if as_json:
         print(json.dumps({k: _finite(v) for k, v in result.items()}))
 
@@ -90,7 +91,7 @@ def _model_samples(opts, device):
     _check_count(n, EXTRACTORS[opts.extractor], "images")  # before spending minutes on sampling
     pipe = LatentDiffusion.load(opts.model, device)
     c, h, w = pipe.image_shape
-    _check_same_size((h, w, c), _reference_data(opts.reference, "test", opts.data_dir), "the model's images")
+    preflight(n, opts.extractor, opts.reference, opts.data_dir, (h, w, c))  # before minutes of sampling
     labels = np.arange(n) % pipe.num_classes if pipe.num_classes else None
     request = pipe.request(n, labels=labels, sampler=opts.sampler, steps=opts.steps, seed=opts.seed,
                            guidance=opts.guidance, batch_size=opts.batch_size, spacing=opts.spacing)
@@ -166,14 +167,16 @@ def evaluate(opts) -> None:
             (f"precision (k={result['k']})", result["precision"], None),
             (f"recall (k={result['k']})", result["recall"], None)]
     if "cond_acc" in result:
-        rows.append(("class accuracy", result["cond_acc"], None))
+        rows.append(("class accuracy", result["cond_acc"], result.get("cond_acc_real")))
     _print_table(f"{result['n']} samples from {source} vs {result['reference']} ({result['n_reference']} images); "
-                 f"floor: {result['n_floor']} real training images", rows, result, opts.as_json)
+                 f"real data: FD of {result['n_floor']} real training images (the floor), class accuracy of the "
+                 "reference's test images", rows, result, opts.as_json)
 
 
 @command("eval-autoencoder", help="Reconstruct the first N images of the reference test split through the model's "
-         "autoencoder (posterior mean) and report mean PSNR, mean SSIM, and the FD between reconstructions and "
-         "originals next to the real-vs-real floor (N real training images vs the same originals).")
+         "autoencoder (posterior mean) and report mean PSNR, mean SSIM, the paired FD between reconstructions and "
+         "their originals (0 for a perfect codec), and the unpaired FD between reconstructions and N real training "
+         "images next to its floor (the originals vs the same training images).")
 @model_option(help="a model directory or pretrained:NAME")
 @click.option("--n", type=COUNT, default=2000, metavar="N", help="held-out images to reconstruct (default: 2000)")
 @scoring_options()
@@ -187,6 +190,8 @@ def evaluate_autoencoder_command(opts) -> None:
                                   batch_size=opts.batch_size, data_dir=opts.data_dir)
     result["model"] = str(opts.model)
     rows = [("PSNR (dB)", result["psnr"], None), ("SSIM", result["ssim"], None),
-            (f"recon FD ({result['extractor']})", result["fd"], result["fd_floor"])]
-    _print_table(f"autoencoder {opts.model}: {result['n']} reconstructions of {result['reference']}", rows,
-                 result, opts.as_json)
+            (f"recon FD, paired ({result['extractor']})", result["fd"], None),
+            (f"recon FD vs train ({result['extractor']})", result["fd_unpaired"], result["fd_floor"])]
+    _print_table(f"autoencoder {opts.model}: {result['n']} reconstructions of {result['reference']}; paired: vs "
+                 f"their originals (0 = perfect); vs train: vs {result['n_floor']} real training images, real "
+                 "data: the originals vs the same (the floor)", rows, result, opts.as_json)

@@ -32,7 +32,7 @@ def info(opts):
 @no_progress_option("no progress bar")
 @with_namespace
 def download(opts):
-    from latentdiff.data.datasets import download_fashion_mnist
+    from latentdiff.data import download_fashion_mnist
 
     path = download_fashion_mnist(opts.dest, progress=not opts.no_progress)
     print(f"Fashion-MNIST is in {path}")

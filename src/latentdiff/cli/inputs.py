@@ -27,7 +27,7 @@ def load_image(path: str | Path, pipe) -> tuple[np.ndarray, tuple[int, int]]:
     """
     from PIL import Image
 
-    from latentdiff.data.datasets import as_mode, open_image
+    from latentdiff.data import as_mode, open_image
 
     path = Path(path)
     if not path.is_file():
@@ -51,7 +51,7 @@ def load_mask(path: str | Path, image_size: tuple[int, int], model_hw: tuple[int
     counts, so that resizing never shrinks the hole.
     """
 
-    from latentdiff.data.datasets import as_mode, open_image
+    from latentdiff.data import as_mode, open_image
 
     path = Path(path)
     if not path.is_file():

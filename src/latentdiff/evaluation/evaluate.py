@@ -6,7 +6,8 @@ result names its extractor. "FD" is FID only with the standard Inception weights
 
 The floor answers "how small can FD be with this many images?": the FD between an equally sized
 set of *real* training images and the same test split. A model whose FD is near the floor is as
-close to the data as a finite real sample is.
+close to the data as a finite real sample is. Only an unpaired FD has a floor: the FD between
+reconstructions and their own originals shares the originals' sampling noise and goes to 0.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from latentdiff.errors import ConfigError, DataError
 # `register` runs whenever the `latentdiff` parser is built, and `latentdiff --help` should not
 # wait two seconds for torch (cli.py defers its heavy imports for the same reason).
 if TYPE_CHECKING:
-    from latentdiff.data.datasets import ImageData
+    from latentdiff.data import ImageData
     from latentdiff.evaluation.features import Extractor
 
 
-__all__ = ["REFERENCES", "EXTRACTOR_NAMES", "evaluate_samples", "evaluate_autoencoder", "reconstruct",
-           "load_samples", "register"]
+__all__ = ["EXTRACTOR_NAMES", "REFERENCES", "evaluate_autoencoder", "evaluate_samples", "load_samples",
+           "reconstruct"]
 
 
 REFERENCES = ("fashion-mnist", "bundled")
@@ -56,12 +57,15 @@ _FEATURES: dict[tuple, np.ndarray] = {}
 _STATS: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
 
+_ACCURACY: dict[tuple, float] = {}
+
+
 def _reference_data(reference: str, split: str, data_dir) -> ImageData:
     if reference not in REFERENCES:
         raise ConfigError(f"unknown reference {reference!r}; choose one of {', '.join(REFERENCES)}")
     key = (reference, split, str(data_dir))
     if key not in _DATA:
-        from latentdiff.data.datasets import load_dataset
+        from latentdiff.data import load_dataset
 
         _DATA[key] = load_dataset(reference, split, data_dir=data_dir)
     return _DATA[key]
@@ -89,7 +93,7 @@ def _reference_features(ext: Extractor, reference: str, split: str, data_dir, id
                         batch_size: int) -> tuple[np.ndarray, tuple]:
     """Features of (a subset of) a reference split, cached per process; also returns the cache key."""
     sel = None if idx is None else hashlib.sha256(np.ascontiguousarray(idx, np.int64).tobytes()).hexdigest()
-    key = (ext.key, reference, split, str(data_dir), sel)
+    key = (ext.cache_key(), reference, split, str(data_dir), sel)
     if key not in _FEATURES:
         images = _reference_data(reference, split, data_dir).images
         _FEATURES[key] = ext.features(images if idx is None else images[idx], batch_size=batch_size)
@@ -145,50 +149,102 @@ def _as_images(images, what: str) -> np.ndarray:
     return images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)  # a torch tensor?
 
 
+def _extractor_spec(extractor: str | Extractor):
+    """The extractor's class (for a name; nothing is built) or the object itself: anything with .dim and .name."""
+    if isinstance(extractor, str):
+        from latentdiff.evaluation.features import EXTRACTORS
+
+        if extractor not in EXTRACTORS:
+            raise ConfigError(f"unknown feature extractor {extractor!r}; choose one of {', '.join(EXTRACTORS)}")
+        return EXTRACTORS[extractor]
+    return extractor
+
+
+def preflight(n: int, extractor: str | Extractor, reference: str, data_dir, image_shape: tuple) -> None:
+    """Every check that needs no features, before minutes are spent sampling or extracting.
+
+    ``image_shape``: one image's H×W or H×W×C. Refuses too few images for a full-rank covariance,
+    a reference test split too small for the same reason, and images of another size than the reference's.
+    """
+    spec = _extractor_spec(extractor)
+    _check_count(n, spec, "sample images")
+    test = _reference_data(reference, "test", data_dir)
+    _check_count(len(test), spec, f"reference images ({test.source})")
+    _check_same_size(tuple(image_shape), test, "sample images")
+
+
+def _floor(ext: Extractor, reference: str, data_dir, n: int, seed: int, batch_size: int, stats_ref) -> dict:
+    """FD of n real training images (a fixed-seed subset) vs the reference; a note when the split has fewer."""
+    from latentdiff.evaluation.metrics import frechet_distance
+
+    train = _reference_data(reference, "train", data_dir)
+    idx = _subset(len(train), n, seed)
+    _check_count(len(idx), ext, f"training images for the floor ({train.source})")
+    floor, key = _reference_features(ext, reference, "train", data_dir, idx, batch_size)
+    out = {"fd_floor": frechet_distance(*_stats(floor, key), *stats_ref), "n_floor": len(idx)}
+    if len(idx) < n:  # FD is biased upwards at small N, so this floor sits higher than a true one would
+        note = (f"the floor uses all {len(idx)} training images of {train.source}, fewer than the {n} samples, "
+                "so it is not directly comparable (FD grows as N shrinks)")
+        out["notes"] = [note]
+    return out
+
+
+def _real_accuracy(clf, reference: str, data_dir, batch_size: int) -> float | None:
+    """The classifier's accuracy on the reference's labelled test images (what real data scores), cached."""
+    from latentdiff.evaluation.metrics import classification_accuracy
+
+    test = _reference_data(reference, "test", data_dir)
+    if test.labels is None:
+        return None
+    key = ("accuracy", clf.cache_key(), reference, str(data_dir))
+    if key not in _ACCURACY:
+        _ACCURACY[key] = classification_accuracy(clf.predict(test.images, batch_size=batch_size), test.labels)
+    return _ACCURACY[key]
+
+
 def evaluate_samples(images, labels=None, *, reference: str = "fashion-mnist",
                      extractor: str | Extractor = DEFAULT_EXTRACTOR, weights: str | None = None, k: int = 3,
                      device="cpu", batch_size: int = 256, data_dir=None, seed: int = 0) -> dict:
     """Score generated images against the test split of ``reference``.
 
     Returns ``fd`` (n samples vs the whole test split), ``fd_floor`` (n real training images — a
-    fixed-seed random subset — vs the same test split), ``precision``/``recall`` (k-NN, on equal-size
-    sets of min(n, test size) images, fixed-seed subsets), ``n``, ``extractor``, ``reference``, and
-    ``cond_acc`` (the Fashion-MNIST classifier's accuracy against ``labels``) when labels are given.
+    fixed-seed random subset — vs the same test split; ``n_floor`` of them, with a ``notes`` entry when
+    the training split has fewer than n), ``precision``/``recall`` (k-NN, on equal-size sets of
+    min(n, test size) images, fixed-seed subsets), ``n``, ``extractor``, ``reference``, and when labels
+    are given ``cond_acc`` (the Fashion-MNIST classifier's accuracy against ``labels``) beside
+    ``cond_acc_real`` (its accuracy on the reference's real test images).
     """
     from latentdiff.evaluation.metrics import classification_accuracy, frechet_distance, precision_recall
 
     images = _as_images(images, "samples")
     n = len(images)
     ext = _extractor(extractor, weights, device)
-    test = _reference_data(reference, "test", data_dir)
-    _check_same_size(images.shape[1:], test, "sample images")
+    preflight(n, ext, reference, data_dir, images.shape[1:])  # before any feature is extracted
     ext.check_size(images)
-    _check_count(n, ext, "sample images")
     if int(k) != k or k < 1:
         raise ConfigError(f"k must be a positive integer, got {k!r}")
+    test = _reference_data(reference, "test", data_dir)
     if labels is not None:
         labels = _check_labels(labels, n, len(test.class_names) or 10)
 
     fake = ext.features(images, batch_size=batch_size)
     real, real_key = _reference_features(ext, reference, "test", data_dir, None, batch_size)
-    mu_r, sigma_r = _stats(real, real_key)
-    fd = frechet_distance(*_stats(fake), mu_r, sigma_r)
-
-    train = _reference_data(reference, "train", data_dir)
-    floor_idx = _subset(len(train), n, seed)
-    floor, floor_key = _reference_features(ext, reference, "train", data_dir, floor_idx, batch_size)
-    fd_floor = frechet_distance(*_stats(floor, floor_key), mu_r, sigma_r)
+    stats_ref = _stats(real, real_key)
+    fd = frechet_distance(*_stats(fake), *stats_ref)
+    floor = _floor(ext, reference, data_dir, n, seed, batch_size, stats_ref)
 
     m = min(n, len(real))  # precision/recall depend on set sizes: compare equal-size sets
     precision, recall = precision_recall(real[_subset(len(real), m, seed + 1)], fake[_subset(n, m, seed + 2)], k=k)
 
     result = {"n": n, "extractor": ext.name, "reference": f"{reference} (test)", "n_reference": len(real),
-              "fd": fd, "fd_floor": fd_floor, "n_floor": len(floor_idx), "precision": precision, "recall": recall,
-              "k": int(k), "n_precision_recall": m}
+              "fd": fd, **floor, "precision": precision, "recall": recall, "k": int(k), "n_precision_recall": m}
     if labels is not None:
         clf = ext if hasattr(ext, "logits") else _extractor("fashion-mnist-classifier", None, device)
         clf.check_size(images)
         result["cond_acc"] = classification_accuracy(clf.predict(images, batch_size=batch_size), labels)
+        result["cond_acc_real"] = _real_accuracy(clf, reference, data_dir, batch_size)
+    if "notes" in result:
+        result = {**result, "notes": result.pop("notes")}  # last, after the numbers
     return result
 
 
@@ -209,8 +265,14 @@ def reconstruct(autoencoder, images: np.ndarray, device, batch_size: int = 256) 
 def evaluate_autoencoder(model, *, n: int = 2000, reference: str = "fashion-mnist",
                          extractor: str | Extractor = DEFAULT_EXTRACTOR, weights: str | None = None,
                          device="cpu", batch_size: int = 256, data_dir=None, seed: int = 0) -> dict:
-    """Reconstruct the first ``n`` held-out (test) images: mean PSNR (dB), mean SSIM, and ``fd`` between
-    reconstructions and originals next to ``fd_floor`` (n real training images vs the same originals).
+    """Reconstruct the first ``n`` held-out (test) images A and score the reconstructions rec(A).
+
+    Returns mean ``psnr`` (dB) and ``ssim``, and two Fréchet distances:
+
+    * ``fd``: rec(A) vs A itself, paired (rFID in the latent-diffusion papers). It shares A's sampling
+      noise, so a perfect codec scores 0 and no real-vs-real floor applies to it;
+    * ``fd_unpaired``: rec(A) vs B, n real training images (a fixed-seed subset), next to its floor
+      ``fd_floor`` = FD(A, B); a perfect codec scores exactly the floor.
 
     ``model`` is a :class:`~latentdiff.pipeline.LatentDiffusion`, a model directory or ``pretrained:NAME``.
     """
@@ -226,17 +288,20 @@ def evaluate_autoencoder(model, *, n: int = 2000, reference: str = "fashion-mnis
     _check_count(n, ext, "held-out images")
     originals = test.images[:n]
     rec = reconstruct(pipe.autoencoder, originals, pipe.device, batch_size)
-    p = psnr(originals, rec)
+    stats_rec = _stats(ext.features(rec, batch_size=batch_size))
     f_orig, orig_key = _reference_features(ext, reference, "test", data_dir, np.arange(n), batch_size)
     stats_orig = _stats(f_orig, orig_key)
     train = _reference_data(reference, "train", data_dir)
-    f_floor, floor_key = _reference_features(ext, reference, "train", data_dir, _subset(len(train), n, seed),
-                                             batch_size)
+    b_idx = _subset(len(train), n, seed)
+    _check_count(len(b_idx), ext, f"training images ({train.source})")
+    f_b, b_key = _reference_features(ext, reference, "train", data_dir, b_idx, batch_size)
+    stats_b = _stats(f_b, b_key)
     return {"n": n, "extractor": ext.name, "reference": f"{reference} (test)",
-            "psnr": float(np.mean(p)),  # inf only if some reconstruction is exact, as in train.py
+            "psnr": float(np.mean(psnr(originals, rec))),  # inf only if some reconstruction is exact
             "ssim": float(np.mean(ssim(originals, rec))),
-            "fd": frechet_distance(*_stats(ext.features(rec, batch_size=batch_size)), *stats_orig),
-            "fd_floor": frechet_distance(*_stats(f_floor, floor_key), *stats_orig)}
+            "fd": frechet_distance(*stats_rec, *stats_orig),
+            "fd_unpaired": frechet_distance(*stats_rec, *stats_b),
+            "fd_floor": frechet_distance(*stats_orig, *stats_b), "n_floor": len(b_idx)}
 
 
 MAX_SAMPLE_BYTES = 1 << 32  # 4 GiB of uncompressed sample images (1M 28×28 float32 images is 3 GiB)

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from importlib import resources
 from pathlib import Path
 
@@ -23,11 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentdiff.errors import ConfigError, DataError, ModelError
+from latentdiff.evaluation.inception import FIDInceptionV3
 from latentdiff.evaluation.metrics import check_images
 from latentdiff.utils.state import load_state
 
-__all__ = ["EXTRACTORS", "Extractor", "ClassifierExtractor", "InceptionExtractor", "FashionMNISTClassifier",
-           "FIDInceptionV3", "get_extractor", "CLASSIFIER_ASSET", "CLASSIFIER_ARCH_VERSION"]
+__all__ = ["CLASSIFIER_ARCH_VERSION", "CLASSIFIER_ASSET", "EXTRACTORS", "ClassifierExtractor", "Extractor",
+           "FIDInceptionV3", "FashionMNISTClassifier", "InceptionExtractor", "get_extractor",
+           "weights_digest"]
 
 CLASSIFIER_ASSET = "fashion_mnist_classifier.safetensors"
 CLASSIFIER_ARCH_VERSION = 1  # bump when FashionMNISTClassifier's layers change; the asset's header records it
@@ -66,152 +69,6 @@ class FashionMNISTClassifier(nn.Module):
         return self.head(self.dropout(self.features(x)))  # N×10 logits
 
 
-# ----------------------------------------------------------------------------- Inception-v3 (FID layout)
-# Module and parameter names follow torchvision's Inception3, so pytorch-fid's weight file loads as is.
-
-
-class BasicConv2d(nn.Module):
-    def __init__(self, c_in: int, c_out: int, **kwargs):
-        super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, bias=False, **kwargs)
-        self.bn = nn.BatchNorm2d(c_out, eps=0.001)
-
-    def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
-
-
-def _avg3(x):
-    # TensorFlow's average pool, which the FID network was trained with, ignores the zero padding.
-    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
-
-
-class FIDInceptionA(nn.Module):
-    def __init__(self, c_in: int, pool_features: int):
-        super().__init__()
-        self.branch1x1 = BasicConv2d(c_in, 64, kernel_size=1)
-        self.branch5x5_1 = BasicConv2d(c_in, 48, kernel_size=1)
-        self.branch5x5_2 = BasicConv2d(48, 64, kernel_size=5, padding=2)
-        self.branch3x3dbl_1 = BasicConv2d(c_in, 64, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
-        self.branch_pool = BasicConv2d(c_in, pool_features, kernel_size=1)
-
-    def forward(self, x):
-        b5 = self.branch5x5_2(self.branch5x5_1(x))
-        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        return torch.cat([self.branch1x1(x), b5, b3, self.branch_pool(_avg3(x))], 1)
-
-
-class InceptionB(nn.Module):  # grid reduction 35 -> 17
-    def __init__(self, c_in: int):
-        super().__init__()
-        self.branch3x3 = BasicConv2d(c_in, 384, kernel_size=3, stride=2)
-        self.branch3x3dbl_1 = BasicConv2d(c_in, 64, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
-
-    def forward(self, x):
-        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        return torch.cat([self.branch3x3(x), b3, F.max_pool2d(x, 3, stride=2)], 1)
-
-
-class FIDInceptionC(nn.Module):
-    def __init__(self, c_in: int, c7: int):
-        super().__init__()
-        self.branch1x1 = BasicConv2d(c_in, 192, kernel_size=1)
-        self.branch7x7_1 = BasicConv2d(c_in, c7, kernel_size=1)
-        self.branch7x7_2 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7_3 = BasicConv2d(c7, 192, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = BasicConv2d(c_in, c7, kernel_size=1)
-        self.branch7x7dbl_2 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = BasicConv2d(c7, 192, kernel_size=(1, 7), padding=(0, 3))
-        self.branch_pool = BasicConv2d(c_in, 192, kernel_size=1)
-
-    def forward(self, x):
-        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        d = x
-        for i in range(1, 6):
-            d = getattr(self, f"branch7x7dbl_{i}")(d)
-        return torch.cat([self.branch1x1(x), b7, d, self.branch_pool(_avg3(x))], 1)
-
-
-class InceptionD(nn.Module):  # grid reduction 17 -> 8
-    def __init__(self, c_in: int):
-        super().__init__()
-        self.branch3x3_1 = BasicConv2d(c_in, 192, kernel_size=1)
-        self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
-        self.branch7x7x3_1 = BasicConv2d(c_in, 192, kernel_size=1)
-        self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
-
-    def forward(self, x):
-        b3 = self.branch3x3_2(self.branch3x3_1(x))
-        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
-        return torch.cat([b3, b7, F.max_pool2d(x, 3, stride=2)], 1)
-
-
-class FIDInceptionE(nn.Module):
-    """Mixed_7b (``pool="avg"``) and Mixed_7c (``pool="max"``: the FID network's quirk, kept for fidelity)."""
-
-    def __init__(self, c_in: int, pool: str):
-        super().__init__()
-        self.pool = pool
-        self.branch1x1 = BasicConv2d(c_in, 320, kernel_size=1)
-        self.branch3x3_1 = BasicConv2d(c_in, 384, kernel_size=1)
-        self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
-        self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = BasicConv2d(c_in, 448, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(448, 384, kernel_size=3, padding=1)
-        self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
-        self.branch_pool = BasicConv2d(c_in, 192, kernel_size=1)
-
-    def forward(self, x):
-        b3 = self.branch3x3_1(x)
-        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
-        d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        d = torch.cat([self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d)], 1)
-        pooled = _avg3(x) if self.pool == "avg" else F.max_pool2d(x, 3, stride=1, padding=1)
-        return torch.cat([self.branch1x1(x), b3, d, self.branch_pool(pooled)], 1)
-
-
-class FIDInceptionV3(nn.Module):
-    """Inception-v3 up to pool3: N×3×299×299 in [-1, 1] -> N×2048 (Szegedy et al. 2016; FID: Heusel et al. 2017)."""
-
-    def __init__(self):
-        super().__init__()
-        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
-        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
-        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
-        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
-        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
-        self.Mixed_5b = FIDInceptionA(192, pool_features=32)
-        self.Mixed_5c = FIDInceptionA(256, pool_features=64)
-        self.Mixed_5d = FIDInceptionA(288, pool_features=64)
-        self.Mixed_6a = InceptionB(288)
-        self.Mixed_6b = FIDInceptionC(768, c7=128)
-        self.Mixed_6c = FIDInceptionC(768, c7=160)
-        self.Mixed_6d = FIDInceptionC(768, c7=160)
-        self.Mixed_6e = FIDInceptionC(768, c7=192)
-        self.Mixed_7a = InceptionD(768)
-        self.Mixed_7b = FIDInceptionE(1280, pool="avg")
-        self.Mixed_7c = FIDInceptionE(2048, pool="max")
-
-    def forward(self, x):
-        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # N×64×147×147
-        x = F.max_pool2d(x, 3, stride=2)                                    # N×64×73×73
-        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))                       # N×192×71×71
-        x = F.max_pool2d(x, 3, stride=2)                                    # N×192×35×35
-        x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))                  # N×288×35×35
-        x = self.Mixed_6a(x)                                                # N×768×17×17
-        x = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x))))   # N×768×17×17
-        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))                  # N×2048×8×8
-        return x.mean(dim=(2, 3))                                           # N×2048 (pool3)
-
-
 # ----------------------------------------------------------------------------- extractors
 
 
@@ -221,12 +78,22 @@ def _images_nchw(images, name: str = "images") -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)  # N×C×H×W
 
 
+def weights_digest(net: nn.Module) -> str:
+    """SHA-256 of a network's current parameters and buffers (names, dtypes, shapes and bytes)."""
+    h = hashlib.sha256()
+    for name, t in sorted(net.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # raw bytes of any dtype, bf16 included
+    return h.hexdigest()
+
+
 class Extractor:
-    """Maps image batches to N×D features; ``key`` identifies the network + weights (for caches)."""
+    """Maps image batches to N×D features; :meth:`cache_key` identifies the network + weights (for caches)."""
 
     name: str = ""
     dim: int = 0
-    key: str = ""
+    key: str = ""  # set by extractors built from a weight file; empty means "derive it from the weights"
     max_batch: int = 1 << 16  # caps batch_size where activations are large (Inception at 299×299)
 
     def __init__(self, net: nn.Module, device):
@@ -235,6 +102,20 @@ class Extractor:
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:  # x: B×C×H×W in [0, 1] on device
         raise NotImplementedError
+
+    def cache_key(self) -> str:
+        """``key`` when set, else the class and a digest of the network's current weights.
+
+        Reference features are cached under this key, so two extractors must never share one: an empty
+        key once let a second user-supplied extractor reuse the first one's reference features.
+        """
+        if self.key:
+            return self.key
+        net = getattr(self, "net", None)
+        if not isinstance(net, nn.Module):
+            raise ConfigError(f"extractor {type(self).__qualname__} has an empty `key` and no `net` to derive one "
+                              "from; set `key` to a string that identifies its network and weights")
+        return f"{type(self).__module__}.{type(self).__qualname__}:{weights_digest(net)}"
 
     def check_size(self, images) -> None:
         """Raise DataError when this extractor cannot take images of this size."""
@@ -343,7 +224,9 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         return load_state(path)[0]
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for corrupt or non-weights-only files
+    # torch.load's unpickler raises types of its own choosing for corrupt or code-carrying files (and naming
+    # pickle.UnpicklingError would import pickle, which tests/test_safety.py forbids): every one becomes ModelError.
+    except Exception as e:  # noqa: BLE001
         raise ModelError(f"cannot read inception weights {path}: {type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):

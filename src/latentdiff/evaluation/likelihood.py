@@ -143,7 +143,7 @@ def _check_images(pipe: LatentDiffusion, images: np.ndarray, what: str) -> None:
 
 
 def _default_train_images(pipe: LatentDiffusion, n: int) -> np.ndarray:
-    from latentdiff.data.datasets import load_dataset
+    from latentdiff.data import load_dataset
 
     data = load_dataset("bundled", "train", limit=n)
     _check_images(pipe, data.images, "the bundled training images (pass train_images= for this model)")

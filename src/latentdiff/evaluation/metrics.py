@@ -27,13 +27,13 @@ from latentdiff.errors import DataError
 __all__ = [
     "check_images",
     "check_same_size",
-    "psnr",
-    "ssim",
+    "classification_accuracy",
+    "fd_from_features",
     "feature_stats",
     "frechet_distance",
-    "fd_from_features",
     "precision_recall",
-    "classification_accuracy",
+    "psnr",
+    "ssim",
 ]
 
 # Float inputs may overshoot [0, 1] by this much (e.g. after a float32 (x + 1) / 2); they are clipped.
@@ -45,7 +45,7 @@ def _to_numpy(x, name: str) -> np.ndarray:
         return x.detach().cpu().numpy()
     try:
         return np.asarray(x)
-    except Exception as err:  # ragged lists and the like
+    except (ValueError, TypeError) as err:  # ragged lists and the like
         raise DataError(f"{name}: cannot be read as an array ({err})") from err
 
 
@@ -150,7 +150,7 @@ def ssim(a, b, data_range: float = 1.0, win_size: int = 7) -> np.ndarray:
     # Filter only over H and W; batch and channel axes are independent. The border values depend
     # on the filter's padding mode, but the crop below discards exactly those values.
     size = (1, win_size, win_size, 1)
-    mean = lambda z: uniform_filter(z, size=size)  # noqa: E731
+    mean = lambda z: uniform_filter(z, size=size)
     np_ = win_size * win_size
     cov_norm = np_ / (np_ - 1)  # sample covariance, as skimage use_sample_covariance=True
     ux, uy = mean(x), mean(y)
@@ -203,15 +203,12 @@ def feature_stats(features) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _psd_sqrt(s: np.ndarray) -> np.ndarray:
-    """Symmetric square root of a PSD matrix via eigh; numerically-zero eigenvalues are zeroed."""
+    """Symmetric square root of a PSD matrix via eigh; rounding-negative eigenvalues become 0.
+
+    No tolerance cut-off: small real eigenvalues keep their (relatively large) square roots.
+    """
     lam, q = np.linalg.eigh(s)
-    lam = np.where(lam > _zero_tol(lam), lam, 0.0)
-    return (q * np.sqrt(lam)) @ q.T
-
-
-def _zero_tol(lam: np.ndarray) -> float:
-    # Eigenvalues below this are rounding noise (eigh is backward stable to ~D·eps·‖S‖).
-    return len(lam) * np.finfo(np.float64).eps * max(float(np.abs(lam).max()), 1e-300)
+    return (q * np.sqrt(np.clip(lam, 0.0, None))) @ q.T
 
 
 def _check_cov(sigma, d: int, name: str) -> np.ndarray:
@@ -236,10 +233,13 @@ def _check_cov(sigma, d: int, name: str) -> np.ndarray:
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """Fréchet distance between N(μ1, Σ1) and N(μ2, Σ2): ‖μ1-μ2‖² + Tr(Σ1 + Σ2 - 2 (Σ1 Σ2)^½).
 
-    Tr (Σ1 Σ2)^½ is computed as Tr (Σ1^½ Σ2 Σ1^½)^½ (same non-zero eigenvalues): a symmetric PSD
-    matrix, so eigh gives a real answer even for singular (N <= D) covariances. pytorch-fid instead
-    runs sqrtm on the non-symmetric product, adds ε·I when it fails and discards imaginary parts;
-    here no imaginary part can arise, and covariances that are not PSD raise DataError instead.
+    Tr (Σ1 Σ2)^½ is the nuclear norm ‖Σ2^½ Σ1^½‖_* (the sum of its singular values): with
+    A = Σ1^½ Σ2^½, A Aᵀ = Σ1^½ Σ2 Σ1^½ has the eigenvalues of Σ1 Σ2, so A's singular values are their
+    square roots. The SVD finds small singular values to an absolute accuracy of ε‖A‖, where taking
+    square roots of the eigenvalues of Σ1^½ Σ2 Σ1^½ would resolve only ε‖A‖² and lose the many small
+    real terms of singular (N <= D) covariances with steep spectra. pytorch-fid instead runs sqrtm on
+    the non-symmetric product, adds ε·I when it fails and discards imaginary parts; here no imaginary
+    part can arise, and covariances that are not PSD raise DataError instead.
     """
     m1 = _to_numpy(mu1, "mu1").astype(np.float64)
     m2 = _to_numpy(mu2, "mu2").astype(np.float64)
@@ -249,11 +249,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
         raise DataError("frechet_distance: means contain NaN/inf values")
     d = m1.shape[0]
     s1, s2 = _check_cov(sigma1, d, "sigma1"), _check_cov(sigma2, d, "sigma2")
-    r1 = _psd_sqrt(s1)
-    m = r1 @ s2 @ r1
-    lam = np.linalg.eigvalsh((m + m.T) / 2)
-    lam = np.where(lam > _zero_tol(lam), lam, 0.0)
-    tr_covmean = float(np.sqrt(lam).sum())
+    tr_covmean = float(np.linalg.svd(_psd_sqrt(s2) @ _psd_sqrt(s1), compute_uv=False).sum())  # ‖Σ2^½ Σ1^½‖_*
     diff = m1 - m2
     fd = float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
     return max(fd, 0.0)  # a distance: only rounding can make it negative

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from latentdiff.data.datasets import SOURCES, load_dataset
+from latentdiff.data import SOURCES, load_dataset
 from latentdiff.diffusion.schedule import NoiseSchedule
 from latentdiff.errors import DataError
 from latentdiff.models.classifier import ClassifierConfig, NoisyClassifier, save_classifier

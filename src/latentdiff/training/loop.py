@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from latentdiff.codecs.autoencoder import Autoencoder, AutoencoderConfig, DiagonalGaussian
-from latentdiff.data.datasets import ImageData, load_dataset
+from latentdiff.data import ImageData, load_dataset
 from latentdiff.diffusion.denoiser import Denoiser, training_target
 from latentdiff.errors import ConfigError, ModelError, TrainingError, WriteError
 from latentdiff.pipeline import LatentDiffusion, resolve_device

@@ -1,0 +1,40 @@
+"""The one container every data source returns: uint8 images with optional class labels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from latentdiff.errors import DataError
+
+
+@dataclass
+class ImageData:
+    """A set of images (uint8 ``N×H×W×C``, C = 1 or 3) with optional integer class labels."""
+
+    images: np.ndarray
+    labels: np.ndarray | None  # int64 N, or None when the source has no labels
+    num_classes: int  # 0 when unlabeled
+    class_names: tuple[str, ...]  # () when unlabeled
+    source: str  # human description, e.g. "bundled Fashion-MNIST subset (train)"
+
+    def __post_init__(self) -> None:
+        x = self.images
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[3] not in (1, 3):
+            raise DataError(f"images must be uint8 N×H×W×C with C in (1, 3), got {x.dtype} {x.shape}")
+        if self.labels is not None and self.labels.shape != (len(x),):
+            raise DataError(f"labels shape {self.labels.shape} does not match {len(x)} images")
+        if len(self.class_names) != self.num_classes:
+            raise DataError(f"{self.num_classes} classes but {len(self.class_names)} class names")
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return int(self.images.shape[1]), int(self.images.shape[2])
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[3])
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
