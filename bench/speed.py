@@ -1,6 +1,6 @@
 """Training and sampling speed of a model, through latentdiff's own code paths.
 
-Training runs ``latentdiff.train.train_diffusion``, the loop ``latentdiff train`` runs (data set encoded
+Training runs ``latentdiff.training.diffusion.train_diffusion``, the loop ``latentdiff train`` runs (data set encoded
 once into cached posteriors resident on the device, a fresh posterior sample per step, fused AdamW and
 bf16 autocast on CUDA, no host-device sync between log lines), for ``steps`` steps in a scratch run
 directory holding the model's autoencoder; variants: float32 or bf16 autocast, ``training.channels_last``,
@@ -32,7 +32,9 @@ from common import count_flops, sync
 from latentdiff.pipeline.config import config_from_dict
 from latentdiff.pipeline.model import LatentDiffusion, model_dir
 from latentdiff.sampling import samplers
-from latentdiff.training.loop import diffusion_loss, read_metrics, train_diffusion
+from latentdiff.diffusion.loss import diffusion_loss
+from latentdiff.training.diffusion import train_diffusion
+from latentdiff.training.metrics import read_metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +86,7 @@ def train_speed(model: str, device: torch.device, data_source: str, *, steps: in
             run = Path(tmp)
             shutil.copyfile(model_dir(model) / "autoencoder.safetensors", run / "autoencoder.safetensors")
             t0 = time.perf_counter()
-            train_diffusion(run_cfg, run, log=lambda *_: None, progress=False, grid_path=run / "grid.png")
+            train_diffusion(run_cfg, run, progress=False, grid_path=run / "grid.png")
             wall = time.perf_counter() - t0
             records = read_metrics(run / "denoiser_metrics.jsonl")
         steady = [r["img_s"] for r in records[1:]] or [records[0]["img_s"]]

@@ -165,7 +165,7 @@ def trained(tmp_path_factory):
     train = TrainConfig(steps=120, batch_size=64, lr=3e-3, warmup_steps=10, ema_decay=0.9, log_every=40,
                         checkpoint_every=60)
     net, meta = train_classifier(pipe, d / "run", d / "model" / "classifier.safetensors", source="bundled",
-                                 limit=2000, eval_limit=500, train=train, progress=False, log=lambda m: None,
+                                 limit=2000, eval_limit=500, train=train, progress=False,
                                  cfg=ClassifierConfig(base_channels=16, num_res_blocks=1))
     return d, pipe, net, meta
 
@@ -207,7 +207,7 @@ def test_training_needs_labels(tmp_path):
         Image.fromarray(np.full((28, 28), 40 * i, dtype=np.uint8), "L").save(folder / f"{i}.png")
     with pytest.raises(DataError, match="no class labels"):
         train_classifier(tiny_pipe(), tmp_path / "run", tmp_path / "c.safetensors", source=str(folder),
-                         progress=False, log=lambda m: None)
+                         progress=False)
 
 
 # --- CLI ----------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ in fp32 and bf16."""
 
 import errno
 import json
+import logging
 import os
 import random
 import shutil
@@ -21,7 +22,8 @@ from latentdiff.codecs.autoencoder import Autoencoder
 from latentdiff.errors import ConfigError, ModelError, TrainingError, WriteError
 from latentdiff.pipeline.config import TrainConfig, load_config
 from latentdiff.training import checkpoints as ckpt
-from latentdiff.training.loop import MetricsLog, Stage, read_metrics, run_stage
+from latentdiff.training.loop import Stage, TrainLoop
+from latentdiff.training.metrics import MetricsLog, read_metrics
 from latentdiff.utils import files as ld_io
 from latentdiff.utils import state as ld_state
 
@@ -58,11 +60,30 @@ def make_stage(steps=6, fault_step=None, fault="loss", seen=None, **train) -> St
     return Stage("autoencoder", ae, loss, len(images), TrainConfig(**options), section="autoencoder_training")
 
 
-def run(stage, run_dir, **kw):
-    logs = []
+class Lines(logging.Handler):
+    """The messages of the "latentdiff" loggers, whatever the CLI's configure_logging did to them."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def run(stage, run_dir, resume=False, **kw):
+    """Train `stage` in RUN_DIR through the library's loop; returns the log messages."""
     kw.setdefault("precision", "fp32")
-    run_stage(stage, Path(run_dir), torch.device("cpu"), log=logs.append, progress=False, **kw)
-    return logs
+    logger, handler = logging.getLogger("latentdiff"), Lines()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        TrainLoop(stage, Path(run_dir), torch.device("cpu"), progress=False, **kw).run(resume)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return handler.lines
 
 
 def tensors_equal(a: Path, b: Path, prefix=("model.", "ema.", "optim.")):

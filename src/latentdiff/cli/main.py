@@ -136,7 +136,7 @@ def _process_group():
 
 
 def cmd_train_autoencoder(args):
-    from latentdiff.training.loop import train_autoencoder
+    from latentdiff.training.autoencoder import train_autoencoder
 
     cfg = _load_cfg(args, "autoencoder_training")
     with _process_group():
@@ -144,7 +144,7 @@ def cmd_train_autoencoder(args):
 
 
 def cmd_train(args):
-    from latentdiff.training.loop import train_diffusion
+    from latentdiff.training.diffusion import train_diffusion
 
     cfg = _load_cfg(args, "training")
     with _process_group():
@@ -227,7 +227,8 @@ def cmd_train_classifier(args):
 def cmd_demo(args):
     from latentdiff.pipeline.config import load_config
     from latentdiff.training.distributed import is_main
-    from latentdiff.training.loop import train_autoencoder, train_diffusion
+    from latentdiff.training.autoencoder import train_autoencoder
+    from latentdiff.training.diffusion import train_diffusion
 
     over = [f"device={args.device}"] if args.device else []
     cfg = load_config(preset="demo", overrides=over)

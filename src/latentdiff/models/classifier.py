@@ -3,9 +3,9 @@
 The network is the downsampling half of the U-Net (``unet.py``): the same ResBlocks with the
 sinusoidal time embedding added in, then GroupNorm-SiLU, global average pooling and a linear head.
 It is trained like the denoiser: the data set is encoded once into cached posteriors
-(``train.encode_dataset``), every step draws fresh z0 from them, t uniformly, and
+(``training.diffusion.encode_dataset``), every step draws fresh z0 from them, t uniformly, and
 z_t = schedule.add_noise(z0, ε, t); the loss is the cross-entropy of the labels. The loop is
-``train.run_stage`` (EMA, atomic checkpoints, exact resume).
+``training.loop.TrainLoop`` (EMA, atomic checkpoints, exact resume).
 
 On disk a classifier is one safetensors file whose JSON header holds its config, the diffusion
 facts it was trained for (T, latent shape, latent scale factor) and its held-out accuracy per
