@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from common import count_flops, sync
 
+from latentdiff.diffusion.loss import diffusion_loss
 from latentdiff.pipeline.config import config_from_dict
 from latentdiff.pipeline.model import LatentDiffusion, model_dir
 from latentdiff.sampling import samplers
-from latentdiff.diffusion.loss import diffusion_loss
 from latentdiff.training.diffusion import train_diffusion
 from latentdiff.training.metrics import read_metrics
 

@@ -47,7 +47,7 @@ def evaluate_autoencoder(ae: Autoencoder, images: np.ndarray, device) -> dict:
 
     rec = reconstruct(ae, images, device)
     return {"psnr": float(np.mean(psnr(images, rec))), "ssim": float(np.mean(ssim(images, rec))),
-            "n": int(len(images))}
+            "n": len(images)}
 
 
 def train_autoencoder(cfg: Config, run_dir: str | Path, *, resume: bool = False,
