@@ -95,6 +95,8 @@ def _add_config_options(p: argparse.ArgumentParser):
     g.add_argument("--run-dir", default="runs/latentdiff", metavar="DIR",
                    help="where checkpoints, samples and the final model go (default: runs/latentdiff)")
     g.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in RUN_DIR")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start over in a RUN_DIR that holds another run's checkpoints of this stage (deletes them)")
     g.add_argument("--data", metavar="SOURCE",
                    help="'bundled' (packaged 10k subset), 'fashion-mnist' (full IDX files) or a folder of images")
     g.add_argument("--data-dir", metavar="DIR", help="directory holding the four Fashion-MNIST IDX .gz files")
@@ -140,7 +142,8 @@ def cmd_train_autoencoder(args):
 
     cfg = _load_cfg(args, "autoencoder_training")
     with _process_group():
-        train_autoencoder(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress)
+        train_autoencoder(cfg, args.run_dir, resume=args.resume, overwrite=args.overwrite,
+                          progress=not args.no_progress)
 
 
 def cmd_train(args):
@@ -148,7 +151,8 @@ def cmd_train(args):
 
     cfg = _load_cfg(args, "training")
     with _process_group():
-        train_diffusion(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress)
+        train_diffusion(cfg, args.run_dir, resume=args.resume, overwrite=args.overwrite,
+                        progress=not args.no_progress)
 
 
 def cmd_sample(args):
@@ -221,21 +225,24 @@ def cmd_train_classifier(args):
                                                               ("lr", args.lr), ("seed", args.seed)) if v is not None})
     train_classifier(pipe, args.run_dir, out, source=args.data, data_dir=args.data_dir, train=train, device=device,
                      dtype=getattr(torch, args.dtype),
-                     resume=args.resume, limit=args.limit, progress=not args.no_progress)
+                     resume=args.resume, overwrite=args.overwrite, limit=args.limit, progress=not args.no_progress)
 
 
 def cmd_demo(args):
     from latentdiff.pipeline.config import load_config
-    from latentdiff.training.distributed import is_main
     from latentdiff.training.autoencoder import train_autoencoder
     from latentdiff.training.diffusion import train_diffusion
+    from latentdiff.training.distributed import is_main
 
     over = [f"device={args.device}"] if args.device else []
     cfg = load_config(preset="demo", overrides=over)
     t0 = time.perf_counter()
     with _process_group():
-        train_autoencoder(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress)
-        pipe = train_diffusion(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress,
+        # the demo's run directory is its own: without --resume a demo starts over
+        train_autoencoder(cfg, args.run_dir, resume=args.resume, overwrite=not args.resume,
+                          progress=not args.no_progress)
+        pipe = train_diffusion(cfg, args.run_dir, resume=args.resume, overwrite=not args.resume,
+                               progress=not args.no_progress,
                                grid_path=args.out)
         if is_main():
             print(f"demo finished in {time.perf_counter() - t0:.0f} s: {args.out} (one row per class: "
@@ -276,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="samples.png", help="where the sample grid goes (default: samples.png)")
     p.add_argument("--run-dir", default="demo-run", help="where the demo model goes (default: demo-run)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to train (default: auto)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted demo run")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted demo run (else it starts over)")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
     p.set_defaults(func=cmd_demo)
 
@@ -350,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default="runs/classifier", metavar="DIR",
                    help="where resumable checkpoints go (default: runs/classifier)")
     p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in RUN_DIR")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a RUN_DIR that holds another run's classifier checkpoints (deletes them)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: auto")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     p.set_defaults(func=cmd_train_classifier)

@@ -14,7 +14,7 @@ from latentdiff.data.datasets import ImageData, load_dataset
 from latentdiff.errors import ConfigError, DataError, ModelError
 from latentdiff.pipeline.config import Config, apply_updates
 from latentdiff.pipeline.model import resolve_device
-from latentdiff.training import distributed
+from latentdiff.training import distributed, rundir
 from latentdiff.training.loop import Stage, TrainLoop
 from latentdiff.utils import state as ld_state
 from latentdiff.utils.files import write_text_atomic
@@ -50,12 +50,21 @@ def evaluate_autoencoder(ae: Autoencoder, images: np.ndarray, device) -> dict:
             "n": len(images)}
 
 
-def train_autoencoder(cfg: Config, run_dir: str | Path, *, resume: bool = False,
+AUTOENCODER_SECTIONS = ("data", "autoencoder", "autoencoder_training", "precision")  # what stage 1 depends on
+
+
+def train_autoencoder(cfg: Config, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
                       progress: bool = True) -> tuple[Autoencoder, dict]:
-    """Stage 1 (also one process of several under torchrun; rank 0 evaluates and writes the model)."""
+    """Stage 1 (also one process of several under torchrun; rank 0 evaluates and writes the model).
+    RUN_DIR is locked while it runs; see ``training/rundir.py`` for `resume` and `overwrite`."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = distributed.setup(resolve_device(cfg.device))
+    with rundir.locked(run_dir):
+        return _train_autoencoder(cfg, run_dir, device, resume, overwrite, progress)
+
+
+def _train_autoencoder(cfg: Config, run_dir: Path, device, resume: bool, overwrite: bool, progress: bool):
     main = distributed.is_main()
     data = load_train_data(cfg)
     cfg.autoencoder.image_channels = data.channels
@@ -70,7 +79,8 @@ def train_autoencoder(cfg: Config, run_dir: str | Path, *, resume: bool = False,
         ae = Autoencoder(ae_cfg, data.image_size)
     images = to_tensor(data.images).to(device)  # small data sets stay resident on the device
     stage = autoencoder_stage(cfg, ae, images, device)
-    TrainLoop(stage, run_dir, device, precision=cfg.precision, config=cfg.to_dict(), progress=progress).run(resume)
+    TrainLoop(stage, run_dir, device, precision=cfg.precision, config=cfg.to_dict(), progress=progress,
+              sections=AUTOENCODER_SECTIONS, overwrite=overwrite).run(resume)
     ae.eval()
     scale = ae.estimate_scale_factor(images[:5000])
     metrics: dict = {}

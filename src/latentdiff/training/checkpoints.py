@@ -78,6 +78,7 @@ class TrainState:
     noise_gen: torch.Generator
     loss_sum: torch.Tensor
     logs_sum: dict = field(default_factory=dict)
+    run_id: str = ""
 
 
 @dataclass
@@ -126,7 +127,7 @@ class CheckpointStore:
         tensors["log.loss"] = s.loss_sum
         tensors.update({f"log.{k}": v for k, v in s.logs_sum.items()})
         meta = {"step": s.step, "stage": self.stage, "optimizer": opt_meta, "config": self.config,
-                "skipped": s.skipped, "log_count": s.n_logged}
+                "skipped": s.skipped, "log_count": s.n_logged, "run_id": s.run_id}
         try:
             ld_state.save_state(checkpoint_path(self.directory, self.stage, s.step), tensors, meta)
         except WriteError as e:

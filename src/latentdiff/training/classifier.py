@@ -28,6 +28,7 @@ from latentdiff.diffusion.schedule import NoiseSchedule
 from latentdiff.errors import DataError
 from latentdiff.models.classifier import ClassifierConfig, NoisyClassifier, save_classifier
 from latentdiff.pipeline.config import TrainConfig
+from latentdiff.training import rundir
 from latentdiff.training.diffusion import Posteriors, encode_dataset, posterior_means, sample_posterior
 from latentdiff.training.loop import Stage, TrainLoop
 
@@ -96,7 +97,7 @@ def classifier_stage(net: NoisyClassifier, schedule: NoiseSchedule, post: Poster
 
 def train_classifier(pipe, run_dir: str | Path, out: str | Path, *, source: str | None = None, data_dir=None,
                      train: TrainConfig | None = None, cfg: ClassifierConfig | None = None, device="cpu",
-                     dtype: torch.dtype = torch.float32, resume: bool = False, limit: int | None = None,
+                     dtype: torch.dtype = torch.float32, resume: bool = False, overwrite: bool = False, limit: int | None = None,
                      eval_limit: int | None = None, progress: bool = True) -> tuple[NoisyClassifier, dict]:
     """Train a noise-aware classifier on the latents of `pipe`'s autoencoder; write it to `out`.
 
@@ -127,7 +128,9 @@ def train_classifier(pipe, run_dir: str | Path, out: str | Path, *, source: str 
     labels = torch.as_tensor(data.labels, device=device)
     config = {"classifier": dataclasses.asdict(cfg), "training": dataclasses.asdict(train)}
     stage = classifier_stage(net, schedule, post, labels, train)
-    final = TrainLoop(stage, Path(run_dir), device, config=config, progress=progress).run(resume)
+    with rundir.locked(Path(run_dir)):
+        final = TrainLoop(stage, Path(run_dir), device, config=config, progress=progress,
+                          overwrite=overwrite).run(resume)
 
     # Measure exactly what is shipped: the weights after the cast to `dtype`.
     shipped = NoisyClassifier(cfg).to(device)

@@ -21,7 +21,7 @@ from latentdiff.diffusion.loss import diffusion_loss, drop_labels
 from latentdiff.errors import ConfigError
 from latentdiff.pipeline.config import Config
 from latentdiff.pipeline.model import LatentDiffusion, resolve_device
-from latentdiff.training import distributed
+from latentdiff.training import distributed, rundir
 from latentdiff.training.autoencoder import load_train_data, load_trained_autoencoder
 from latentdiff.training.loop import Stage, TrainLoop
 from latentdiff.utils.files import write_text_atomic
@@ -79,12 +79,22 @@ def denoiser_stage(cfg: Config, den: Denoiser, post: Posteriors, labels: torch.T
     return Stage("denoiser", den.net, loss, len(post), cfg.training, on_sample)
 
 
-def train_diffusion(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
-                    grid_path: str | Path | None = None) -> LatentDiffusion:
+DENOISER_SECTIONS = ("data", "autoencoder", "unet", "diffusion", "training", "conditional", "precision")
+
+
+def train_diffusion(cfg: Config, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+                    progress: bool = True, grid_path: str | Path | None = None) -> LatentDiffusion:
     """Stage 2; when done, RUN_DIR is a model directory and a sample grid is written to `grid_path`
-    (default RUN_DIR/samples.png). Under torchrun every process trains its share; rank 0 writes."""
+    (default RUN_DIR/samples.png). Under torchrun every process trains its share; rank 0 writes.
+    RUN_DIR is locked while it runs; see ``training/rundir.py`` for `resume` and `overwrite`."""
     run_dir = Path(run_dir)
     device = distributed.setup(resolve_device(cfg.device))
+    with rundir.locked(run_dir):
+        return _train_diffusion(cfg, run_dir, device, resume, overwrite, progress, grid_path)
+
+
+def _train_diffusion(cfg: Config, run_dir: Path, device, resume: bool, overwrite: bool, progress: bool,
+                     grid_path) -> LatentDiffusion:
     main = distributed.is_main()
     ae, ae_meta = load_trained_autoencoder(run_dir, device)
     cfg.autoencoder = ae.cfg  # the trained codec is authoritative
@@ -114,7 +124,7 @@ def train_diffusion(cfg: Config, run_dir: str | Path, *, resume: bool = False, p
 
     t0 = time.perf_counter()
     loop = TrainLoop(denoiser_stage(cfg, den, post, labels, on_sample), run_dir, device, precision=cfg.precision,
-                     config=cfg.to_dict(), progress=progress)
+                     config=cfg.to_dict(), progress=progress, sections=DENOISER_SECTIONS, overwrite=overwrite)
     net = loop.run(resume)
     train_seconds = time.perf_counter() - t0
     final = LatentDiffusion(cfg, ae, Denoiser(net, den.schedule, den.prediction), pipe.class_names).eval()

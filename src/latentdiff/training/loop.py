@@ -26,7 +26,7 @@ from torch import nn
 
 from latentdiff.errors import TrainingError
 from latentdiff.pipeline.config import TrainConfig, uses_bf16
-from latentdiff.training import distributed
+from latentdiff.training import distributed, rundir
 from latentdiff.training.checkpoints import CheckpointStore, TrainState
 from latentdiff.training.ema import EMA
 from latentdiff.training.metrics import MetricsLog
@@ -132,7 +132,7 @@ class TrainLoop:
     def __init__(self, stage: Stage, run_dir: Path | None, device: torch.device, *, precision: str = "auto",
                  config: dict | None = None, progress: bool = True,
                  should_stop: Callable[[int, float], bool] | None = None, lr: Callable[[int], float] | None = None,
-                 resume_check: Callable[[dict], None] | None = None):
+                 sections: tuple[str, ...] | None = None, overwrite: bool = False):
         cfg = self.cfg = stage.cfg
         self.stage, self.device, self.progress = stage, device, progress
         self.main = distributed.is_main()
@@ -159,7 +159,9 @@ class TrainLoop:
         self.n_logged = 0
         self.health = Health(device)
         self.store = CheckpointStore(run_dir / "checkpoints", stage.name, config or {}) if run_dir else None
-        self.run_dir, self.resume_check = run_dir, resume_check
+        self.run_dir, self.overwrite, self.run_id = run_dir, overwrite, rundir.new_run_id()
+        # resume: skip files that are not this stage's checkpoints, refuse a changed config (`sections` of it)
+        self.resume_check = rundir.resume_check(stage.name, config or {}, sections)
         self.step_loss = distributed.wrap(_LossModule(self.model, stage.loss), device)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(precision, device))
 
@@ -167,7 +169,7 @@ class TrainLoop:
 
     def state(self) -> TrainState:
         return TrainState(self.step, self.skipped, self.n_logged, self.model, self.ema, self.opt, self.data_gen,
-                       self.noise_gen, self.loss_sum, self.logs_sum)
+                          self.noise_gen, self.loss_sum, self.logs_sum, self.run_id)
 
     def restore(self):
         """Continue from the newest intact checkpoint of this stage in RUN_DIR, if there is one."""
@@ -178,6 +180,7 @@ class TrainLoop:
         else:
             self.step, self.skipped, self.n_logged = found.step, found.skipped, found.n_logged
             self.loss_sum, self.logs_sum = found.loss_sum, found.logs_sum
+            self.run_id = found.meta.get("run_id") or self.run_id  # the run continues under its own id
             log.info(f"resumed {self.stage.name} from {found.path.name} at step {self.step}")
         distributed.same_on_all(self.step, f"the {self.stage.name} step to resume from")
 
@@ -276,8 +279,11 @@ class TrainLoop:
 
         SIGINT/SIGTERM: the current step finishes, a checkpoint is saved and KeyboardInterrupt is raised.
         """
+        torch.manual_seed(self.cfg.seed)  # dropout & co. draw from the global generator (a resume restores it)
         if resume:
             self.restore()
+        elif self.store is not None:
+            rundir.prepare_fresh_start(self.store.directory, self.stage.name, self.overwrite)
         if self.main and self.store is not None:
             self.store.remove_temporaries()
         metrics = MetricsLog(self.run_dir / f"{self.stage.name}_metrics.jsonl" if self.run_dir else Path(),
@@ -309,7 +315,9 @@ class TrainLoop:
     def _maybe_sample(self, finished: bool):
         every = self.cfg.sample_every
         if self.stage.on_sample and self.main and every and self.step % every == 0 and not finished:
-            self.stage.on_sample(self.step, self.inference_model())
+            # Sampling must not move the training's global RNG: a run with grids equals one without.
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                self.stage.on_sample(self.step, self.inference_model())
 
     def inference_model(self) -> nn.Module:
         return self.ema.model if self.ema is not None else self.model
