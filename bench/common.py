@@ -115,43 +115,72 @@ class TrainStats:
                 "images_per_s": self.images_per_s}
 
 
-def train_for(step_fn: Callable[[int, float], None], seconds: float, batch: int, device: torch.device, *,
-              snapshot_at=(), snapshot: Callable[[], object] | None = None, t_offset: float = 0.0,
-              sync_every: int = 10) -> TrainStats:
-    """Call ``step_fn(step, progress)`` until ``seconds`` of wall clock have passed (at least one step).
+class Budget:
+    """A wall-clock budget as a stopping rule: ``should_stop(step, elapsed)`` after every step, the hook
+    of latentdiff's ``TrainLoop`` (the first call, with step 0, starts the clock).
 
     On CUDA the clock is read after a device sync every ``sync_every`` steps (a sync per step would
     slow the small models down), so a run may overshoot by up to that many steps; the reported
-    seconds are the measured ones. ``snapshot()`` is called the first time the clock passes each time
-    in ``snapshot_at`` (seconds since this loop's start; at most once per step, never at the step that
-    ends the budget) and after the last step, so the last snapshot is always the final model.
+    seconds are the measured ones (the loop's own `elapsed` is host time and is not used). ``snapshot()``
+    is called the first time the clock passes each time in ``snapshot_at`` (seconds since the start;
+    at most once per step, never at the step that ends the budget) and by :meth:`stats` after the
+    last step, so the last snapshot is always the final model.
     """
-    every = sync_every if device.type == "cuda" else 1
-    pending = sorted(float(s) for s in snapshot_at if s < seconds)
-    snaps, marks = [], [(0.0, 0)]
-    sync(device)
-    t0 = time.perf_counter()
-    step, elapsed = 0, 0.0
-    while step == 0 or elapsed < seconds:
-        step_fn(step, elapsed / seconds)
+
+    def __init__(self, seconds: float, batch: int, device: torch.device, *, snapshot_at=(),
+                 snapshot: Callable[[], object] | None = None, t_offset: float = 0.0, sync_every: int = 10):
+        self.seconds, self.batch, self.device = seconds, batch, device
+        self.every = sync_every if device.type == "cuda" else 1
+        self.pending = sorted(float(s) for s in snapshot_at if s < seconds)
+        self.snapshot, self.t_offset = snapshot, t_offset
+        self.snaps, self.marks = [], [(0.0, 0)]
+        self.elapsed = 0.0
+
+    @property
+    def progress(self) -> float:
+        """Elapsed / budget at the last clock reading (the cosine learning-rate schedule runs over it)."""
+        return self.elapsed / self.seconds
+
+    def should_stop(self, step: int, _elapsed: float = 0.0) -> bool:
+        if step == 0:
+            sync(self.device)
+            self.t0 = time.perf_counter()
+            return False
+        if step % self.every == 0:
+            sync(self.device)
+            self.elapsed = time.perf_counter() - self.t0
+            self.marks.append((self.elapsed, step))
+            if self.pending and self.elapsed >= self.pending[0] and self.snapshot is not None \
+                    and self.elapsed < self.seconds:
+                while self.pending and self.elapsed >= self.pending[0]:  # one snapshot per step, however many passed
+                    self.pending.pop(0)
+                self.snaps.append((self.t_offset + self.elapsed, self.snapshot()))
+        return self.elapsed >= self.seconds
+
+    def stats(self, step: int) -> TrainStats:
+        """The run's numbers after its last step (and the final snapshot)."""
+        sync(self.device)
+        elapsed = time.perf_counter() - self.t0
+        marks = self.marks + ([(elapsed, step)] if self.marks[-1][1] != step else [])
+        if self.snapshot is not None:  # the final model; a snapshot taken after the last step would be the same one
+            self.snaps.append((self.t_offset + elapsed, self.snapshot()))
+        start = next((m for m in marks if m[0] >= 0.2 * elapsed and m[1] < step), marks[0])
+        rate = (step - start[1]) * self.batch / max(elapsed - start[0], 1e-9)
+        return TrainStats(step, step * self.batch, elapsed, rate, self.snaps)
+
+
+def train_for(step_fn: Callable[[int, float], None], seconds: float, batch: int, device: torch.device, *,
+              snapshot_at=(), snapshot: Callable[[], object] | None = None, t_offset: float = 0.0,
+              sync_every: int = 10) -> TrainStats:
+    """Call ``step_fn(step, progress)`` until ``seconds`` of wall clock have passed (at least one step);
+    the clock, snapshots and statistics are those of :class:`Budget`."""
+    budget = Budget(seconds, batch, device, snapshot_at=snapshot_at, snapshot=snapshot, t_offset=t_offset,
+                    sync_every=sync_every)
+    step = 0
+    while not budget.should_stop(step):
+        step_fn(step, budget.progress)
         step += 1
-        if step % every == 0:
-            sync(device)
-            elapsed = time.perf_counter() - t0
-            marks.append((elapsed, step))
-            if pending and elapsed >= pending[0] and snapshot is not None and elapsed < seconds:
-                while pending and elapsed >= pending[0]:  # one snapshot per step, however many times it passed
-                    pending.pop(0)
-                snaps.append((t_offset + elapsed, snapshot()))
-    sync(device)
-    elapsed = time.perf_counter() - t0
-    if marks[-1][1] != step:
-        marks.append((elapsed, step))
-    if snapshot is not None:  # the final model; a snapshot taken after the last step would be the same one
-        snaps.append((t_offset + elapsed, snapshot()))
-    start = next((m for m in marks if m[0] >= 0.2 * elapsed and m[1] < step), marks[0])
-    rate = (step - start[1]) * batch / max(elapsed - start[0], 1e-9)
-    return TrainStats(step, step * batch, elapsed, rate, snaps)
+    return budget.stats(step)
 
 
 def to_uint8_01(x: torch.Tensor):

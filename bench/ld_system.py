@@ -2,27 +2,30 @@
 
 The budget is spent in one timed line: autoencoder training (``ae_fraction`` of the budget), the
 latent scale factor and the one-off encoding of the data set into cached posteriors, then the
-latent denoiser for whatever time is left. The steps are latentdiff's own: ``Autoencoder.loss``,
-``train.encode_dataset``, ``train.diffusion_loss`` (min-SNR weighting), ``train.EMA``, AdamW with
-betas (0.9, 0.99), gradient clipping and bf16 autocast on CUDA, as ``train.run_stage`` does. What
-differs from ``latentdiff train`` is only the stopping rule (time instead of steps, so the cosine
-learning-rate decay runs over the budget) and that no checkpoints are written.
+latent denoiser for whatever time is left. Both stages run through latentdiff's own training loop
+(``training.loop.TrainLoop``) with the stages ``latentdiff train-autoencoder`` and ``latentdiff train``
+use (``autoencoder_stage``, ``denoiser_stage``: the library's loss, EMA, AdamW, clipping, bf16 on
+CUDA). What differs is only the stopping rule, given to the loop as its ``should_stop`` hook (time
+instead of steps, so the cosine learning-rate decay runs over the budget), and that no files are written.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 
 import numpy as np
 import torch
-from common import autocast, count_flops, lr_budget, sync, train_for
+from common import Budget, count_flops, lr_budget, sync
 
 from latentdiff.codecs.autoencoder import Autoencoder
 from latentdiff.data import ImageData
 from latentdiff.pipeline import LatentDiffusion
 from latentdiff.pipeline.config import PRESETS, Config
-from latentdiff.training.loop import EMA, diffusion_loss, encode_dataset
+from latentdiff.training.autoencoder import autoencoder_stage
+from latentdiff.training.diffusion import denoiser_stage, encode_dataset
+from latentdiff.training.loop import TrainLoop
 from latentdiff.utils.images import to_tensor
 
 
@@ -60,49 +63,44 @@ class LatentDiffusionRun:
                 "conditional": self.conditional, "guidance": c.sample.guidance,
                 "sampler": f"{self.sampler} {self.sample_steps} steps"}
 
-    def _opt(self, params, lr):
-        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), fused=self.device.type == "cuda")
+    def _loop(self, stage, budget: Budget) -> TrainLoop:
+        """latentdiff's own training loop, stopped by the clock, with the cosine decay over the budget and
+        no files (no checkpoints, no metrics, no sync points before the end)."""
+        tcfg = stage.cfg
+        stage.cfg = dataclasses.replace(tcfg, seed=self.seed, log_every=2**62, checkpoint_every=2**62, sample_every=0)
+        return TrainLoop(stage, None, self.device, precision=self.cfg.precision, progress=False,
+                         should_stop=budget.should_stop,
+                         lr=lambda step: lr_budget(step, budget.progress, tcfg.lr, tcfg.warmup_steps, 0.1))
 
-    def _step(self, model, opt, loss_fn, tcfg, step, progress):
-        for group in opt.param_groups:
-            group["lr"] = lr_budget(step, progress, tcfg.lr, tcfg.warmup_steps, 0.1)
-        with autocast(self.device):
-            loss = loss_fn().float().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if tcfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        opt.step()
+    def _flops(self, stage) -> int:
+        """FLOPs of one forward + backward of the stage's loss on one global batch."""
+        idx = torch.randint(stage.num_items, (stage.cfg.batch_size,), generator=torch.Generator().manual_seed(0))
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        flops = count_flops(lambda: stage.loss(idx, gen, slice(None))[0].float().mean().backward())
+        stage.model.zero_grad(set_to_none=True)
+        return flops
 
     def train(self, budget: float, snapshot_at=()) -> dict:
         cfg, dev = self.cfg, self.device
         torch.manual_seed(self.seed)
-        gen = torch.Generator(device=dev).manual_seed(self.seed)
         images = to_tensor(self.data.images).to(dev)  # N×C×H×W in [-1, 1], resident
         n = len(images)
         t_start = time.perf_counter()
 
         # stage 1: the autoencoder
         cfg.autoencoder.image_channels = self.data.channels
-        ae = Autoencoder(cfg.autoencoder, self.data.image_size).to(dev).train()
-        ae_cfg = cfg.autoencoder_training
-        ae_opt = self._opt(ae.parameters(), ae_cfg.lr)
-
-        def ae_loss():
-            idx = torch.randint(n, (ae_cfg.batch_size,), generator=gen, device=dev)
-            return ae.loss(images[idx], generator=gen)[0]
-
-        ae_stats = train_for(lambda s, p: self._step(ae, ae_opt, ae_loss, ae_cfg, s, p), budget * self.ae_fraction,
-                             ae_cfg.batch_size, dev)
-        self.flops["autoencoder_per_step"] = count_flops(lambda: ae_loss().float().mean().backward())
-        ae_opt.zero_grad(set_to_none=True)
+        ae = Autoencoder(cfg.autoencoder, self.data.image_size)
+        ae_stage = autoencoder_stage(cfg, ae, images, dev)
+        ae_clock = Budget(budget * self.ae_fraction, cfg.autoencoder_training.batch_size, dev)
+        ae_loop = self._loop(ae_stage, ae_clock)
+        ae_loop.run()
+        ae_stats = ae_clock.stats(ae_loop.step)
+        self.flops["autoencoder_per_step"] = self._flops(ae_stage)
 
         # between the stages (counted in the budget): scale factor, cached posteriors
         ae.eval().requires_grad_(False)
-        ae.estimate_scale_factor(images[:5000])
-        mean, logvar = encode_dataset(ae, self.data.images, dev)
-        std = (0.5 * logvar).exp()
-        scale = ae.scale_factor.to(dev)
+        ae.fit_latent_stats(images[:5000])
+        post = encode_dataset(ae, self.data.images, dev)
         sync(dev)
         prep_end = time.perf_counter() - t_start
 
@@ -113,25 +111,8 @@ class LatentDiffusionRun:
         pipe = LatentDiffusion.build(cfg, self.data.image_size, self.data.class_names if self.conditional else ())
         pipe.autoencoder = ae
         den = pipe.denoiser.to(dev)
-        den.net.train()
-        tcfg = cfg.training
-        opt = self._opt(den.net.parameters(), tcfg.lr)
-        ema = EMA(den.net, tcfg.ema_decay)
         labels = torch.as_tensor(self.data.labels, device=dev) if self.conditional else None
-        null, drop = cfg.unet.num_classes, cfg.diffusion.cond_drop_prob
-
-        def den_loss():
-            idx = torch.randint(n, (tcfg.batch_size,), generator=gen, device=dev)
-            z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen, device=dev)) * scale
-            y = None
-            if labels is not None:
-                keep = torch.rand(idx.shape, generator=gen, device=dev) >= drop
-                y = torch.where(keep, labels[idx], torch.full_like(idx, null))
-            return diffusion_loss(den, z0, y, gen, cfg.diffusion.min_snr_gamma)
-
-        def den_step(step, progress):
-            self._step(den.net, opt, den_loss, tcfg, step, progress)
-            ema.update(den.net, step)
+        den_stage = denoiser_stage(cfg, den, post, labels)
 
         self.log(f"{self.name}: autoencoder {ae_stats.steps} steps in {ae_stats.seconds:.1f} s, scale factor and "
                  f"encoding of {n} images {prep_end - ae_stats.seconds:.1f} s")
@@ -139,17 +120,19 @@ class LatentDiffusionRun:
             self.log(f"{self.name}: the autoencoder and the encoding used the whole budget; the denoiser gets one step "
                      "(use fewer images, --limit, or a larger budget)")
         remaining = max(budget - prep_end, 1e-3)
-        den_stats = train_for(den_step, remaining, tcfg.batch_size, dev,
-                              snapshot_at=[t - prep_end for t in snapshot_at if t > prep_end],
-                              snapshot=lambda: {k: v.detach().clone() for k, v in ema.state_dict().items()},
-                              t_offset=prep_end)
+        loop = None
+        clock = Budget(remaining, cfg.training.batch_size, dev,
+                       snapshot_at=[t - prep_end for t in snapshot_at if t > prep_end],
+                       snapshot=lambda: {k: v.detach().clone() for k, v in loop.inference_model().state_dict().items()},
+                       t_offset=prep_end)
+        loop = self._loop(den_stage, clock)
+        net = loop.run()
+        den_stats = clock.stats(loop.step)
         total = time.perf_counter() - t_start
-        self.flops["denoiser_per_step"] = count_flops(lambda: den_loss().float().mean().backward())
-        opt.zero_grad(set_to_none=True)
+        self.flops["denoiser_per_step"] = self._flops(den_stage)
         self.snapshots = den_stats.snapshots
-        self.pipe = LatentDiffusion(cfg, ae, den.with_net(ema.model),
-                                    pipe.class_names).eval()
-        self._net_copy = copy.deepcopy(ema.model)
+        self.pipe = LatentDiffusion(cfg, ae, den.with_net(net), pipe.class_names).eval()
+        self._net_copy = copy.deepcopy(net)
         return {"seconds": total, "autoencoder": ae_stats.to_dict(), "encode_seconds": prep_end - ae_stats.seconds,
                 "denoiser": den_stats.to_dict(),
                 # the number compared with the peers: images/s through the diffusion model, steady state

@@ -1,6 +1,6 @@
 """Training and sampling speed of a model, through latentdiff's own code paths.
 
-Training runs ``latentdiff.train.train_diffusion``, the loop ``latentdiff train`` runs (data set encoded
+Training runs ``latentdiff.training.diffusion.train_diffusion``, the loop ``latentdiff train`` runs (data set encoded
 once into cached posteriors resident on the device, a fresh posterior sample per step, fused AdamW and
 bf16 autocast on CUDA, no host-device sync between log lines), for ``steps`` steps in a scratch run
 directory holding the model's autoencoder; variants: float32 or bf16 autocast, ``training.channels_last``,
@@ -29,10 +29,13 @@ import numpy as np
 import torch
 from common import count_flops, sync
 
+from latentdiff.diffusion.cond import Cond
+from latentdiff.diffusion.loss import diffusion_loss
 from latentdiff.pipeline import LatentDiffusion, model_dir
 from latentdiff.pipeline.config import config_from_dict
 from latentdiff.sampling import samplers
-from latentdiff.training.loop import diffusion_loss, read_metrics, train_diffusion
+from latentdiff.training.diffusion import train_diffusion
+from latentdiff.training.metrics import read_metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +87,7 @@ def train_speed(model: str, device: torch.device, data_source: str, *, steps: in
             run = Path(tmp)
             shutil.copyfile(model_dir(model) / "autoencoder.safetensors", run / "autoencoder.safetensors")
             t0 = time.perf_counter()
-            train_diffusion(run_cfg, run, log=lambda *_: None, progress=False, grid_path=run / "grid.png")
+            train_diffusion(run_cfg, run, progress=False, grid_path=run / "grid.png")
             wall = time.perf_counter() - t0
             records = read_metrics(run / "denoiser_metrics.jsonl")
         steady = [r["img_s"] for r in records[1:]] or [records[0]["img_s"]]
@@ -108,7 +111,7 @@ def _train_flops(pipe: LatentDiffusion, batch: int, device: torch.device) -> int
     cfg = pipe.cfg
     gen = torch.Generator(device=device).manual_seed(0)
     z0 = torch.randn(batch, *pipe.autoencoder.latent_shape, device=device)
-    y = torch.randint(pipe.num_classes, (batch,), device=device) if pipe.num_classes else None
+    y = Cond(labels=torch.randint(pipe.num_classes, (batch,), device=device)) if pipe.num_classes else None
     flops = count_flops(lambda: diffusion_loss(den, z0, y, gen, cfg.diffusion.min_snr_gamma).mean().backward())
     den.zero_grad(set_to_none=True)
     den.eval()

@@ -167,7 +167,7 @@ def trained(tmp_path_factory):
     train = TrainConfig(steps=120, batch_size=64, lr=3e-3, warmup_steps=10, ema_decay=0.9, log_every=40,
                         checkpoint_every=60)
     net, meta = train_classifier(pipe, d / "run", d / "model" / "classifier.safetensors", source="bundled",
-                                 limit=2000, eval_limit=500, train=train, progress=False, log=lambda m: None,
+                                 limit=2000, eval_limit=500, train=train, progress=False,
                                  cfg=ClassifierConfig(base_channels=16, num_res_blocks=1))
     return d, pipe, net, meta
 
@@ -212,7 +212,7 @@ def test_training_needs_labels(tmp_path):
         Image.fromarray(np.full((28, 28), 40 * i, dtype=np.uint8), "L").save(folder / f"{i}.png")
     with pytest.raises(DataError, match="no class labels"):
         train_classifier(tiny_pipe(), tmp_path / "run", tmp_path / "c.safetensors", source=str(folder),
-                         progress=False, log=lambda m: None)
+                         progress=False)
 
 
 # --- CLI ----------------------------------------------------------------------------------------
@@ -266,3 +266,68 @@ def test_cli_bad_input_one_line_exit_2(trained, tmp_path, capsys, args, needle):
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and needle in lines[0], err
     assert not (tmp_path / "o.png").exists()
+
+
+# --- the network: the U-Net's down path, and files of the first architecture version ---------------
+
+class _V1Classifier(torch.nn.Module):
+    """The version-1 layout (a flat `blocks` list), kept here as the reference the shipped file was written by."""
+
+    def __init__(self, cfg: ClassifierConfig):
+        from latentdiff.nn.layers import Downsample, ResBlock, group_norm, time_mlp
+
+        super().__init__()
+        ch, emb = cfg.base_channels, 4 * cfg.base_channels
+        self.cfg, self.time_mlp = cfg, time_mlp(ch, emb)
+        self.conv_in = torch.nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        blocks, cur = [], ch
+        for lvl, mult in enumerate(cfg.channel_mults):
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(ResBlock(cur, ch * mult, emb))
+                cur = ch * mult
+            if lvl < len(cfg.channel_mults) - 1:
+                blocks.append(Downsample(cur))
+        self.blocks = torch.nn.ModuleList(blocks)
+        self.norm_out, self.head = group_norm(cur), torch.nn.Linear(cur, cfg.num_classes)
+
+    def forward(self, x, t):
+        from latentdiff.nn.layers import Downsample, timestep_embedding
+
+        emb = self.time_mlp(timestep_embedding(t, self.cfg.base_channels))
+        h = self.conv_in(x)
+        for block in self.blocks:
+            h = block(h) if isinstance(block, Downsample) else block(h, emb)
+        return self.head(torch.nn.functional.silu(self.norm_out(h)).mean(dim=(2, 3)))
+
+
+def test_shipped_version_1_classifier_loads_with_identical_logits():
+    from latentdiff.pipeline import model_dir
+    from latentdiff.utils.state import load_state
+
+    path = model_dir("pretrained:fashion-mnist") / "classifier.safetensors"
+    tensors, meta = load_state(path)
+    assert meta["architecture_version"] == 1 and any(k.startswith("blocks.") for k in tensors)
+    net, _ = load_classifier(path)
+    ref = _V1Classifier(net.cfg)
+    ref.load_state_dict({k: v.float() for k, v in tensors.items()})  # strict: every v1 name is used
+    x = torch.randn(6, net.cfg.in_channels, 7, 7, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0, 1, 200, 500, 900, 999])
+    with torch.no_grad():
+        assert torch.equal(net(x, t), ref.eval()(x, t))
+
+
+def test_same_seed_same_initial_weights_as_version_1(tmp_path):
+    """The down path is created in the old order: a classifier trained from scratch starts where it did."""
+    cfg = ClassifierConfig(base_channels=16, num_res_blocks=1)
+    torch.manual_seed(3)
+    old = _V1Classifier(cfg)
+    torch.manual_seed(3)
+    new = NoisyClassifier(cfg)
+    from latentdiff.models.classifier import upgrade_state_dict
+
+    assert upgrade_state_dict(old.state_dict(), new, 1).keys() == new.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values()))
+    save_classifier(new, tmp_path / "c.safetensors", {})
+    loaded, meta = load_classifier(tmp_path / "c.safetensors")
+    assert meta["architecture_version"] == 2 and all(k.startswith("down.") for k in
+                                                      loaded.state_dict() if "blocks" in k or "down" in k)

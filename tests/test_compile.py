@@ -131,7 +131,7 @@ def test_training_compile_matches_eager(tmp_path):
         run(stage, tmp_path / "compiled")
     except Exception as e:  # inductor needs a working C++ toolchain
         pytest.skip(f"torch.compile does not work here: {type(e).__name__}: {e}")
-    from latentdiff.training.loop import read_metrics
+    from latentdiff.training.metrics import read_metrics
 
     assert all(getattr(m, "_compiled_call_impl", None) is not None for m in (stage.model.encoder, stage.model.decoder))
 
@@ -183,7 +183,7 @@ def test_training_channels_last_matches_contiguous(tmp_path):
     network really trains in NHWC, and checkpoints hold the same names in the standard layout."""
     from test_reliability import make_stage, run
 
-    from latentdiff.training.loop import read_metrics
+    from latentdiff.training.metrics import read_metrics
 
     run(make_stage(steps=3), tmp_path / "nchw")
     stage = make_stage(steps=3, channels_last=True)

@@ -15,7 +15,8 @@ from latentdiff.data import load_dataset
 from latentdiff.errors import ConfigError
 from latentdiff.pipeline import LatentDiffusion
 from latentdiff.training import distributed
-from latentdiff.training.loop import load_trained_autoencoder, read_metrics
+from latentdiff.training.autoencoder import load_trained_autoencoder
+from latentdiff.training.metrics import read_metrics
 from latentdiff.utils.state import load_state
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,6 +4,7 @@ in fp32 and bf16."""
 
 import errno
 import json
+import logging
 import os
 import random
 import shutil
@@ -21,7 +22,8 @@ from latentdiff.codecs.autoencoder import Autoencoder
 from latentdiff.errors import ConfigError, ModelError, TrainingError, WriteError
 from latentdiff.pipeline.config import TrainConfig, load_config
 from latentdiff.training import checkpoints as ckpt
-from latentdiff.training.loop import MetricsLog, Stage, read_metrics, run_stage
+from latentdiff.training.loop import Stage, TrainLoop
+from latentdiff.training.metrics import MetricsLog, read_metrics
 from latentdiff.utils import files as ld_io
 from latentdiff.utils import state as ld_state
 
@@ -58,11 +60,30 @@ def make_stage(steps=6, fault_step=None, fault="loss", seen=None, **train) -> St
     return Stage("autoencoder", ae, loss, len(images), TrainConfig(**options), section="autoencoder_training")
 
 
-def run(stage, run_dir, **kw):
-    logs = []
+class Lines(logging.Handler):
+    """The messages of the "latentdiff" loggers, whatever the CLI's configure_logging did to them."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def run(stage, run_dir, resume=False, **kw):
+    """Train `stage` in RUN_DIR through the library's loop; returns the log messages."""
     kw.setdefault("precision", "fp32")
-    run_stage(stage, Path(run_dir), torch.device("cpu"), log=logs.append, progress=False, **kw)
-    return logs
+    logger, handler = logging.getLogger("latentdiff"), Lines()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        TrainLoop(stage, Path(run_dir), torch.device("cpu"), progress=False, **kw).run(resume)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return handler.lines
 
 
 def tensors_equal(a: Path, b: Path, prefix=("model.", "ema.", "optim.")):
@@ -384,3 +405,92 @@ def test_precision_and_nonfinite_options_are_validated():
         load_config(preset="tiny", overrides=["precision=fp16"])
     assert load_config(preset="tiny", overrides=["autoencoder_training.nonfinite=skip"]) \
         .autoencoder_training.nonfinite == "skip"
+
+
+# --- the run directory: run identity, lock, resume config, reproducibility, temporaries ---------------
+
+def one_line_error(code, err, needle):
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("latentdiff: error:") and needle in lines[0], err
+    assert "Traceback" not in err
+
+
+TINY_DEN = ("--preset", "tiny", "--no-progress", "--set", "data.limit=64", "--set", "training.batch_size=8",
+            "--set", "training.checkpoint_every=3", "--set", "training.keep_checkpoints=5")
+
+
+def test_a_fresh_start_over_another_runs_checkpoints_is_refused_unless_overwrite(stage1, tmp_path):
+    d = tmp_path / "run"
+    shutil.copytree(stage1, d)
+    before = {p.name: p.read_bytes() for p in (d / "checkpoints").iterdir()}
+    code, _, err = finish(cli("train-autoencoder", "--preset", "tiny", "--run-dir", d, "--no-progress",
+                              "--set", "data.limit=64"))
+    one_line_error(code, err, "--overwrite")
+    assert {p.name: p.read_bytes() for p in (d / "checkpoints").iterdir()} == before  # nothing lost
+    code, out, err = finish(cli("train-autoencoder", "--preset", "tiny", "--run-dir", d, "--no-progress",
+                                "--set", "data.limit=64", "--set", "autoencoder_training.seed=1", "--overwrite"))
+    assert code == 0, err
+    ids = {ld_state.load_state(p)[1]["run_id"] for p in ckpt.list_checkpoints(d / "checkpoints", "autoencoder")}
+    assert len(ids) == 1 and "deleted 2 autoencoder checkpoint(s)" in out
+
+
+def test_a_second_command_on_a_locked_run_dir_is_refused(stage1, tmp_path):
+    import fcntl
+
+    d = tmp_path / "run"
+    shutil.copytree(stage1, d)
+    with open(d / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        code, _, err = finish(cli("train", "--run-dir", d, *TINY_DEN, "--steps", "2"))
+        one_line_error(code, err, "is in use by another latentdiff command")
+    assert not list((d / "checkpoints").glob("denoiser-*"))
+    # the lock file is still there, its holder gone: a killed run's lock never blocks (flock is per process)
+    (d / f".train_config.json.{os.getpid()}abc.tmp").write_text("{")  # as left by a SIGKILL at start
+    code, _, err = finish(cli("train", "--run-dir", d, *TINY_DEN, "--steps", "2"))
+    assert code == 0, err
+    assert (d / ".lock").exists() and not list(d.glob(".*.tmp")) and not list((d / "checkpoints").glob(".*.tmp"))
+
+
+def test_resume_refuses_a_changed_config_and_skips_foreign_files(stage1, tmp_path):
+    d = tmp_path / "run"
+    shutil.copytree(stage1, d)
+    code, _, err = finish(cli("train", "--run-dir", d, *TINY_DEN, "--steps", "3"))
+    assert code == 0, err
+    for change, needle in ((("--set", "unet.base_channels=32"), "unet.base_channels (16 -> 32)"),
+                           (("--set", "training.lr=0.01"), "training.lr"),
+                           (("--set", "unet.dropout=0.2"), "unet.dropout"),
+                           (("--image-size", "16"), "data.image_size")):
+        code, _, err = finish(cli("train", "--run-dir", d, *TINY_DEN, "--steps", "6", "--resume", *change))
+        if "image_size" in needle:  # the data no longer fits the trained autoencoder: refused before resuming
+            assert code == 2 and "Traceback" not in err, err
+        else:
+            one_line_error(code, err, needle)
+    # an intact, checksummed file that is not a denoiser checkpoint is skipped with a warning
+    ld_state.save_state(ckpt.checkpoint_path(d / "checkpoints", "denoiser", 99), {"w": torch.zeros(2)}, {"step": 99})
+    code, out, err = finish(cli("train", "--run-dir", d, *TINY_DEN, "--steps", "6", "--resume",
+                                "--set", "training.log_every=1", "--set", "training.sample_every=2"))
+    assert code == 0, err
+    assert "resumed denoiser from denoiser-00000003.safetensors at step 3" in out
+    assert "skipping checkpoint" in err and "not a denoiser checkpoint" in err
+
+
+@pytest.mark.slow
+def test_dropout_runs_are_reproducible_and_resume_equals_them(stage1, tmp_path):
+    """unet.dropout > 0 draws from the global generator: seeded from training.seed, and sample grids
+    (drawn inside fork_rng) do not move it."""
+    runs = {}
+    for name in ("a", "b"):
+        runs[name] = tmp_path / name
+        shutil.copytree(stage1, runs[name])
+        code, _, err = finish(cli("train", "--run-dir", runs[name], *TINY_DEN, "--steps", "6",
+                                  "--set", "unet.dropout=0.3", "--set", "training.sample_every=2"))
+        assert code == 0, err
+    c = runs["c"] = tmp_path / "c"
+    shutil.copytree(runs["a"], c)
+    (c / "checkpoints" / "denoiser-00000006.safetensors").unlink()
+    code, _, err = finish(cli("train", "--run-dir", c, *TINY_DEN, "--steps", "6", "--resume",
+                              "--set", "unet.dropout=0.3"))
+    assert code == 0, err
+    final = {k: ld_state.load_state(v / "denoiser.safetensors")[0] for k, v in runs.items()}
+    for other in ("b", "c"):
+        assert all(torch.equal(final["a"][k], final[other][k]) for k in final["a"]), other

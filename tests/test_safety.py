@@ -508,7 +508,7 @@ def test_crafted_run_dir_autoencoder_is_refused_cleanly(tmp_path, meta, needle):
     import torch
 
     from latentdiff.errors import ModelError
-    from latentdiff.training.loop import load_trained_autoencoder
+    from latentdiff.training.autoencoder import load_trained_autoencoder
     from latentdiff.utils.state import save_state
 
     save_state(tmp_path / "autoencoder.safetensors", {"junk": torch.zeros(3)}, meta)

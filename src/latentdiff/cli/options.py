@@ -177,6 +177,11 @@ def resume_option(help: str = "continue from the newest intact checkpoint in RUN
     return click.option("--resume", is_flag=True, help=help)
 
 
+def overwrite_option(what: str = "this stage's"):
+    return click.option("--overwrite", is_flag=True,
+                        help=f"start over in a RUN_DIR that holds another run's {what} checkpoints (deletes them)")
+
+
 def config_options():
     """The options of the training commands: a preset or YAML file, then overrides (--set parses YAML values;
     the other flags are typed and set their config field as given)."""
@@ -189,6 +194,7 @@ def config_options():
         click.option("--run-dir", default="runs/latentdiff", metavar="DIR",
                      help="where checkpoints, samples and the final model go (default: runs/latentdiff)"),
         resume_option(),
+        overwrite_option(),
         click.option("--data", metavar="SOURCE",
                      help="'bundled' (packaged 10k subset), 'fashion-mnist' (full IDX files) or a folder of images"),
         click.option("--data-dir", metavar="DIR", help="directory holding the four Fashion-MNIST IDX .gz files"),

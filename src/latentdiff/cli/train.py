@@ -22,6 +22,7 @@ from latentdiff.cli.options import (
     device_option,
     model_option,
     no_progress_option,
+    overwrite_option,
     resume_option,
     with_namespace,
 )
@@ -51,20 +52,23 @@ def _load_cfg(opts, stage_key: str):
 @click.option("--out", default="samples.png", metavar="PATH", help="where the sample grid goes (default: samples.png)")
 @click.option("--run-dir", default="demo-run", metavar="DIR", help="where the demo model goes (default: demo-run)")
 @device_option(None, "where to train (default: auto)")
-@resume_option("continue an interrupted demo run")
+@resume_option("continue an interrupted demo run (else it starts over)")
 @no_progress_option("plain log lines instead of progress bars")
 @with_namespace
 def demo(opts):
     from latentdiff.pipeline.config import load_config
+    from latentdiff.training.autoencoder import train_autoencoder
+    from latentdiff.training.diffusion import train_diffusion
     from latentdiff.training.distributed import is_main
-    from latentdiff.training.loop import train_autoencoder, train_diffusion
 
     cfg = load_config(preset="demo", fields={"device": opts.device} if opts.device else None)
     t0 = time.perf_counter()
     progress = not opts.no_progress
+    fresh = not opts.resume  # the demo's run directory is its own: without --resume a demo starts over
     with _process_group():
-        train_autoencoder(cfg, opts.run_dir, resume=opts.resume, progress=progress)
-        pipe = train_diffusion(cfg, opts.run_dir, resume=opts.resume, progress=progress, grid_path=opts.out)
+        train_autoencoder(cfg, opts.run_dir, resume=opts.resume, overwrite=fresh, progress=progress)
+        pipe = train_diffusion(cfg, opts.run_dir, resume=opts.resume, overwrite=fresh, progress=progress,
+                               grid_path=opts.out)
         if is_main():
             print(f"demo finished in {time.perf_counter() - t0:.0f} s: {opts.out} (one row per class: "
                   f"{', '.join(pipe.class_names)}); model in {opts.run_dir}")
@@ -76,11 +80,11 @@ def demo(opts):
 @config_options()
 @with_namespace
 def train_autoencoder(opts):
-    from latentdiff.training.loop import train_autoencoder as run
+    from latentdiff.training.autoencoder import train_autoencoder as run
 
     cfg = _load_cfg(opts, "autoencoder_training")
     with _process_group():
-        run(cfg, opts.run_dir, resume=opts.resume, progress=not opts.no_progress)
+        run(cfg, opts.run_dir, resume=opts.resume, overwrite=opts.overwrite, progress=not opts.no_progress)
 
 
 @command("train", help="Train the U-Net denoiser on latents of the frozen autoencoder in RUN_DIR. When it "
@@ -89,11 +93,11 @@ def train_autoencoder(opts):
 @config_options()
 @with_namespace
 def train(opts):
-    from latentdiff.training.loop import train_diffusion
+    from latentdiff.training.diffusion import train_diffusion
 
     cfg = _load_cfg(opts, "training")
     with _process_group():
-        train_diffusion(cfg, opts.run_dir, resume=opts.resume, progress=not opts.no_progress)
+        train_diffusion(cfg, opts.run_dir, resume=opts.resume, overwrite=opts.overwrite, progress=not opts.no_progress)
 
 
 def _classifier_out(opts, pipe) -> Path:
@@ -136,6 +140,7 @@ def _classifier_training(opts):
 @click.option("--run-dir", default="runs/classifier", metavar="DIR",
               help="where resumable checkpoints go (default: runs/classifier)")
 @resume_option()
+@overwrite_option("classifier")
 @device_option()
 @no_progress_option()
 @with_namespace
@@ -152,4 +157,4 @@ def train_classifier(opts):
     pipe = LatentDiffusion.load(opts.model, device)
     run(pipe, opts.run_dir, _classifier_out(opts, pipe), source=opts.data, data_dir=opts.data_dir,
         train=_classifier_training(opts), device=device, dtype=getattr(torch, opts.dtype), resume=opts.resume,
-        limit=opts.limit, progress=not opts.no_progress)
+        overwrite=opts.overwrite, limit=opts.limit, progress=not opts.no_progress)

@@ -18,6 +18,7 @@ from torch import nn
 
 from latentdiff.errors import ConfigError
 from latentdiff.nn.layers import Attention, ResBlock, group_norm
+from latentdiff.utils.images import to_tensor
 
 FACTORS = (1, 2, 4, 8)
 LATENT_STATS = ("per-channel", "global")
@@ -208,12 +209,16 @@ class Autoencoder(nn.Module):
         return {"shift": [float(v) for v in self.latent_shift], "scale": [float(v) for v in self.latent_scale]}
 
     @torch.no_grad()
-    def encode_dataset(self, images: torch.Tensor, batch_size: int = 500) -> DiagonalGaussian:
-        """The posteriors of a whole data set (N, C, H, W) in [-1, 1], encoded once in batches, as one
-        DiagonalGaussian over unnormalised latents (N, c, h, w) on the images' device."""
+    def encode_dataset(self, images, batch_size: int = 500, device=None) -> DiagonalGaussian:
+        """The posteriors of a whole data set, encoded once in batches: one DiagonalGaussian over unnormalised
+        latents (N, c, h, w). `images`: a float tensor (N, C, H, W) in [-1, 1], or uint8 images N×H×W×C
+        (converted batch by batch, so the float copy of a large set never exists at once)."""
+        device = device if device is not None else next(self.parameters()).device
         means, logvars = [], []
         for i in range(0, len(images), batch_size):
-            post = self.encode(images[i:i + batch_size])
+            x = images[i:i + batch_size]
+            x = x if isinstance(x, torch.Tensor) else to_tensor(x)
+            post = self.encode(x.to(device))
             means.append(post.mean)
             logvars.append(post.logvar)
         return DiagonalGaussian(torch.cat(means), torch.cat(logvars))

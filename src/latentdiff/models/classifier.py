@@ -1,11 +1,12 @@
 """A noise-aware classifier p_φ(y | z_t, t) on noisy latents, for classifier guidance (Dhariwal & Nichol 2021).
 
-The network is the downsampling half of the U-Net (``unet.py``): the same ResBlocks with the
-sinusoidal time embedding added in, then GroupNorm-SiLU, global average pooling and a linear head.
+The network is the downsampling half of the U-Net, built by the same ``unet.down_path`` (ResBlocks
+with the sinusoidal time embedding added in, no attention), then GroupNorm-SiLU, global average
+pooling and a linear head.
 It is trained like the denoiser: the data set is encoded once into cached posteriors
-(``train.encode_dataset``), every step draws fresh z0 from them, t uniformly, and
+(``training.diffusion.encode_dataset``), every step draws fresh z0 from them, t uniformly, and
 z_t = schedule.add_noise(z0, ε, t); the loss is the cross-entropy of the labels. The loop is
-``train.run_stage`` (EMA, atomic checkpoints, exact resume).
+``training.loop.TrainLoop`` (EMA, atomic checkpoints, exact resume).
 
 On disk a classifier is one safetensors file whose JSON header holds its config, the diffusion
 facts it was trained for (T, latent shape, latent scale factor) and its held-out accuracy per
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentdiff.errors import ConfigError, ModelError
+from latentdiff.models.unet import down_path, run_down
 from latentdiff.nn.layers import Downsample, ResBlock, group_norm, time_mlp, timestep_embedding
 from latentdiff.utils.files import write_text_atomic
 from latentdiff.utils.state import load_state, save_state
@@ -32,7 +34,10 @@ from latentdiff.utils.state import load_state, save_state
 CLASSIFIER_FILE = "classifier.safetensors"
 
 
-ARCH_VERSION = 1  # bump when NoisyClassifier's layers change; the file's header records it
+# Bump when NoisyClassifier's layers or parameter names change; the file's header records it.
+# 2: the down path is the U-Net's (`down.<i>.0.*` for ResBlocks); version-1 files (`blocks.<i>.*`,
+# the same layers) are renamed on load by `upgrade_state_dict`.
+ARCH_VERSION = 2
 
 
 @dataclass
@@ -63,14 +68,9 @@ class NoisyClassifier(nn.Module):
         emb = 4 * ch
         self.time_mlp = time_mlp(ch, emb)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
-        blocks, cur = [], ch
-        for lvl, mult in enumerate(cfg.channel_mults):
-            for _ in range(cfg.num_res_blocks):
-                blocks.append(ResBlock(cur, ch * mult, emb))
-                cur = ch * mult
-            if lvl < len(cfg.channel_mults) - 1:
-                blocks.append(Downsample(cur))
-        self.blocks = nn.ModuleList(blocks)
+        self.down, chans = down_path(ch, cfg.channel_mults, cfg.num_res_blocks,
+                                     lambda cin, cout, lvl: nn.ModuleList([ResBlock(cin, cout, emb)]))
+        cur = chans[-1]
         self.norm_out = group_norm(cur)
         self.head = nn.Linear(cur, cfg.num_classes)
 
@@ -82,11 +82,22 @@ class NoisyClassifier(nn.Module):
         if x.shape[1] != self.cfg.in_channels:
             raise ConfigError(f"the classifier expects {self.cfg.in_channels} latent channels, got {x.shape[1]}")
         emb = self.time_mlp(timestep_embedding(t, self.cfg.base_channels))
-        h = self.conv_in(x)
-        for block in self.blocks:
-            h = block(h) if isinstance(block, Downsample) else block(h, emb)
+        h = run_down(self.down, self.conv_in(x), emb)[-1]
         h = F.silu(self.norm_out(h)).mean(dim=(2, 3))  # global average pool: (B, C, h, w) -> (B, C)
         return self.head(h)
+
+
+def upgrade_state_dict(sd: dict, net: NoisyClassifier, version: int) -> dict:
+    """Parameter names of a file of architecture `version` as `net` names them (same tensors)."""
+    if version >= 2:
+        return sd
+    out = {}
+    for key, value in sd.items():
+        if key.startswith("blocks."):  # v1: blocks.<i>.<rest>; ResBlocks are now wrapped as down.<i>.0.<rest>
+            _, i, rest = key.split(".", 2)
+            key = f"down.{i}.{rest}" if isinstance(net.down[int(i)], Downsample) else f"down.{i}.0.{rest}"
+        out[key] = value
+    return out
 
 
 def save_classifier(net: NoisyClassifier, path: str | Path, meta: dict, dtype: torch.dtype = torch.float32):
@@ -107,8 +118,9 @@ def load_classifier(path: str | Path, device="cpu") -> tuple[NoisyClassifier, di
     try:
         cfg = ClassifierConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["classifier"].items()})
         net = NoisyClassifier(cfg)
-        net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()})
-    except (KeyError, TypeError, RuntimeError, ConfigError) as e:
+        sd = upgrade_state_dict(tensors, net, int(meta.get("architecture_version", 1)))
+        net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError, ConfigError) as e:
         raise ModelError(f"{path} is invalid: {str(e).splitlines()[0]}") from None
     return net.to(device).eval().requires_grad_(False), meta
 

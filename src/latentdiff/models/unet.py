@@ -7,6 +7,7 @@ extra index ``num_classes`` is the "null" label used for classifier-free guidanc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,38 @@ class UNetConfig:
             raise ConfigError("unet: dropout must be in [0, 1) and num_classes in 0…100000")
 
 
+def down_path(ch: int, channel_mults: tuple[int, ...], num_res_blocks: int,
+              block: Callable[[int, int, int], nn.ModuleList]) -> tuple[nn.ModuleList, list[int]]:
+    """The encoder half shared by the U-Net and the noise-aware classifier: per level `num_res_blocks`
+    blocks ``block(c_in, c_out, level)`` (a ResBlock first, optionally attention after it), and a
+    stride-2 Downsample between levels. Returns the modules and the channels after each one, the
+    input's `ch` first (the U-Net's skip connections)."""
+    down, chans, cur = nn.ModuleList(), [ch], ch
+    for lvl, mult in enumerate(channel_mults):
+        for _ in range(num_res_blocks):
+            down.append(block(cur, ch * mult, lvl))
+            cur = ch * mult
+            chans.append(cur)
+        if lvl < len(channel_mults) - 1:
+            down.append(Downsample(cur))
+            chans.append(cur)
+    return down, chans
+
+
+def run_down(down: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> list[torch.Tensor]:
+    """The input and the output of every module of a :func:`down_path`, in order."""
+    hs = [h]
+    for m in down:
+        h = m(h) if isinstance(m, Downsample) else _run_block(m, h, emb)
+        hs.append(h)
+    return hs
+
+
+def _run_block(block: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    h = block[0](h, emb)
+    return block[1](h) if len(block) > 1 else h
+
+
 class UNet(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -55,17 +88,9 @@ class UNet(nn.Module):
         self.label_emb = nn.Embedding(cfg.num_classes + 1, emb) if cfg.num_classes else None
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
 
-        self.down = nn.ModuleList()
-        skips = [ch]
-        cur = ch
-        for lvl, mult in enumerate(cfg.channel_mults):
-            for _ in range(cfg.num_res_blocks):
-                self.down.append(self._block(cur, ch * mult, emb, lvl))
-                cur = ch * mult
-                skips.append(cur)
-            if lvl < len(cfg.channel_mults) - 1:
-                self.down.append(Downsample(cur))
-                skips.append(cur)
+        self.down, skips = down_path(ch, cfg.channel_mults, cfg.num_res_blocks,
+                                     lambda cin, cout, lvl: self._block(cin, cout, emb, lvl))
+        cur = skips[-1]
 
         self.mid = nn.ModuleList([ResBlock(cur, cur, emb, cfg.dropout), Attention(cur, cfg.head_dim),
                                   ResBlock(cur, cur, emb, cfg.dropout)])
@@ -97,20 +122,12 @@ class UNet(nn.Module):
             if labels is None:  # unconditional request on a conditional model: the null label
                 labels = torch.full((x.shape[0],), self.cfg.num_classes, dtype=torch.long, device=x.device)
             emb = emb + self.label_emb(labels)
-        h = self.conv_in(x)
-        hs = [h]
-        for m in self.down:
-            h = m(h) if isinstance(m, Downsample) else self._run(m, h, emb)
-            hs.append(h)
+        hs = run_down(self.down, self.conv_in(x), emb)
+        h = hs[-1]
         h = self.mid[2](self.mid[1](self.mid[0](h, emb)), emb)
         for m in self.up:
             if isinstance(m, Upsample):
                 h = m(h, size=hs[-1].shape[-2:])  # match the skip exactly (odd sizes)
             else:
-                h = self._run(m, torch.cat([h, hs.pop()], dim=1), emb)
+                h = _run_block(m, torch.cat([h, hs.pop()], dim=1), emb)
         return self.conv_out(F.silu(self.norm_out(h)))
-
-    @staticmethod
-    def _run(block: nn.ModuleList, h, emb):
-        h = block[0](h, emb)
-        return block[1](h) if len(block) > 1 else h

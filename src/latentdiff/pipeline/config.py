@@ -102,6 +102,8 @@ class TrainConfig:
                                    # GPUs, not on CPUs (docs/benchmarks.md); the first steps wait for the compiler
     channels_last: bool = False    # NHWC weights (and so activations) for the trained network: what cuDNN's bf16
                                    # convolutions prefer on GPUs; slower on the 2-core CPU (docs/benchmarks.md)
+    tensorboard: bool = False      # also write the logged scalars to RUN_DIR/tensorboard/<stage> (needs the
+                                   # `tensorboard` package; the metrics .jsonl file is always written)
 
     def validate(self, name: str):
         for key in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):

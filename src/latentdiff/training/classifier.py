@@ -3,9 +3,9 @@
 The network is the downsampling half of the U-Net (``unet.py``): the same ResBlocks with the
 sinusoidal time embedding added in, then GroupNorm-SiLU, global average pooling and a linear head.
 It is trained like the denoiser: the data set is encoded once into cached posteriors
-(``train.encode_dataset``), every step draws fresh z0 from them, t uniformly, and
+(``training.diffusion.encode_dataset``), every step draws fresh z0 from them, t uniformly, and
 z_t = schedule.add_noise(z0, ε, t); the loss is the cross-entropy of the labels. The loop is
-``train.run_stage`` (EMA, atomic checkpoints, exact resume).
+``training.loop.TrainLoop`` (EMA, atomic checkpoints, exact resume), as for the other stages.
 
 On disk a classifier is one safetensors file whose JSON header holds its config, the diffusion
 facts it was trained for (T, latent shape, latent scale factor) and its held-out accuracy per
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,11 @@ from latentdiff.diffusion.schedule import NoiseSchedule
 from latentdiff.errors import DataError
 from latentdiff.models.classifier import ClassifierConfig, NoisyClassifier, save_classifier
 from latentdiff.pipeline.config import TrainConfig
-from latentdiff.training.loop import Stage, encode_dataset, run_stage, sample_posterior
+from latentdiff.training import rundir
+from latentdiff.training.diffusion import Posteriors, encode_dataset, posterior_means, sample_posterior
+from latentdiff.training.loop import Stage, TrainLoop
+
+log = logging.getLogger(__name__)
 
 
 def default_training() -> TrainConfig:
@@ -72,10 +77,28 @@ def accuracy_by_noise(net: NoisyClassifier, z0: torch.Tensor, labels: torch.Tens
     return out
 
 
+def classifier_stage(net: NoisyClassifier, schedule: NoiseSchedule, post: Posteriors, labels: torch.Tensor,
+                     train: TrainConfig) -> Stage:
+    """Cross-entropy of the labels of z_t = add_noise(z0, ε, t), t ~ U{0, …, T-1}: a per-sample loss."""
+
+    def loss(idx, gen, rows):
+        # draws cover the global batch (as for the denoiser), the network sees this process's rows only
+        idx = idx.to(post.mean.device)
+        z0 = sample_posterior(post, idx, gen)
+        t = torch.randint(schedule.num_steps, (len(idx),), generator=gen, device=z0.device)
+        eps = torch.randn(z0.shape, generator=gen, device=z0.device)
+        y, t = labels[idx][rows], t[rows]
+        logits = net(schedule.add_noise(z0[rows], eps[rows], t), t)
+        acc = (logits.argmax(1) == y).float().mean()
+        return F.cross_entropy(logits.float(), y, reduction="none"), {"acc": acc}
+
+    return Stage("classifier", net, loss, len(post), train)
+
+
 def train_classifier(pipe, run_dir: str | Path, out: str | Path, *, source: str | None = None, data_dir=None,
                      train: TrainConfig | None = None, cfg: ClassifierConfig | None = None, device="cpu",
-                     dtype: torch.dtype = torch.float32, resume: bool = False, limit: int | None = None,
-                     eval_limit: int | None = None, log=print, progress: bool = True) -> tuple[NoisyClassifier, dict]:
+                     dtype: torch.dtype = torch.float32, resume: bool = False, overwrite: bool = False, limit: int | None = None,
+                     eval_limit: int | None = None, progress: bool = True) -> tuple[NoisyClassifier, dict]:
     """Train a noise-aware classifier on the latents of `pipe`'s autoencoder; write it to `out`.
 
     `source` defaults to the model's training data. Accuracy is then measured per noise bucket on
@@ -99,25 +122,15 @@ def train_classifier(pipe, run_dir: str | Path, out: str | Path, *, source: str 
     net = NoisyClassifier(cfg)
     schedule = pipe.denoiser.schedule
     ae = pipe.autoencoder.to(device).eval()
-    log(f"classifier: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, {len(data)} images from "
-        f"{data_label(source)}, {data.num_classes} classes, latent {ae.latent_shape}")
+    log.info(f"classifier: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, {len(data)} images "
+             f"from {data_label(source)}, {data.num_classes} classes, latent {ae.latent_shape}")
     post = encode_dataset(ae, data.images, device)
     labels = torch.as_tensor(data.labels, device=device)
-
-    def loss(idx, gen, rows):
-        # draws cover the global batch (as in train.py), the network sees this process's rows only
-        idx = idx.to(device)
-        z0 = sample_posterior(ae, post, idx, gen)
-        t = torch.randint(schedule.num_steps, (len(idx),), generator=gen, device=device)
-        eps = torch.randn(z0.shape, generator=gen, device=device)
-        y, t = labels[idx][rows], t[rows]
-        logits = net(schedule.add_noise(z0[rows], eps[rows], t), t)
-        acc = (logits.argmax(1) == y).float().mean()
-        return F.cross_entropy(logits.float(), y, reduction="none"), {"acc": acc}
-
     config = {"classifier": dataclasses.asdict(cfg), "training": dataclasses.asdict(train)}
-    final = run_stage(Stage("classifier", net, loss, len(post.mean), train), Path(run_dir), device, resume=resume,
-                      config=config, log=log, progress=progress)
+    stage = classifier_stage(net, schedule, post, labels, train)
+    with rundir.locked(Path(run_dir)):
+        final = TrainLoop(stage, Path(run_dir), device, config=config, progress=progress,
+                          overwrite=overwrite).run(resume)
 
     # Measure exactly what is shipped: the weights after the cast to `dtype`.
     shipped = NoisyClassifier(cfg).to(device)
@@ -126,8 +139,8 @@ def train_classifier(pipe, run_dir: str | Path, out: str | Path, *, source: str 
     has_test = source in SOURCES or (Path(source) / "test").is_dir()
     test = load_dataset(source, "test" if has_test else "train", data_dir=data_dir, limit=eval_limit)
     held_out = "test split" if has_test else "training images (no held-out split)"
-    z_test = ae.normalize(encode_dataset(ae, test.images, device).mean)
-    buckets = accuracy_by_noise(shipped, z_test, torch.as_tensor(test.labels, device=device), schedule,
+    z0_test = posterior_means(encode_dataset(ae, test.images, device))
+    buckets = accuracy_by_noise(shipped, z0_test, torch.as_tensor(test.labels, device=device), schedule,
                                 noise_buckets(schedule.num_steps))
     meta = {"latent_shape": list(ae.latent_shape), "num_train_steps": schedule.num_steps,
             "latent_stats": ae.latent_stats(), "class_names": list(data.class_names),
@@ -136,7 +149,7 @@ def train_classifier(pipe, run_dir: str | Path, out: str | Path, *, source: str 
             "evaluated_on": f"{data_label(source)}, {held_out} ({len(test)} images, posterior means)",
             "accuracy_by_noise": buckets}
     save_classifier(shipped, out, meta, dtype)
-    log("held-out accuracy by noise level: " + ", ".join(f"t {b['t'][0]}-{b['t'][1]}: {b['accuracy']:.3f}"
+    log.info("held-out accuracy by noise level: " + ", ".join(f"t {b['t'][0]}-{b['t'][1]}: {b['accuracy']:.3f}"
                                                           for b in buckets))
-    log(f"wrote {out}")
+    log.info(f"wrote {out}")
     return shipped.eval().requires_grad_(False), meta

@@ -13,6 +13,7 @@ additions; the global batch size never depends on N.
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 
@@ -81,6 +82,8 @@ def setup(device: torch.device) -> torch.device:
     except (ValueError, RuntimeError) as e:
         raise ConfigError(f"could not join the {backend} process group ({e}); launch multi-process training "
                           "with torchrun, which sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT") from None
+    if not is_main():  # one voice: rank 0 logs for all (errors still come from every process)
+        logging.getLogger("latentdiff").setLevel(logging.ERROR)
     return device
 
 

@@ -1,68 +1,46 @@
-"""Training for both stages with one loop: EMA, bf16 autocast, grad clipping, atomic checkpoints,
-exact resume, periodic sample grids, console progress and a metrics file, DDP under torchrun,
-and a stop-or-skip policy for non-finite losses and gradients.
+"""The one training loop of every stage (autoencoder, denoiser, classifier), with seams.
 
-Stage 1 (`train_autoencoder`) fits the KL autoencoder on images and estimates the latent scale
-factor. Stage 2 (`train_diffusion`) encodes the data set once into cached posteriors (mean,
-log-variance), then trains the U-Net on fresh latent samples from them each step.
+:class:`TrainLoop` restores, steps, agrees across processes, logs, checkpoints and stops. What it
+trains is a :class:`Stage` (a model and a per-sample loss); when it stops is a hook
+``should_stop(step, elapsed_seconds)`` (by default: after ``cfg.steps`` steps), and the learning
+rate another, ``lr(step)``, so a benchmark can drive the same loop by the clock.
+
+Kept from one process to many (torchrun): identical seeds everywhere, so every process draws the
+same global batch and noise and computes its rows (see ``distributed.py``); EMA, bf16 autocast,
+grad clipping, atomic checkpoints with exact resume (weights, optimizer, RNG, running log sums),
+SIGINT/SIGTERM save a checkpoint and stop, and a stop-or-skip policy for non-finite losses and
+gradients. In the default path there is no host-device sync between log lines.
 """
 
 from __future__ import annotations
 
-import copy
-import json
+import logging
 import math
-import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
-from latentdiff.codecs.autoencoder import Autoencoder, AutoencoderConfig, DiagonalGaussian
-from latentdiff.data import ImageData, load_dataset
-from latentdiff.diffusion.denoiser import Denoiser, training_target
-from latentdiff.errors import ConfigError, ModelError, TrainingError, WriteError
-from latentdiff.pipeline import LatentDiffusion, resolve_device
-from latentdiff.pipeline.config import Config, TrainConfig, apply_updates, uses_bf16
-from latentdiff.training import checkpoints as ckpt
-from latentdiff.training import distributed
-from latentdiff.utils import state as ld_state
-from latentdiff.utils.files import write_text_atomic
-from latentdiff.utils.images import make_grid, save_png, to_tensor
+from latentdiff.errors import TrainingError
+from latentdiff.pipeline.config import TrainConfig, uses_bf16
+from latentdiff.training import distributed, rundir
+from latentdiff.training.checkpoints import CheckpointStore, TrainState
+from latentdiff.training.ema import EMA
+from latentdiff.training.metrics import MetricsLog
+from latentdiff.training.signals import stop_requests
 from latentdiff.utils.progress import StepProgress
 
-
-class EMA:
-    """Exponential moving average of a module's parameters (buffers are copied)."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, step: int):
-        d = min(self.decay, (1 + step) / (10 + step))  # warm-up: early averages forget quickly
-        ema_p = list(self.model.parameters())
-        torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1 - d)
-        for b_ema, b in zip(self.model.buffers(), model.buffers()):
-            b_ema.copy_(b)
-
-    def state_dict(self):
-        return self.model.state_dict()
-
-    def load_state_dict(self, sd):
-        self.model.load_state_dict(sd)
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class Stage:
-    """What differs between the two training stages."""
+    """What differs between the training stages."""
 
-    name: str                                    # "autoencoder" or "denoiser"
+    name: str                                    # "autoencoder", "denoiser" or "classifier"
     model: nn.Module                             # the module being trained
     # (global batch indices, generator, this process's rows of the batch) -> (per-sample loss of those rows, logs).
     # Random draws are made for the whole global batch, so N processes see exactly the numbers of one.
@@ -74,15 +52,11 @@ class Stage:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak."""
+    """Linear warm-up, then cosine decay to 10% of the peak over cfg.steps."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
-
-
-class _StopRequested(Exception):
-    pass
 
 
 class _LossModule(nn.Module):
@@ -98,40 +72,46 @@ class _LossModule(nn.Module):
         return self.loss(idx, gen, rows)
 
 
-class MetricsLog:
-    """RUN_DIR/<stage>_metrics.jsonl: one JSON line per log interval, written by rank 0 and flushed.
+NEVER = torch.iinfo(torch.int64).max  # "no non-finite step yet"
 
-    On (re)start the file is cut back to the steps the run starts from, so lines logged after the
-    last checkpoint by a killed run (and a half-written last line) never appear twice.
+
+class Health:
+    """The first step whose loss or gradient was not finite, kept on the device.
+
+    "stop" mode records it with tensor ops only (no host-device sync per step) and reads it at the
+    next log line or checkpoint; by then later steps may have made the weights non-finite too, which
+    is why a fault stops the run before any further checkpoint is written.
     """
 
-    def __init__(self, path: Path, start_step: int, enabled: bool = True):
-        self.path, self.enabled = path, enabled
-        if not enabled:
-            return
-        kept = []
-        if start_step > 0 and path.is_file():
-            for line in path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= start_step:
-                    kept.append(line + "\n")
-        write_text_atomic(path, "".join(kept))
+    def __init__(self, device: torch.device):
+        self.first_bad = torch.full((), NEVER, dtype=torch.int64, device=device)
+        self.loss_bad = torch.zeros((), dtype=torch.bool, device=device)  # at first_bad: the loss itself
 
-    def write(self, record: dict):
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+    def record(self, step: int, loss_ok: torch.Tensor, grad_ok: torch.Tensor):
+        first = ~(loss_ok & grad_ok) & (self.first_bad == NEVER)
+        self.first_bad = torch.where(first, step, self.first_bad)
+        self.loss_bad = torch.where(first, ~loss_ok, self.loss_bad)
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a metrics file written by :class:`MetricsLog`."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+@dataclass
+class Agreement:
+    """What the processes agreed on at a sync point."""
+
+    fault_step: int | None   # the first non-finite step, if any
+    fault_in_loss: bool      # ... and whether the loss (not just the gradient) was non-finite there
+    stop: bool               # some process was asked to stop (SIGINT/SIGTERM)
 
 
-_NO_FAULT = 2**62  # "no non-finite step yet" in the packed (step·4 + kind) fault code
+def agree(health: Health, stop: bool) -> Agreement:
+    """One small MIN all-reduce of (first bad step, -loss flag, -stop flag) under DDP.
+
+    DDP averages gradients, so a fault on one process makes the gradient non-finite on all of them
+    at the same step: the minimum is that step, and the negated flags say whether any process saw it.
+    """
+    row = torch.stack([health.first_bad, -health.loss_bad.long(),
+                       torch.tensor(-int(stop), dtype=torch.int64, device=health.first_bad.device)])
+    first, neg_loss, neg_stop = distributed.all_reduce(row, "min").tolist()
+    return Agreement(None if first == NEVER else int(first), neg_loss < 0, neg_stop < 0)
 
 
 def _grad_norm(params: list[torch.Tensor], clip: float) -> torch.Tensor:
@@ -141,448 +121,203 @@ def _grad_norm(params: list[torch.Tensor], clip: float) -> torch.Tensor:
     return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
 
 
-def _all_finite(tensors) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+class TrainLoop:
+    """Train `stage.model` in RUN_DIR (checkpoints, metrics) or, with `run_dir=None`, without any file.
 
-
-def _restore(ckpt_dir: Path, stage: Stage, log) -> tuple[dict, dict, Path] | None:
-    """The newest intact checkpoint, saying which newer ones were corrupt (rank 0 renames those to
-    *.corrupt so they leave the rotation); an error if checkpoints exist but none is intact."""
-    existing = ckpt.list_checkpoints(ckpt_dir, stage.name)
-    found = ckpt.load_latest(ckpt_dir, stage.name, device="cpu", warn=log)
-    if found is None:
-        if existing:
-            raise ModelError(f"none of the {len(existing)} {stage.name} checkpoints in {ckpt_dir} is intact; move them "
-                             "away to start from step 0")
-        return None
-    newer = existing[:existing.index(found[2])] if found[2] in existing else []
-    if newer:
-        log(f"resuming from the newest intact checkpoint {found[2].name}, not from the corrupt "
-            f"{', '.join(p.name for p in newer)} (renamed to *.corrupt)")
-        if distributed.is_main():
-            for bad in newer:
-                bad.replace(bad.with_name(bad.name + ".corrupt"))
-    return found
-
-
-def run_stage(stage: Stage, run_dir: Path, device: torch.device, *, precision: str = "auto", resume: bool = False,
-              config: dict | None = None, log: Callable[[str], None] = print, progress: bool = True) -> nn.Module:
-    """The training loop, for one process or for every process under torchrun.
-
-    Returns the inference module (EMA if enabled, else the trained model). Only rank 0 logs and
-    writes files. Fault handling: SIGINT/SIGTERM save a checkpoint and stop; a non-finite loss or
-    gradient stops the run (without writing a checkpoint of bad weights) or, with
-    ``nonfinite: skip``, skips that batch.
+    `should_stop(step, elapsed)` is asked after every step (elapsed: host seconds since :meth:`run`
+    began; on CUDA the host runs ahead of the device, so a hook that needs device time synchronises
+    itself); `lr(step)` gives each step's learning rate. Only rank 0 logs and writes files.
     """
-    cfg = stage.cfg
-    main = distributed.is_main()
-    log = log if main else _quiet
-    rows = distributed.shard(cfg.batch_size, f"{stage.section}.batch_size")
-    model = stage.model.to(device).train()
-    if cfg.channels_last:  # before the optimizer and the EMA copy, which then share the layout
-        model.to(memory_format=torch.channels_last)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99),
-                            fused=device.type == "cuda")
-    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    if cfg.compile:  # in place: parameter names, checkpoints and the EMA copy (made above) stay as they are
-        for module in getattr(model, "compile_targets", lambda: (model,))():
-            module.compile()
-    # Identical seeds on every process: all draw the same global batch and noise (see distributed.py).
-    data_gen = torch.Generator().manual_seed(cfg.seed)                     # batch indices (CPU)
-    noise_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)   # noise, timesteps (device)
-    ckpt_dir = run_dir / "checkpoints"
-    step, skipped = 0, 0
-    # Loss sums since the last log line; part of the checkpoint, so a resumed run logs the same numbers.
-    loss_sum = torch.zeros((), device=device)
-    logs_sum: dict[str, torch.Tensor] = {}
-    n_logged = 0
 
-    if resume:
-        found = _restore(ckpt_dir, stage, log)
+    def __init__(self, stage: Stage, run_dir: Path | None, device: torch.device, *, precision: str = "auto",
+                 config: dict | None = None, progress: bool = True,
+                 should_stop: Callable[[int, float], bool] | None = None, lr: Callable[[int], float] | None = None,
+                 sections: tuple[str, ...] | None = None, overwrite: bool = False):
+        cfg = self.cfg = stage.cfg
+        self.stage, self.device, self.progress = stage, device, progress
+        self.main = distributed.is_main()
+        self.rows = distributed.shard(cfg.batch_size, f"{stage.section}.batch_size")
+        self.should_stop = should_stop or (lambda step, elapsed: step >= cfg.steps)
+        self.lr = lr or (lambda step: lr_at(step, cfg))
+        self.model = stage.model.to(device).train()
+        if cfg.channels_last:  # before the optimizer and the EMA copy, which then share the layout
+            self.model.to(memory_format=torch.channels_last)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99),
+                                     fused=device.type == "cuda")
+        self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        if cfg.compile:  # in place: parameter names, checkpoints and the EMA copy (made above) stay as they are
+            for module in getattr(self.model, "compile_targets", lambda: (self.model,))():
+                module.compile()
+        # Identical seeds on every process: all draw the same global batch and noise (see distributed.py).
+        self.data_gen = torch.Generator().manual_seed(cfg.seed)                     # batch indices (CPU)
+        self.noise_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)   # noise, timesteps (device)
+        self.step, self.skipped = 0, 0
+        # Loss sums since the last log line; part of the checkpoint, so a resumed run logs the same numbers.
+        self.loss_sum = torch.zeros((), device=device)
+        self.logs_sum: dict[str, torch.Tensor] = {}
+        self.n_logged = 0
+        self.health = Health(device)
+        self.store = CheckpointStore(run_dir / "checkpoints", stage.name, config or {}) if run_dir else None
+        self.run_dir, self.overwrite, self.run_id = run_dir, overwrite, rundir.new_run_id()
+        # resume: skip files that are not this stage's checkpoints, refuse a changed config (`sections` of it)
+        self.resume_check = rundir.resume_check(stage.name, config or {}, sections)
+        self.step_loss = distributed.wrap(_LossModule(self.model, stage.loss), device)
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(precision, device))
+
+    # --- the state a checkpoint holds ------------------------------------------------------------
+
+    def state(self) -> TrainState:
+        return TrainState(self.step, self.skipped, self.n_logged, self.model, self.ema, self.opt, self.data_gen,
+                          self.noise_gen, self.loss_sum, self.logs_sum, self.run_id)
+
+    def restore(self):
+        """Continue from the newest intact checkpoint of this stage in RUN_DIR, if there is one."""
+        found = self.store.restore(self.state(), self.device, self.resume_check) if self.store else None
         if found is None:
-            log(f"no {stage.name} checkpoint in {ckpt_dir}: starting from step 0")
+            log.info(f"no {self.stage.name} checkpoint in {self.store.directory if self.store else 'memory'}: "
+                     "starting from step 0")
         else:
-            tensors, meta, path = found
-            model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-            if ema is not None:
-                ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-            opt.load_state_dict(ld_state.unflatten_optimizer(tensors, meta["optimizer"]))
-            torch.set_rng_state(tensors["rng.cpu"])
-            data_gen.set_state(tensors["rng.data"])
-            noise_gen.set_state(tensors["rng.noise"].to(noise_gen.get_state().device))
-            if device.type == "cuda" and "rng.cuda" in tensors:
-                torch.cuda.set_rng_state(tensors["rng.cuda"], device)
-            step, skipped, n_logged = int(meta["step"]), int(meta.get("skipped", 0)), int(meta.get("log_count", 0))
-            if "log.loss" in tensors:
-                loss_sum = tensors["log.loss"].to(device)
-                logs_sum = {k[4:]: v.to(device) for k, v in tensors.items() if k.startswith("log.") and k != "log.loss"}
-            log(f"resumed {stage.name} from {path.name} at step {step}")
-        distributed.same_on_all(step, f"the {stage.name} step to resume from")
-    if main:
-        for tmp in ckpt.stale_temporaries(ckpt_dir, stage.name):  # left by a process killed mid-save
-            tmp.unlink(missing_ok=True)
-    metrics = MetricsLog(run_dir / f"{stage.name}_metrics.jsonl", step, enabled=main)
-    step_loss = distributed.wrap(_LossModule(model, stage.loss), device)
+            self.step, self.skipped, self.n_logged = found.step, found.skipped, found.n_logged
+            self.loss_sum, self.logs_sum = found.loss_sum, found.logs_sum
+            self.run_id = found.meta.get("run_id") or self.run_id  # the run continues under its own id
+            log.info(f"resumed {self.stage.name} from {found.path.name} at step {self.step}")
+        distributed.same_on_all(self.step, f"the {self.stage.name} step to resume from")
 
-    def save_checkpoint():
-        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-        if ema is not None:
-            tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-        if not _all_finite(tensors.values()):  # belt and braces: never store bad weights
-            raise TrainingError(f"{stage.name} weights are not finite at step {step}; not writing a checkpoint "
-                                f"(the last good one in {ckpt_dir} is kept)")
-        opt_tensors, opt_meta = ld_state.flatten_optimizer(opt.state_dict())
-        tensors.update(opt_tensors)
-        tensors["rng.cpu"] = torch.get_rng_state()
-        tensors["rng.data"] = data_gen.get_state()
-        tensors["rng.noise"] = noise_gen.get_state()
-        if device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
-        tensors["log.loss"] = loss_sum
-        tensors.update({f"log.{k}": v for k, v in logs_sum.items()})
-        meta = {"step": step, "stage": stage.name, "optimizer": opt_meta, "config": config or {},
-                "skipped": skipped, "log_count": n_logged}
+    def save_checkpoint(self):
+        if self.main and self.store is not None:
+            self.store.save(self.state(), self.cfg.keep_checkpoints)
+
+    # --- one step --------------------------------------------------------------------------------
+
+    def train_step(self, lr: float):
+        """One optimizer step on a fresh global batch (or, in skip mode, a skipped batch)."""
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(self.stage.num_items, (self.cfg.batch_size,), generator=self.data_gen)  # global batch
+        with self.autocast:
+            per_sample, logs = self.step_loss(idx, self.noise_gen, self.rows)
+            loss = per_sample.float().mean()  # the loop owns the reduction
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()  # under DDP this also averages the gradients over the processes
+        loss_ok, grad_ok = torch.isfinite(loss), torch.isfinite(_grad_norm(self.params, self.cfg.grad_clip))
+        self.step += 1
+        if self.cfg.nonfinite == "skip" and self._skip(loss_ok & grad_ok):
+            return
+        if self.cfg.nonfinite != "skip":
+            self.health.record(self.step, loss_ok, grad_ok)
+        self.opt.step()
+        if self.ema is not None:
+            self.ema.update(self.model, self.step - 1)
+        self.loss_sum += loss.detach()
+        for k, v in logs.items():
+            self.logs_sum[k] = self.logs_sum.get(k, 0) + v.detach().float()
+        self.n_logged += 1
+
+    def _skip(self, ok: torch.Tensor) -> bool:
+        """Skipping must be decided before the update: one host-device sync per step in this mode, and
+        one tiny all-reduce, so that every process skips the same batches."""
+        if not distributed.all_reduce((~ok).int(), "max").item():
+            return False
+        self.skipped += 1
+        self.opt.zero_grad(set_to_none=True)
+        log.warning(f"{self.stage.name} step {self.step}: non-finite loss or gradient, batch skipped "
+                    f"({self.skipped} so far)")
+        return True
+
+    # --- sync points: log lines and checkpoints --------------------------------------------------
+
+    def sync_point(self, lr: float, finished: bool, stop: bool, bar: StepProgress, metrics: MetricsLog) -> bool:
+        """At a log line, a checkpoint, the end or a stop request: agree, log, checkpoint. True: stop now."""
+        cfg = self.cfg
+        at_log = self.step % cfg.log_every == 0 or finished
+        at_ckpt = self.step % cfg.checkpoint_every == 0 or finished
+        if not (at_log or at_ckpt or (stop and distributed.world_size() == 1)):
+            return False  # under torchrun a stop request waits for the next log line or checkpoint
+        agreed = agree(self.health, stop)
+        if agreed.fault_step is not None:
+            raise TrainingError(self._fault_message(agreed))
+        if at_log:
+            self._log_line(lr, bar, metrics)
+        elif distributed.world_size() > 1:  # one copy of the running sums in the checkpoint: their mean
+            self.loss_sum = distributed.all_reduce(self.loss_sum.clone(), "mean")
+            self.logs_sum = {k: distributed.all_reduce(v.clone(), "mean") for k, v in self.logs_sum.items()}
+        if at_ckpt or agreed.stop:
+            self.save_checkpoint()
+        if agreed.stop:
+            distributed.barrier()  # no process exits while rank 0 still writes
+        return agreed.stop
+
+    def _log_line(self, lr: float, bar: StepProgress, metrics: MetricsLog):
+        keys = sorted(self.logs_sum)
+        sums = torch.stack([self.loss_sum.float()] + [self.logs_sum[k].float() for k in keys])
+        sums = distributed.all_reduce(sums, "mean").tolist()  # the one host-device sync per log interval
+        n = self.n_logged
+        values = {k: (v / n if n else None) for k, v in zip(["loss"] + keys, sums)}  # None: every batch skipped
+        now = time.perf_counter()
+        ips = (self.step - self._last[1]) * self.cfg.batch_size / max(now - self._last[0], 1e-9)
+        if self.main:
+            bar.update(self.step, **{k: f"{v:.4g}" for k, v in values.items() if v is not None}, img_s=f"{ips:.0f}",
+                       **({"skipped": self.skipped} if self.skipped else {}))
+            metrics.write({"step": self.step, **values, "lr": lr, "skipped": self.skipped, "img_s": round(ips, 1)})
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.logs_sum, self.n_logged, self._last = {}, 0, (now, self.step)
+
+    def _fault_message(self, agreed: Agreement) -> str:
+        name, section = self.stage.name, self.stage.section
+        what = "loss" if agreed.fault_in_loss else "gradient"  # a non-finite loss makes the gradient non-finite too
+        last = self.store.newest() if self.store else None
+        kept = f"the last good checkpoint {last} is kept" if last else "no checkpoint had been written yet"
+        return (f"{name} training stopped: non-finite {what} at step {agreed.fault_step}; {kept} and no later one "
+                f"was written. Lower {section}.lr or set {section}.grad_clip, then continue with --resume; or set "
+                f"{section}.nonfinite=skip to skip such batches")
+
+    # --- the whole run ---------------------------------------------------------------------------
+
+    def run(self, resume: bool = False) -> nn.Module:
+        """Train until `should_stop`; returns the inference module (EMA if enabled, else the model), in eval mode.
+
+        SIGINT/SIGTERM: the current step finishes, a checkpoint is saved and KeyboardInterrupt is raised.
+        """
+        torch.manual_seed(self.cfg.seed)  # dropout & co. draw from the global generator (a resume restores it)
+        if resume:
+            self.restore()
+        elif self.store is not None:
+            rundir.prepare_fresh_start(self.store.directory, self.stage.name, self.overwrite)
+        if self.main and self.store is not None:
+            self.store.remove_temporaries()
+        metrics = MetricsLog(self.run_dir / f"{self.stage.name}_metrics.jsonl" if self.run_dir else Path(),
+                             self.step, enabled=self.main and self.run_dir is not None,
+                             tensorboard=self.cfg.tensorboard)
+        bar = StepProgress(self.cfg.steps, self.step, self.stage.name, enabled=self.progress and self.main)
+        t0 = time.perf_counter()
+        self._last = (t0, self.step)
+        finished = self.should_stop(self.step, 0.0)
         try:
-            ld_state.save_state(ckpt.checkpoint_path(ckpt_dir, stage.name, step), tensors, meta)
-        except WriteError as e:
-            last = ckpt.list_checkpoints(ckpt_dir, stage.name)
-            hint = f"the last good checkpoint is {last[0]}" if last else "no checkpoint was written yet"
-            raise WriteError(f"{e}. Training stopped at step {step}; {hint}: free space, then continue with "
-                             "--resume") from None
-        ckpt.prune_checkpoints(ckpt_dir, stage.name, cfg.keep_checkpoints)
+            with stop_requests() as stop:
+                while not finished:
+                    lr = self.lr(self.step)
+                    self.train_step(lr)
+                    finished = self.should_stop(self.step, time.perf_counter() - t0)
+                    if self.sync_point(lr, finished, stop.requested, bar, metrics):
+                        bar.close()
+                        log.info(f"stopped by signal at step {self.step}; checkpoint saved, continue with --resume")
+                        raise KeyboardInterrupt
+                    self._maybe_sample(finished)
+        finally:
+            bar.close()
+            metrics.close()
+        if self.skipped:
+            log.info(f"{self.stage.name}: {self.skipped} of {self.step} batches were skipped for a non-finite loss "
+                     "or gradient")
+        return self.inference_model().eval()
 
-    # SIGINT/SIGTERM: finish the current step, save, and stop. Under torchrun the processes agree
-    # on stopping at the next log interval or checkpoint (where they exchange flags anyway).
-    stop = {"flag": False}
+    def _maybe_sample(self, finished: bool):
+        every = self.cfg.sample_every
+        if self.stage.on_sample and self.main and every and self.step % every == 0 and not finished:
+            # Sampling must not move the training's global RNG: a run with grids equals one without.
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                self.stage.on_sample(self.step, self.inference_model())
 
-    def on_signal(signum, frame):
-        stop["flag"] = True
-
-    old_handlers = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            old_handlers[sig] = signal.signal(sig, on_signal)
-        except ValueError:  # not in the main thread
-            pass
-
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(precision, device))
-    single = distributed.world_size() == 1
-    # First non-finite step, packed as step·4 + kind (bit 0: loss, bit 1: gradient), kept on the
-    # device so that "stop" mode needs no host-device sync per step; it is read at the sync points
-    # below. By then later steps may have made the weights non-finite, which is why a fault stops
-    # the run before any further checkpoint is written.
-    fault = torch.full((), _NO_FAULT, dtype=torch.int64, device=device)
-    bar = StepProgress(cfg.steps, step, stage.name, enabled=progress and main)
-    t_last, step_last = time.perf_counter(), step
-    try:
-        while step < cfg.steps:
-            lr = lr_at(step, cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            idx = torch.randint(stage.num_items, (cfg.batch_size,), generator=data_gen)  # the global batch
-            with autocast:
-                per_sample, logs = step_loss(idx, noise_gen, rows)
-                loss = per_sample.float().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()  # under DDP this also averages the gradients over the processes
-            kind = (~torch.isfinite(loss)).long() + 2 * (~torch.isfinite(_grad_norm(params, cfg.grad_clip))).long()
-            step += 1
-            if cfg.nonfinite == "skip":
-                # Skipping must be decided before the update: one host-device sync per step in this
-                # mode (and one tiny all-reduce, so that every process skips the same batches).
-                skip = bool(distributed.all_reduce(kind.clamp(max=1), "max").item())
-            else:
-                fault = torch.where((kind > 0) & (fault == _NO_FAULT), step * 4 + kind, fault)
-                skip = False
-            if skip:
-                skipped += 1
-                opt.zero_grad(set_to_none=True)
-                log(f"warning: {stage.name} step {step}: non-finite loss or gradient, batch skipped "
-                    f"({skipped} so far)")
-            else:
-                opt.step()
-                if ema is not None:
-                    ema.update(model, step - 1)
-                loss_sum += loss.detach()
-                for k, v in logs.items():
-                    logs_sum[k] = logs_sum.get(k, 0) + v.detach().float()
-                n_logged += 1
-
-            at_log = step % cfg.log_every == 0 or step == cfg.steps
-            at_ckpt = step % cfg.checkpoint_every == 0 or step == cfg.steps
-            if at_log or at_ckpt or (single and stop["flag"]):
-                code, stopping = _agree(fault, stop["flag"])
-                if code != _NO_FAULT:
-                    raise TrainingError(_fault_message(stage, code // 4, code % 4, ckpt_dir))
-                if at_log:
-                    values = _mean_logs(loss_sum, logs_sum, n_logged)
-                    now = time.perf_counter()
-                    ips = (step - step_last) * cfg.batch_size / max(now - t_last, 1e-9)
-                    if main:
-                        bar.update(step, **{k: f"{v:.4g}" for k, v in values.items() if v is not None},
-                                   img_s=f"{ips:.0f}", **({"skipped": skipped} if skipped else {}))
-                        metrics.write({"step": step, **values, "lr": lr, "skipped": skipped, "img_s": round(ips, 1)})
-                    loss_sum = torch.zeros((), device=device)
-                    logs_sum, n_logged, t_last, step_last = {}, 0, now, step
-                elif not single:  # keep one copy of the running sums in the checkpoint: their mean over processes
-                    loss_sum = distributed.all_reduce(loss_sum.clone(), "mean")
-                    logs_sum = {k: distributed.all_reduce(v.clone(), "mean") for k, v in logs_sum.items()}
-                if at_ckpt or stopping:
-                    if main:
-                        save_checkpoint()
-                    if stopping:
-                        distributed.barrier()  # no process exits while rank 0 still writes
-                        raise _StopRequested
-            if stage.on_sample and main and cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
-                stage.on_sample(step, ema.model if ema else model)
-    except _StopRequested:
-        bar.close()
-        log(f"stopped by signal at step {step}; checkpoint saved, continue with --resume")
-        raise KeyboardInterrupt from None
-    finally:
-        bar.close()
-        for sig, h in old_handlers.items():
-            signal.signal(sig, h)
-    if skipped:
-        log(f"{stage.name}: {skipped} of {cfg.steps} batches were skipped for a non-finite loss or gradient")
-    final = ema.model if ema is not None else model
-    return final.eval()
-
-
-def _quiet(*args, **kwargs):
-    pass
-
-
-def _agree(fault: torch.Tensor, stop: bool) -> tuple[int, bool]:
-    """(earliest fault code, whether any process was asked to stop): one small all-reduce under DDP."""
-    both = torch.stack([fault, torch.tensor(-int(stop), dtype=torch.int64, device=fault.device)])
-    code, neg_stop = distributed.all_reduce(both, "min").tolist()
-    return int(code), neg_stop < 0
-
-
-def _mean_logs(loss_sum: torch.Tensor, logs_sum: dict, n: int) -> dict:
-    """Mean loss (and extra logs) since the last log line, averaged over processes; None if every batch was skipped."""
-    keys = sorted(logs_sum)
-    sums = torch.stack([loss_sum.float()] + [logs_sum[k].float() for k in keys])
-    sums = distributed.all_reduce(sums, "mean").tolist()  # the one host-device sync per log interval
-    return {k: (v / n if n else None) for k, v in zip(["loss"] + keys, sums)}
-
-
-def _fault_message(stage: Stage, step: int, kind: int, ckpt_dir: Path) -> str:
-    what = "loss" if kind & 1 else "gradient"  # a non-finite loss makes the gradient non-finite too
-    last = ckpt.list_checkpoints(ckpt_dir, stage.name)
-    kept = f"the last good checkpoint {last[0]} is kept" if last else "no checkpoint had been written yet"
-    return (f"{stage.name} training stopped: non-finite {what} at step {step}; {kept} and no later one was written. "
-            f"Lower {stage.section}.lr or set {stage.section}.grad_clip, then continue with --resume; or set "
-            f"{stage.section}.nonfinite=skip to skip such batches")
-
-
-# --- stage 1: autoencoder -----------------------------------------------------------------------
-
-def _load_train_data(cfg: Config, split: str = "train") -> ImageData:
-    d = cfg.data
-    return load_dataset(d.source, split, data_dir=d.data_dir, image_size=d.image_size, channels=d.channels,
-                        limit=d.limit if split == "train" else None)
-
-
-def evaluate_autoencoder(ae: Autoencoder, images: np.ndarray, device) -> dict:
-    """PSNR and SSIM of reconstructions (posterior mean) on uint8 images."""
-    from latentdiff.evaluation.evaluate import reconstruct
-    from latentdiff.evaluation.metrics import psnr, ssim
-
-    rec = reconstruct(ae, images, device)
-    return {"psnr": float(np.mean(psnr(images, rec))), "ssim": float(np.mean(ssim(images, rec))),
-            "n": int(len(images))}
-
-
-def train_autoencoder(cfg: Config, run_dir: str | Path, *, resume: bool = False, log=print,
-                      progress: bool = True) -> tuple[Autoencoder, dict]:
-    """Stage 1 (also one process of several under torchrun; rank 0 evaluates and writes the model)."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    device = distributed.setup(resolve_device(cfg.device))
-    main = distributed.is_main()
-    log = log if main else _quiet
-    data = _load_train_data(cfg)
-    cfg.autoencoder.image_channels = data.channels
-    ae_cfg = cfg.autoencoder
-    ae_cfg.validate()
-    if main:
-        write_text_atomic(run_dir / "autoencoder_config.json", json.dumps(cfg.to_dict(), indent=2))
-    log(f"autoencoder: {len(data)} images from {data.source}, {data.channels}×{data.image_size[0]}×"
-        f"{data.image_size[1]} -> latent {ae_cfg.latent_shape(data.image_size)}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.autoencoder_training.seed)  # the same initial weights on every run
-        ae = Autoencoder(ae_cfg, data.image_size)
-    images = to_tensor(data.images).to(device)  # small data sets stay resident on the device
-
-    def loss(idx, gen, rows):
-        # ε of the posterior sample for the whole global batch, drawn on every process; each keeps its rows
-        noise = torch.randn((len(idx), *ae.latent_shape), generator=gen, device=device)
-        return ae.loss(images[idx[rows].to(device)], noise=noise[rows])
-
-    stage = Stage("autoencoder", ae, loss, len(images), cfg.autoencoder_training, section="autoencoder_training")
-    run_stage(stage, run_dir, device, precision=cfg.precision, resume=resume, config=cfg.to_dict(), log=log,
-              progress=progress)
-    ae.eval()
-    stats = ae.fit_latent_stats(images[:5000])
-    metrics: dict = {}
-    if main:
-        try:
-            test = _load_train_data(cfg, "test")
-            held_out = "test split"
-        except Exception:  # an image folder without a test/ subfolder: report on training images
-            test, held_out = data, "training images (no held-out split)"
-        metrics = evaluate_autoencoder(ae, test.images[:2000], device)
-        metrics.update(evaluated_on=held_out, latent_stats=stats, steps=cfg.autoencoder_training.steps)
-        ld_state.save_state(run_dir / "autoencoder.safetensors", ae.state_dict(),
-                        {"autoencoder": vars(ae_cfg), "image_size": list(data.image_size), "metrics": metrics,
-                         "class_names": list(data.class_names), "data_source": data.source})
-        log(f"autoencoder on {held_out}: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}, "
-            f"latent scale per channel {', '.join(f'{v:.3f}' for v in stats['scale'])}")
-    distributed.barrier()  # the other processes wait until rank 0 has written the model
-    return ae, metrics
-
-
-def load_trained_autoencoder(run_dir: Path, device) -> tuple[Autoencoder, dict]:
-    path = Path(run_dir) / "autoencoder.safetensors"
-    if not path.is_file():
-        raise ModelError(f"{path} not found: train the autoencoder first with "
-                         f"`latentdiff train-autoencoder --run-dir {run_dir}`")
-    tensors, meta = ld_state.load_state(path)
-    size = meta.get("image_size")
-    try:  # the header is data from disk: check types and ranges before building anything
-        ae_cfg = AutoencoderConfig()
-        apply_updates(ae_cfg, meta.get("autoencoder"), "autoencoder.")
-        ae_cfg.validate()
-        if (not isinstance(size, list) or len(size) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4096 for v in size)):
-            raise ConfigError(f"image_size must be [height, width] with integers in 1…4096, got {size!r:.80}")
-        ae = Autoencoder(ae_cfg, (size[0], size[1]))
-        ae.load_state_dict(tensors)
-    except (ConfigError, RuntimeError) as e:  # RuntimeError: load_state_dict's missing/unexpected/shape report
-        raise ModelError(f"{path} is not a usable latentdiff autoencoder: {str(e).splitlines()[0]}") from None
-    return ae.to(device).eval(), meta
-
-
-# --- stage 2: latent diffusion ------------------------------------------------------------------
-
-def encode_dataset(ae: Autoencoder, images: np.ndarray, device, batch_size: int = 500) -> DiagonalGaussian:
-    """The posterior of every image, computed once (unnormalised; the codec normalises samples of it)."""
-    return ae.encode_dataset(to_tensor(images).to(device), batch_size)
-
-
-def sample_posterior(ae: Autoencoder, post: DiagonalGaussian, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """A fresh normalised sample of the cached posteriors of items `idx` (the codec owns the normalisation)."""
-    noise = torch.randn(post.mean[idx].shape, generator=gen, device=post.mean.device)
-    return ae.sample_latent(DiagonalGaussian(post.mean[idx], post.logvar[idx]), noise=noise)
-
-
-def diffusion_loss(den: Denoiser, z0: torch.Tensor, labels: torch.Tensor | None, gen: torch.Generator,
-                   min_snr_gamma: float = 0.0, rows: slice = slice(None)) -> torch.Tensor:
-    """Per-sample 'simple' loss ||target - net(z_t, t)||² (Ho et al. 2020 eq. 14), optionally min-SNR weighted.
-
-    Min-SNR-γ (Hang et al. 2023) weights the x0-space error by min(SNR, γ); expressed in the
-    network's own target space that is min(SNR, γ)/SNR for ε and min(SNR, γ)/(SNR + 1) for v.
-    t and ε are drawn for the whole batch `z0`; the loss is computed for its `rows` only (one
-    process's share of a global batch under DDP).
-    """
-    sched = den.schedule
-    t = torch.randint(sched.num_steps, (z0.shape[0],), generator=gen, device=z0.device)
-    eps = torch.randn(z0.shape, generator=gen, device=z0.device)
-    z0, eps, t = z0[rows], eps[rows], t[rows]
-    labels = labels[rows] if labels is not None else None
-    abar = sched.abar(t)
-    zt = sched.add_noise(z0, eps, t)
-    out = den.net(zt, t, labels).float()
-    target = training_target(den.prediction, z0, eps, abar)
-    per_sample = (out - target).square().flatten(1).mean(1)
-    if min_snr_gamma > 0:
-        snr = (abar / (1 - abar)).to(z0.device).float()
-        clipped = snr.clamp(max=min_snr_gamma)
-        weight = {"eps": clipped / snr, "v": clipped / (snr + 1), "x0": clipped}[den.prediction]
-        per_sample = per_sample * weight
-    return per_sample
-
-
-def train_diffusion(cfg: Config, run_dir: str | Path, *, resume: bool = False, log=print,
-                    progress: bool = True, grid_path: str | Path | None = None) -> LatentDiffusion:
-    """Stage 2; when done, RUN_DIR is a model directory and a sample grid is written to `grid_path`
-    (default RUN_DIR/samples.png). Under torchrun every process trains its share; rank 0 writes."""
-    run_dir = Path(run_dir)
-    device = distributed.setup(resolve_device(cfg.device))
-    main = distributed.is_main()
-    log = log if main else _quiet
-    ae, ae_meta = load_trained_autoencoder(run_dir, device)
-    cfg.autoencoder = ae.cfg  # the trained codec is authoritative
-    data = _load_train_data(cfg)
-    if data.image_size != ae.image_size or data.channels != ae.cfg.image_channels:
-        raise ConfigError(f"the data ({data.channels}×{data.image_size}) does not match the trained autoencoder "
-                          f"({ae.cfg.image_channels}×{ae.image_size})")
-    conditional = cfg.conditional and data.labels is not None and data.num_classes > 1
-    cfg.unet.num_classes = data.num_classes if conditional else 0
-    cfg.unet.in_channels = ae.cfg.latent_channels
-    cfg.validate()
-    if main:
-        write_text_atomic(run_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.training.seed)  # the same initial weights on every run
-        pipe = LatentDiffusion.build(cfg, ae.image_size, data.class_names if conditional else ())
-    pipe.autoencoder = ae
-    den = pipe.denoiser.to(device)
-    n_params = sum(p.numel() for p in den.parameters())
-    log(f"denoiser: {n_params / 1e6:.2f}M parameters, latent {ae.latent_shape}, "
-        f"{'class-conditional (' + str(data.num_classes) + ' classes)' if conditional else 'unconditional'}")
-    post = encode_dataset(ae, data.images, device)
-    labels = torch.as_tensor(data.labels, device=device) if conditional else None
-    null = cfg.unet.num_classes
-    drop = cfg.diffusion.cond_drop_prob
-
-    def loss(idx, gen, rows):
-        # Every random draw covers the whole global batch (cheap next to the network), so that each
-        # process's rows get exactly the numbers a single process would; the U-Net sees only `rows`.
-        idx = idx.to(device)
-        z0 = sample_posterior(ae, post, idx, gen)
-        y = None
-        if labels is not None:
-            y = labels[idx]
-            keep = torch.rand(y.shape, generator=gen, device=device) >= drop
-            y = torch.where(keep, y, torch.full_like(y, null))
-        return diffusion_loss(den, z0, y, gen, cfg.diffusion.min_snr_gamma, rows), {}
-
-    def on_sample(step, net):
-        snapshot = LatentDiffusion(cfg, ae, den.with_net(net), pipe.class_names)
-        write_sample_grid(snapshot, run_dir / "samples" / f"step-{step:08d}.png")
-
-    stage = Stage("denoiser", den.net, loss, len(post.mean), cfg.training, on_sample)
-    t0 = time.perf_counter()
-    net = run_stage(stage, run_dir, device, precision=cfg.precision, resume=resume, config=cfg.to_dict(), log=log,
-                    progress=progress)
-    train_seconds = time.perf_counter() - t0
-    final = LatentDiffusion(cfg, ae, den.with_net(net), pipe.class_names).eval()
-    if main:
-        ae_metrics = ae_meta.get("metrics") or {}  # absent when the autoencoder came from a saved model directory
-        extra = {"train_steps": cfg.training.steps, "autoencoder_steps": ae_metrics.get("steps"),
-                 "data_source": data.source,
-                 "metrics": {label: round(ae_metrics[key], digits) for label, key, digits in
-                             (("autoencoder PSNR (dB)", "psnr", 2), ("autoencoder SSIM", "ssim", 4))
-                             if isinstance(ae_metrics.get(key), (int, float))}}
-        final.save(run_dir, extra=extra, autoencoder_meta=ae_meta)
-        grid_path = Path(grid_path) if grid_path else run_dir / "samples.png"
-        write_sample_grid(final, grid_path)
-        log(f"model written to {run_dir} ({train_seconds:.0f} s of denoiser training); samples in {grid_path}")
-    distributed.barrier()  # the other processes wait until rank 0 has written the model
-    return final
-
-
-def write_sample_grid(pipe: LatentDiffusion, path: Path, per_class: int = 8, seed: int = 0):
-    """A grid of samples: one row per class for conditional models, else an 8×8 grid."""
-    if pipe.num_classes:
-        labels = np.repeat(np.arange(pipe.num_classes), per_class)
-        images, _ = pipe.generate(len(labels), labels=labels, seed=seed)
-        nrow = per_class
-    else:
-        images, _ = pipe.generate(64, seed=seed)
-        nrow = 8
-    save_png(make_grid(images, nrow), path, {"Software": "latentdiff", "latentdiff": {"seed": seed}}, scale=2)
+    def inference_model(self) -> nn.Module:
+        return self.ema.model if self.ema is not None else self.model

@@ -1,0 +1,159 @@
+"""Stage 2: the latent denoiser. The data set is encoded once into cached posteriors (mean,
+log-variance); every step trains the U-Net on fresh latent samples from them.
+
+The latent normalisation belongs to the codec (``Autoencoder.sample_latent`` / ``normalize``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from latentdiff.codecs.autoencoder import Autoencoder, DiagonalGaussian
+from latentdiff.diffusion.cond import Cond
+from latentdiff.diffusion.denoiser import Denoiser
+from latentdiff.diffusion.loss import diffusion_loss, drop_cond
+from latentdiff.errors import ConfigError
+from latentdiff.pipeline import LatentDiffusion, resolve_device
+from latentdiff.pipeline.config import Config
+from latentdiff.training import distributed, rundir
+from latentdiff.training.autoencoder import load_train_data, load_trained_autoencoder
+from latentdiff.training.loop import Stage, TrainLoop
+from latentdiff.utils.files import write_text_atomic
+from latentdiff.utils.images import make_grid, save_png
+
+log = logging.getLogger(__name__)
+
+
+class Posteriors:
+    """The codec's posterior q(z | x) of every image, computed once, on the device, with the codec that
+    normalises samples of it (the codec owns the normalisation; nothing here knows its constants)."""
+
+    def __init__(self, codec: Autoencoder, post: DiagonalGaussian):
+        self.codec, self.post = codec, post
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.post.mean
+
+    def __len__(self) -> int:
+        return len(self.post.mean)
+
+
+def encode_dataset(ae: Autoencoder, images: np.ndarray, device, batch_size: int = 500) -> Posteriors:
+    """Posterior of every uint8 image (N, H, W, C), in batches of `batch_size`."""
+    return Posteriors(ae, ae.encode_dataset(images, batch_size, device))
+
+
+def sample_posterior(post: Posteriors, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A fresh normalised sample of the cached posteriors of items `idx` (ε drawn from `gen`)."""
+    q = DiagonalGaussian(post.post.mean[idx], post.post.logvar[idx])
+    noise = torch.randn(q.mean.shape, generator=gen, device=q.mean.device)
+    return post.codec.sample_latent(q, noise=noise)
+
+
+def posterior_means(post: Posteriors) -> torch.Tensor:
+    """The normalised posterior means (a deterministic encoding, for evaluation)."""
+    return post.codec.normalize(post.post.mean)
+
+
+def denoiser_stage(cfg: Config, den: Denoiser, post: Posteriors, labels: torch.Tensor | None,
+                   on_sample=None) -> Stage:
+    """The denoiser's loss on cached posteriors; `labels` (N,) on their device, or None (unconditional)."""
+    drop, gamma = cfg.diffusion.cond_drop_prob, cfg.diffusion.min_snr_gamma
+
+    def loss(idx, gen, rows):
+        # Every random draw covers the whole global batch (cheap next to the network), so that each
+        # process's rows get exactly the numbers a single process would; the U-Net sees only `rows`.
+        idx = idx.to(post.mean.device)
+        z0 = sample_posterior(post, idx, gen)
+        cond = None
+        if labels is not None:
+            cond = drop_cond(Cond(labels=labels[idx]), den.null_cond(len(idx), idx.device), drop, gen)
+        return diffusion_loss(den, z0, cond, gen, gamma, rows), {}
+
+    return Stage("denoiser", den.net, loss, len(post), cfg.training, on_sample)
+
+
+DENOISER_SECTIONS = ("data", "autoencoder", "unet", "diffusion", "training", "conditional", "precision")
+
+
+def train_diffusion(cfg: Config, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+                    progress: bool = True, grid_path: str | Path | None = None) -> LatentDiffusion:
+    """Stage 2; when done, RUN_DIR is a model directory and a sample grid is written to `grid_path`
+    (default RUN_DIR/samples.png). Under torchrun every process trains its share; rank 0 writes.
+    RUN_DIR is locked while it runs; see ``training/rundir.py`` for `resume` and `overwrite`."""
+    run_dir = Path(run_dir)
+    device = distributed.setup(resolve_device(cfg.device))
+    with rundir.locked(run_dir):
+        return _train_diffusion(cfg, run_dir, device, resume, overwrite, progress, grid_path)
+
+
+def _train_diffusion(cfg: Config, run_dir: Path, device, resume: bool, overwrite: bool, progress: bool,
+                     grid_path) -> LatentDiffusion:
+    main = distributed.is_main()
+    ae, ae_meta = load_trained_autoencoder(run_dir, device)
+    cfg.autoencoder = ae.cfg  # the trained codec is authoritative
+    data = load_train_data(cfg)
+    if data.image_size != ae.image_size or data.channels != ae.cfg.image_channels:
+        raise ConfigError(f"the data ({data.channels}×{data.image_size}) does not match the trained autoencoder "
+                          f"({ae.cfg.image_channels}×{ae.image_size})")
+    conditional = cfg.conditional and data.labels is not None and data.num_classes > 1
+    cfg.unet.num_classes = data.num_classes if conditional else 0
+    cfg.unet.in_channels = ae.cfg.latent_channels
+    cfg.validate()
+    if main:
+        write_text_atomic(run_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.training.seed)  # the same initial weights on every run
+        pipe = LatentDiffusion.build(cfg, ae.image_size, data.class_names if conditional else ())
+    pipe.autoencoder = ae
+    den = pipe.denoiser.to(device)
+    log.info(f"denoiser: {sum(p.numel() for p in den.parameters()) / 1e6:.2f}M parameters, latent {ae.latent_shape}, "
+             f"{'class-conditional (' + str(data.num_classes) + ' classes)' if conditional else 'unconditional'}")
+    post = encode_dataset(ae, data.images, device)
+    labels = torch.as_tensor(data.labels, device=device) if conditional else None
+
+    def on_sample(step, net):
+        snapshot = LatentDiffusion(cfg, ae, den.with_net(net), pipe.class_names)
+        write_sample_grid(snapshot, run_dir / "samples" / f"step-{step:08d}.png")
+
+    t0 = time.perf_counter()
+    loop = TrainLoop(denoiser_stage(cfg, den, post, labels, on_sample), run_dir, device, precision=cfg.precision,
+                     config=cfg.to_dict(), progress=progress, sections=DENOISER_SECTIONS, overwrite=overwrite)
+    net = loop.run(resume)
+    train_seconds = time.perf_counter() - t0
+    final = LatentDiffusion(cfg, ae, den.with_net(net), pipe.class_names).eval()
+    if main:
+        _write_model(final, cfg, ae_meta, data.source, run_dir, grid_path)
+        log.info(f"model written to {run_dir} ({train_seconds:.0f} s of denoiser training); samples in "
+                 f"{grid_path or run_dir / 'samples.png'}")
+    distributed.barrier()  # the other processes wait until rank 0 has written the model
+    return final
+
+
+def _write_model(final: LatentDiffusion, cfg: Config, ae_meta: dict, source: str, run_dir: Path, grid_path):
+    ae_metrics = ae_meta.get("metrics") or {}  # absent when the autoencoder came from a saved model directory
+    extra = {"train_steps": cfg.training.steps, "autoencoder_steps": ae_metrics.get("steps"), "data_source": source,
+             "metrics": {label: round(ae_metrics[key], digits) for label, key, digits in
+                         (("autoencoder PSNR (dB)", "psnr", 2), ("autoencoder SSIM", "ssim", 4))
+                         if isinstance(ae_metrics.get(key), (int, float))}}
+    final.save(run_dir, extra=extra, autoencoder_meta=ae_meta)
+    write_sample_grid(final, Path(grid_path) if grid_path else run_dir / "samples.png")
+
+
+def write_sample_grid(pipe: LatentDiffusion, path: Path, per_class: int = 8, seed: int = 0):
+    """A grid of samples: one row per class for conditional models, else an 8×8 grid."""
+    if pipe.num_classes:
+        labels = np.repeat(np.arange(pipe.num_classes), per_class)
+        images, _ = pipe.generate(len(labels), labels=labels, seed=seed)
+        nrow = per_class
+    else:
+        images, _ = pipe.generate(64, seed=seed)
+        nrow = 8
+    save_png(make_grid(images, nrow), path, {"Software": "latentdiff", "latentdiff": {"seed": seed}}, scale=2)
