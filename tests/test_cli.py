@@ -120,7 +120,7 @@ def test_bad_input_one_line_exit_2(args, needle):
 def test_bad_input_on_a_real_model(model_dir, tmp_path):
     for args, needle in [
         (["--class", "10"], "class must be between 0 and 9"),
-        (["--steps", "5000"], "steps must be between 1 and 100"),
+        (["--steps", "5000"], "steps must be an integer between 1 and 100"),
         (["--out", tmp_path / "x.jpg"], "must end in .png or .npz"),
     ]:
         proc = run("sample", "--model", model_dir, "--n", 2, *args, check=False)

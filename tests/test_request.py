@@ -24,8 +24,8 @@ def test_resolve_fills_the_model_defaults_once():
 
 @pytest.mark.parametrize("fields, message", [
     (dict(sampler="fastest"), "unknown sampler 'fastest'"),
-    (dict(steps=0), "steps must be between 1 and 1000"),
-    (dict(steps=1001), "steps must be between 1 and 1000"),
+    (dict(steps=0), "steps must be an integer between 1 and 1000"),
+    (dict(steps=1001), "steps must be an integer between 1 and 1000"),
     (dict(spacing="zigzag"), "unknown timestep spacing"),
     (dict(guidance=1e30), "guidance must be a finite number between 0 and 100"),
     (dict(guidance=float("nan")), "guidance must be a finite number"),

@@ -1,1 +1,1 @@
-
+"""The `latentdiff` command line (the top layer)."""

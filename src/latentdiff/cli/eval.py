@@ -1,12 +1,5 @@
-"""Evaluation: Fréchet distance beside its real-vs-real floor, k-NN precision/recall, class accuracy, PSNR/SSIM.
-
-Every distribution metric is computed in the feature space of a named extractor (see
-:mod:`latentdiff.features`); numbers from different extractors are not comparable, so each
-result names its extractor. "FD" is FID only with the standard Inception weights.
-
-The floor answers "how small can FD be with this many images?": the FD between an equally sized
-set of *real* training images and the same test split. A model whose FD is near the floor is as
-close to the data as a finite real sample is.
+"""The evaluation commands: `eval` (FD beside its floor, precision/recall, class accuracy) and
+`eval-autoencoder` (PSNR, SSIM, reconstruction FD).
 """
 
 from __future__ import annotations

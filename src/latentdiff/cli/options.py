@@ -114,7 +114,7 @@ STRENGTH = Bounded(float, 0, 1, open_low=True, requirement="must be in (0, 1]")
 
 SAMPLERS = RegistryChoice("latentdiff.sampling.samplers:SAMPLERS")  # ddpm, ddim, euler, heun, dpmpp-2m, ...
 SPACINGS = RegistryChoice("latentdiff.sampling.grids:ALL_SPACINGS")
-COMPILE_MODES = RegistryChoice("latentdiff.pipeline.model:COMPILE_MODES")
+COMPILE_MODES = RegistryChoice("latentdiff.pipeline.runtime:COMPILE_MODES")
 PRECISIONS = RegistryChoice("latentdiff.pipeline.config:PRECISIONS")
 
 

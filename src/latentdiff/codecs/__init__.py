@@ -1,1 +1,1 @@
-
+"""Codecs: images <-> normalised latents (the KL autoencoder)."""

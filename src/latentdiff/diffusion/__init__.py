@@ -1,1 +1,1 @@
-
+"""Diffusion maths: schedule, condition, denoiser contract and parameterisations, loss, likelihood."""

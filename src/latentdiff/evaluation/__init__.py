@@ -1,1 +1,1 @@
-
+"""Evaluation: image and distribution metrics, feature extractors, likelihood."""

@@ -1,1 +1,1 @@
-
+"""Networks that know no diffusion: the U-Net and the noise-aware classifier."""

@@ -1,1 +1,1 @@
-
+"""Layers shared by the networks."""

@@ -17,8 +17,8 @@ import torch
 from latentdiff.errors import ConfigError
 from latentdiff.pipeline.config import PRECISIONS
 from latentdiff.pipeline.runtime import COMPILE_MODES
-from latentdiff.sampling.grids import ALL_SPACINGS
-from latentdiff.sampling.samplers import SAMPLERS
+from latentdiff.sampling.grids import check_grid
+from latentdiff.sampling.samplers import check_sampler
 
 MAX_SEED = 2**63 - 1
 MAX_IMAGES = 1_000_000
@@ -78,13 +78,10 @@ class SampleRequest:
     def resolve(self, defaults: ModelDefaults) -> "SampleRequest":
         """Fill the defaults and check every field; the result is what runs and what is recorded."""
         n = _integer(self.n, "n", 1, MAX_IMAGES)
-        sampler = defaults.sampler if self.sampler is None else self.sampler
-        if sampler not in SAMPLERS:
-            raise ConfigError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        steps = _integer(defaults.steps if self.steps is None else self.steps, "steps", 1, defaults.num_train_steps)
+        sampler = check_sampler(defaults.sampler if self.sampler is None else self.sampler)
         spacing = "trailing" if self.spacing is None else self.spacing
-        if spacing not in ALL_SPACINGS:
-            raise ConfigError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(ALL_SPACINGS)}")
+        steps = defaults.steps if self.steps is None else self.steps
+        steps = check_grid(defaults.num_train_steps, int(steps) if isinstance(steps, np.integer) else steps, spacing)
         guidance = _number(defaults.guidance if self.guidance is None else self.guidance, "guidance", MAX_GUIDANCE)
         classifier_scale = _number(self.classifier_scale, "classifier scale", MAX_CLASSIFIER_SCALE)
         eta = _number(self.eta, "eta", 1.0)

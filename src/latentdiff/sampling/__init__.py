@@ -1,1 +1,1 @@
-
+"""Samplers (pure functions) and the timestep grids they run on."""

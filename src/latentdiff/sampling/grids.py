@@ -32,6 +32,15 @@ def nearest_timesteps(schedule: NoiseSchedule, sigmas: torch.Tensor) -> torch.Te
     return torch.where((q - log_sig[lo]).abs() <= (log_sig[hi] - q).abs(), lo, hi)
 
 
+def check_grid(num_train_steps: int, num_steps, spacing: str) -> int:
+    """The one check of a grid's request: `num_steps` an integer in 1…T and `spacing` a known grid name."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= num_train_steps:
+        raise ConfigError(f"steps must be an integer between 1 and {num_train_steps}, got {num_steps!r}")
+    if spacing not in ALL_SPACINGS:
+        raise ConfigError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(ALL_SPACINGS)}")
+    return num_steps
+
+
 def timesteps(num_train_steps: int, num_steps: int, spacing: str = "trailing",
               schedule: NoiseSchedule | None = None) -> torch.Tensor:
     """At most `num_steps` distinct timesteps in descending order, ending near t = 0.
@@ -44,8 +53,7 @@ def timesteps(num_train_steps: int, num_steps: int, spacing: str = "trailing",
     the grid is finer than the discrete σ_t near t = 0. It always starts at T-1: where σ_{T-1} = ∞
     (zero terminal SNR) the ρ-grid spans σ_0…σ_{T-2} and its first point is replaced by T-1.
     """
-    if not 1 <= num_steps <= num_train_steps:
-        raise ConfigError(f"steps must be between 1 and {num_train_steps}, got {num_steps}")
+    check_grid(num_train_steps, int(num_steps), spacing)
     T = num_train_steps
     if spacing == "trailing":
         ts = torch.round(torch.arange(T, 0, -T / num_steps, dtype=torch.float64)).long() - 1
@@ -53,7 +61,7 @@ def timesteps(num_train_steps: int, num_steps: int, spacing: str = "trailing",
         ts = (torch.arange(num_steps, dtype=torch.long) * (T // num_steps)).flip(0)
     elif spacing in ("linspace", "uniform"):
         ts = torch.linspace(T - 1, 0, num_steps, dtype=torch.float64).round().long()
-    elif spacing == "karras":
+    else:  # "karras"
         if schedule is None:
             raise ConfigError("the karras timestep spacing needs the noise schedule (pass schedule=...)")
         if schedule.num_steps != T:
@@ -62,7 +70,5 @@ def timesteps(num_train_steps: int, num_steps: int, spacing: str = "trailing",
         top = T - 1 if bool(torch.isfinite(sig[-1])) else T - 2
         ts = nearest_timesteps(schedule, karras_sigmas(float(sig[0]), float(sig[top]), num_steps))
         ts[0] = T - 1
-    else:
-        raise ConfigError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(ALL_SPACINGS)}")
     ts = torch.unique(ts.clamp(0, T - 1)).flip(0)
     return ts

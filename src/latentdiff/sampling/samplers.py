@@ -282,9 +282,11 @@ SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "euler": euler, "heun": heun, "dpmpp-2m"
             "dpmpp-2m-sde": dpmpp_2m_sde, "unipc": unipc}
 
 
-def _check_name(name: str):
+def check_sampler(name: str) -> str:
+    """`name` if it is a sampler of :data:`SAMPLERS`, else a ConfigError listing them."""
     if name not in SAMPLERS:
         raise ConfigError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    return name
 
 
 def nfe(name: str, steps: int) -> int:
@@ -293,7 +295,7 @@ def nfe(name: str, steps: int) -> int:
     `steps` is the length of the timestep grid; a "karras" grid may be shorter than requested. On a
     zero-terminal-SNR schedule Heun saves one more evaluation (no correction from σ̃ = ∞).
     """
-    _check_name(name)
+    check_sampler(name)
     if steps < 1:
         raise ConfigError(f"steps must be >= 1, got {steps}")
     return 2 * steps - 1 if name == "heun" else steps
@@ -301,7 +303,7 @@ def nfe(name: str, steps: int) -> int:
 
 def steps_for_nfe(name: str, budget: int) -> int:
     """The most steps whose run of sampler `name` costs at most `budget` network evaluations."""
-    _check_name(name)
+    check_sampler(name)
     if budget < 1:
         raise ConfigError(f"an NFE budget must be >= 1, got {budget}")
     return (budget + 1) // 2 if name == "heun" else budget
@@ -311,7 +313,7 @@ def sample(denoiser, noise, schedule: NoiseSchedule, *, sampler: str = "ddim", s
            spacing: str | None = None, generator=None, callback: Callback = None, **options):
     """Run a named sampler over a timestep grid of ``steps`` steps with the given ``spacing``
     (``sampling.grids.ALL_SPACINGS``; default "trailing")."""
-    _check_name(sampler)
+    check_sampler(sampler)
     # "trailing" starts every grid at t = T-1 (pure noise); with steps = T it is every timestep
     ts = timesteps(schedule.num_steps, steps, spacing or "trailing", schedule).to(noise.device)
     return SAMPLERS[sampler](denoiser, noise, schedule, ts, generator=generator, callback=callback, **options)

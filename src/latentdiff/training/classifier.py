@@ -1,15 +1,5 @@
-"""A noise-aware classifier p_φ(y | z_t, t) on noisy latents, for classifier guidance (Dhariwal & Nichol 2021).
-
-The network is the downsampling half of the U-Net (``unet.py``): the same ResBlocks with the
-sinusoidal time embedding added in, then GroupNorm-SiLU, global average pooling and a linear head.
-It is trained like the denoiser: the data set is encoded once into cached posteriors
-(``training.diffusion.encode_dataset``), every step draws fresh z0 from them, t uniformly, and
-z_t = schedule.add_noise(z0, ε, t); the loss is the cross-entropy of the labels. The loop is
-``training.loop.TrainLoop`` (EMA, atomic checkpoints, exact resume), as for the other stages.
-
-On disk a classifier is one safetensors file whose JSON header holds its config, the diffusion
-facts it was trained for (T, latent shape, latent scale factor) and its held-out accuracy per
-noise-level bucket; a readable copy of the header is written beside it as ``.json``.
+"""Training the noise-aware classifier p_φ(y | z_t, t) for classifier guidance: its stage on the shared
+loop, and its held-out accuracy per noise level.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""Writing results: atomic file writes, image grids, PNGs with provenance metadata, sample archives."""
+"""Atomic file writes: a temporary file beside the target, fsync, rename, fsync of the folder;
+checks that an output path can be written before any work is done.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Writing results: atomic file writes, image grids, PNGs with provenance metadata, sample archives."""
+"""Images as arrays and files: [-1, 1] tensors <-> uint8 arrays, grids, PNGs with provenance text chunks,
+sample archives (.npz) and folders of PNGs.
+"""
 
 from __future__ import annotations
 

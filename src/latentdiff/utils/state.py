@@ -79,7 +79,7 @@ def load_state(path: str | Path, device: str | torch.device = "cpu", verify: boo
         with safe_open(str(path), framework="pt", device="cpu") as f:
             header = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises several types for malformed files
+    except (SafetensorError, OSError, ValueError, RuntimeError, OverflowError) as e:  # malformed or truncated files
         raise ModelError(f"{path} is not a valid safetensors file (truncated or corrupted?): {e}") from None
     if verify and _HEADER_KEYS & header.keys() and (header.keys() - _HEADER_KEYS or "sha256" not in header):
         # a file of ours whose header keys changed: a flipped byte must not switch a checksum off
