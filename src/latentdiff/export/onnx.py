@@ -109,7 +109,7 @@ def _export_graph(module: nn.Module, args: tuple, specs: list[dict], out: dict, 
                               input_names=[s["name"] for s in specs], output_names=[out["name"]],
                               dynamic_shapes=dynamic, verbose=False)
         tmp.replace(path)  # atomic: a half-written graph never carries the final name
-    except Exception as e:  # noqa: BLE001 - the exporter raises many types; the user needs the first line
+    except Exception as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
             raise

@@ -120,7 +120,7 @@ class OnnxLatentDiffusion(LatentDiffusion):
     def compiled_denoiser(self, mode=True):
         raise ConfigError("--compile applies to the PyTorch runtime, not to ONNX Runtime")
 
-    def to(self, device) -> "OnnxLatentDiffusion":
+    def to(self, device) -> OnnxLatentDiffusion:
         if torch.device(device).type != "cpu":
             raise ConfigError("the ONNX runtime runs on the CPU here; use --device cpu")
         return super().to(device)
