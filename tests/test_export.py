@@ -152,7 +152,7 @@ def test_diffusers_pipeline_samples_the_same_images(tmp_path):
     pipe = _pipe()
     export_diffusers(pipe, tmp_path / "out")
     dp = _load_diffusers(tmp_path / "out")
-    for labels, guidance in (([0, 1, 2], 2.0), ([2, 0, 1], 1.0), (None, 1.0)):
+    for labels, guidance in (([0, 1, 2], 2.0), (None, 1.0)):
         ours, _ = pipe.generate(3, sampler="ddim", steps=4, seed=5, labels=labels, guidance=guidance)
         got = dp(class_labels=labels, num_images=3, guidance_scale=guidance, num_inference_steps=4,
                  generator=torch.Generator().manual_seed(5), output_type="np").images
