@@ -150,7 +150,8 @@ class Autoencoder(nn.Module):
         """What `training.compile` compiles: the codec is used through encode/decode, never forward()."""
         return (self.encoder, self.decoder)
 
-    def _sizes(self) -> list[tuple[int, int]]:
+    def upsample_sizes(self) -> list[tuple[int, int]]:
+        """The spatial size after each of the decoder's upsamplings, coarse to fine (undoes the encoder's ceil rounding)."""
         h, w = self.image_size
         sizes = [(h, w)]
         for _ in range(self.cfg.levels):
@@ -172,7 +173,7 @@ class Autoencoder(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Unnormalised latents -> images (not clamped)."""
-        return self.decoder(z, self._sizes())
+        return self.decoder(z, self.upsample_sizes())
 
     # --- the latent normalisation: the diffusion model only ever sees normalised latents ----------
 
