@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from latentdiff.diffusion.schedule import timesteps
 from latentdiff.errors import ConfigError, ModelError
 from latentdiff.export.diffusers import (
     decoder_module_pairs,
@@ -22,8 +21,9 @@ from latentdiff.export.diffusers import (
     unet_config,
     unet_module_pairs,
 )
+from latentdiff.pipeline import LatentDiffusion
 from latentdiff.pipeline.config import load_config
-from latentdiff.pipeline.model import LatentDiffusion
+from latentdiff.sampling.grids import timesteps
 
 CLASSES = ("a", "b", "c")
 
@@ -250,8 +250,8 @@ def test_onnx_runtime_runs_the_control_functions(onnx_export):
     pipe, out, _ = onnx_export
     rt = load_onnx(out)
     images, _ = pipe.generate(2, steps=3, seed=1, labels=[0, 1])
-    ours = img2img(pipe, images, 0.6, label=2, guidance=2.0, steps=4, seed=3)
-    _images_match(img2img(rt, images, 0.6, label=2, guidance=2.0, steps=4, seed=3), ours)
+    ours = img2img(pipe, images, 0.6, labels=2, guidance=2.0, steps=4, seed=3)
+    _images_match(img2img(rt, images, 0.6, labels=2, guidance=2.0, steps=4, seed=3), ours)
 
 
 def test_onnx_runtime_refuses_what_needs_gradients(onnx_export):
@@ -290,3 +290,41 @@ def test_shipped_model_in_onnx(tmp_path):
     ours, _ = pipe.generate(8, steps=10, seed=0, labels=list(range(8)), guidance=2.0)
     got, _ = load_onnx(tmp_path).generate(8, steps=10, seed=0, labels=list(range(8)), guidance=2.0)
     _images_match(got, ours)
+
+
+def test_cli_sample_with_the_onnx_runtime_reproduces_pytorch(onnx_export, latentdiff_cli, tmp_path):
+    """`latentdiff sample --runtime onnx` over an export gives the PyTorch command's images, byte for byte here."""
+    from PIL import Image
+
+    pipe, out, _ = onnx_export
+    args = ("--n", 4, "--steps", 3, "--seed", 2, "--no-progress")
+    code, _, err = latentdiff_cli("sample", "--model", pipe.directory, "--out", tmp_path / "torch.png", *args)
+    assert code == 0, err
+    code, _, err = latentdiff_cli("sample", "--model", out, "--runtime", "onnx", "--threads", 1,
+                                  "--out", tmp_path / "onnx.png", *args)
+    assert code == 0, err
+    a, b = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(int) for n in ("torch", "onnx"))
+    assert a.shape == b.shape and (np.abs(a - b) > 1).sum() == 0 and (a != b).mean() <= 0.01
+    code, _, err = latentdiff_cli("edit", tmp_path / "torch.png", "--model", out, "--runtime", "onnx",
+                                  "--out", tmp_path / "e.png")
+    assert code == 2 and "aspect ratio" in err  # a grid is not one image: the command's own check, one line
+
+
+def test_cli_runtime_and_export_refusals(onnx_export, latentdiff_cli, tiny_model_dir, tmp_path):
+    from conftest import assert_one_line_error
+
+    pipe, out, _ = onnx_export
+    code, _, err = latentdiff_cli("sample", "--model", out, "--runtime", "onnx", "--device", "cuda", "--out",
+                                  tmp_path / "x.png")
+    assert_one_line_error(code, err, "runs on the CPU")
+    code, _, err = latentdiff_cli("sample", "--model", tiny_model_dir, "--threads", 2, "--out", tmp_path / "x.png")
+    assert_one_line_error(code, err, "--threads applies to --runtime onnx only")
+    code, _, err = latentdiff_cli("sample", "--model", tiny_model_dir, "--runtime", "onnx", "--out", tmp_path / "x.png")
+    assert_one_line_error(code, err, "not an ONNX export")
+    code, _, err = latentdiff_cli("export", "onnx", tiny_model_dir, out)  # a folder that already holds an export
+    assert_one_line_error(code, err, "is not an empty folder")
+    code, _, err = latentdiff_cli("export", "diffusers", tiny_model_dir, tmp_path / "d")
+    assert_one_line_error(code, err)  # the tiny U-Net's group counts differ between layers: refused with the reason
+    assert not (tmp_path / "x.png").exists()
+    code, text, _ = latentdiff_cli("export", "--help")
+    assert code == 0 and "onnx" in text and "diffusers" in text

@@ -289,3 +289,17 @@ def test_evaluate_likelihood_rejects_bad_input(tiny_pipe):
             E.evaluate_likelihood(tiny_pipe, good, train_images=good, **kwargs)
     with pytest.raises(ConfigError):
         E.evaluate_likelihood(tiny_pipe, np.zeros((2, 32, 32, 1), dtype=np.uint8), train_images=good)
+
+
+def test_eval_likelihood_command(tiny_model_dir, latentdiff_cli):
+    """`latentdiff eval --likelihood`: the per-term table and totals, and --json; it needs --model."""
+    import json
+
+    args = ("eval", "--likelihood", "--reference", "bundled", "--n", 4, "--grid-steps", 3, "--fit-images", 8)
+    code, out, err = latentdiff_cli(*args, "--model", tiny_model_dir, "--json")
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert "bits/dim (VLB data bound)" in out and result["n_images"] == 4
+    assert result["settings"]["grid_steps"] == 3 and math.isfinite(result["bits_per_dim"])
+    code, _, err = latentdiff_cli(*args[:2], "--samples", "x.npz")
+    assert code == 2 and "--likelihood needs --model" in err

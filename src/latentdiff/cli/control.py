@@ -26,6 +26,7 @@ from latentdiff.cli.options import (
     guidance_option,
     model_option,
     out_option,
+    runtime_options,
     seed_option,
     steps_option,
     with_namespace,
@@ -86,6 +87,7 @@ def common_options(out_default: str, class_type=NONNEG_INT,
         guidance_option("classifier-free guidance scale with --class (1 = none; default: the model's)"),
         seed_option(help="random seed; same seed, same result (default: 0)"),
         device_option(),
+        runtime_options(),
     )
 
 
@@ -93,9 +95,9 @@ def common_options(out_default: str, class_type=NONNEG_INT,
 
 
 def _load_pipe(opts):
-    from latentdiff.pipeline import LatentDiffusion, resolve_device
+    from latentdiff.cli.inputs import load_model
 
-    return LatentDiffusion.load(opts.model, resolve_device(opts.device))
+    return load_model(opts)
 
 
 def _check_out(opts, suffix=".png") -> Path:

@@ -14,6 +14,7 @@ import numpy as np
 from latentdiff.cli.options import (
     COUNT,
     POSITIVE,
+    Bounded,
     OneOf,
     batch_size_option,
     command,
@@ -126,11 +127,55 @@ def scoring_options():
     )
 
 
+def likelihood_options():
+    return compose(
+        click.option("--likelihood", is_flag=True,
+                     help="with --model: instead of scoring samples, bound the model's negative log-likelihood of the "
+                          "first N reference test images (default N: 200): the latent VLB and the data bound in "
+                          "bits/dim, each term with its standard error (docs/benchmarks.md, 'Likelihood')"),
+        click.option("--grid-steps", type=Bounded(int, 2, 100_000, requirement="must be an integer >= 2"), default=50,
+                     metavar="S", help="with --likelihood: timesteps of the VLB's strided grid (default: 50; T for "
+                                       "the full sum; the grid's error is in docs/benchmarks.md)"),
+        click.option("--fit-images", type=COUNT, default=1000, metavar="N",
+                     help="with --likelihood: training images the decoder's observation scale is fitted on "
+                          "(default: 1000)"),
+        click.option("--ode-images", type=Bounded(int, 0, 1_000_000, requirement="must be an integer >= 0"),
+                     default=0, metavar="N", help="with --likelihood: also the probability-flow ODE estimate on the "
+                                                  "first N images (default: 0)"),
+        click.option("--ode-steps", type=POSITIVE, default=50, metavar="S",
+                     help="with --ode-images: RK4 steps of the ODE (default: 50)"),
+        click.option("--hutchinson", type=POSITIVE, default=1, metavar="P",
+                     help="with --ode-images: Hutchinson probes per image (default: 1)"),
+    )
+
+
+def _likelihood(opts, device) -> None:
+    """`eval --likelihood`: the per-term table (prior, diffusion, decoder, entropy) and totals, or --json."""
+    from latentdiff.evaluation.evaluate import reference_images
+    from latentdiff.evaluation.likelihood import evaluate_likelihood, format_likelihood_table
+    from latentdiff.pipeline import LatentDiffusion
+
+    if opts.model is None:
+        raise ConfigError("--likelihood needs --model: the likelihood is the model's, not a samples file's")
+    pipe = LatentDiffusion.load(opts.model, device)
+    images = reference_images(opts.reference, "test", opts.data_dir, opts.n or 200, pipe.image_shape)
+    if opts.grid_steps > pipe.denoiser.schedule.num_steps:
+        raise ConfigError(f"--grid-steps must be at most the model's T = {pipe.denoiser.schedule.num_steps}")
+    result = evaluate_likelihood(pipe, images, grid_steps=opts.grid_steps, fit_images=opts.fit_images,
+                                 ode_images=min(opts.ode_images, len(images)), ode_steps=opts.ode_steps,
+                                 n_hutchinson=opts.hutchinson, seed=opts.seed, batch_size=min(opts.batch_size, 100))
+    result.update(model=str(opts.model), reference=f"{opts.reference} test split")
+    print(format_likelihood_table(result))
+    if opts.as_json:
+        print(json.dumps(result, default=float))
+
+
 @command("eval", help="Score generated images against the test split of the reference data: Fréchet distance (FD) "
          "in the feature space of --extractor, printed next to the real-vs-real floor (the FD of as many real "
          "training images), k-NN precision and recall, and for class-conditional samples the accuracy of the "
          "Fashion-MNIST classifier on them. Give --model to generate the images (conditional models: every "
-         "class in turn) or --samples to score an existing .npz.")
+         "class in turn) or --samples to score an existing .npz. With --likelihood, bound the model's negative "
+         "log-likelihood of real test images instead (bits/dim).")
 @model_option(required=False, help="a model directory or pretrained:NAME to sample from")
 @click.option("--samples", metavar="FILE.npz", help="an .npz with `images` (uint8 N×H×W or N×H×W×C) and optional "
               "`labels` (N class indices), e.g. from `latentdiff sample --out FILE.npz`")
@@ -144,6 +189,7 @@ def scoring_options():
 @click.option("--k", type=POSITIVE, default=3, metavar="K",
               help="neighbourhood size k of precision/recall (default: 3)")
 @click.option("--no-progress", is_flag=True, help="no progress bar while sampling")
+@likelihood_options()
 @scoring_options()
 @with_namespace
 def evaluate(opts) -> None:
@@ -152,6 +198,8 @@ def evaluate(opts) -> None:
     exclusive(click.get_current_context(), "--model", "--samples")
     _check_extractor(opts)
     device = resolve_device(opts.device)
+    if opts.likelihood:
+        return _likelihood(opts, device)
     images, labels, source, extra = _given_samples(opts) if opts.samples else _model_samples(opts, device)
     result = {**evaluate_samples(images, labels, reference=opts.reference, extractor=opts.extractor,
                                  weights=opts.inception_weights, k=opts.k, device=device,

@@ -83,3 +83,19 @@ def _resize_mask(mask: np.ndarray, model_hw: tuple[int, int]) -> np.ndarray:
     return np.asarray(im) > 0
 
 
+
+
+def load_model(opts):
+    """The model of a sampling command: PyTorch on --device, or ONNX Runtime over an export (--runtime onnx)."""
+    from latentdiff.errors import ConfigError
+    from latentdiff.pipeline import LatentDiffusion, resolve_device
+
+    if opts.runtime == "onnx":
+        from latentdiff.export import load_onnx
+
+        if opts.device not in (None, "auto", "cpu"):
+            raise ConfigError("--runtime onnx runs on the CPU; use --device cpu (or leave it out)")
+        return load_onnx(opts.model, threads=opts.threads)
+    if opts.threads is not None:
+        raise ConfigError("--threads applies to --runtime onnx only")
+    return LatentDiffusion.load(opts.model, resolve_device(opts.device))

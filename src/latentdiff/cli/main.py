@@ -40,6 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "remove salt-and-pepper noise and scratches (or a given mask) by inpainting"),
     "interpolate": ("latentdiff.cli.control:interpolate", "a strip and animated GIF morphing from A to B"),
     "combine": ("latentdiff.cli.control:combine", "mix several images into one"),
+    "export": ("latentdiff.cli.export:export", "export a model: ONNX graphs (ONNX Runtime) or a diffusers folder"),
 }
 
 

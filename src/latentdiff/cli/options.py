@@ -141,6 +141,17 @@ def device_option(default: str | None = "auto", help: str = "default: auto"):
     return click.option("--device", type=OneOf(DEVICES), default=default, help=help)
 
 
+def runtime_options():
+    """Which runtime runs the networks: PyTorch, or ONNX Runtime over an export of `latentdiff export onnx`."""
+    return compose(
+        click.option("--runtime", type=OneOf(("torch", "onnx")), default="torch",
+                     help="torch (default), or onnx: --model is then a folder written by `latentdiff export onnx` "
+                          "and the networks run in ONNX Runtime on the CPU (extra `onnx`)"),
+        click.option("--threads", type=Bounded(int, 1, 1024, requirement="must be between 1 and 1024"),
+                     metavar="N", help="with --runtime onnx: ONNX Runtime's thread count (default: its own)"),
+    )
+
+
 def seed_option(default: int | None = 0, help: str = "random seed; same seed, same images (default: 0)"):
     return click.option("--seed", type=SEED, default=default, help=help)
 

@@ -20,6 +20,7 @@ from latentdiff.cli.options import (
     model_option,
     no_progress_option,
     out_option,
+    runtime_options,
     sampler_option,
     seed_option,
     spacing_option,
@@ -122,14 +123,15 @@ def _generate(pipe, request, show_progress: bool):
 @click.option("--save-individual", metavar="DIR", help="also write one PNG per image into DIR")
 @batch_size_option()
 @device_option()
+@runtime_options()
 @no_progress_option("no progress bar")
 @with_namespace
 def sample(opts):
-    from latentdiff.pipeline import LatentDiffusion, resolve_device
+    from latentdiff.cli.inputs import load_model
     from latentdiff.utils.images import save_individual, save_samples
 
     out = _check_outputs(opts)
-    pipe = LatentDiffusion.load(opts.model, resolve_device(opts.device))
+    pipe = load_model(opts)
     num_classes = _num_classes(opts, pipe)
     request = _request(opts, pipe, _labels(opts, num_classes))
     images, used, seconds = _generate(pipe, request, not opts.no_progress)

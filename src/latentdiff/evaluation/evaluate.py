@@ -160,6 +160,18 @@ def _extractor_spec(extractor: str | Extractor):
     return extractor
 
 
+def reference_images(reference: str, split: str, data_dir, n: int, image_shape: tuple[int, int, int]) -> np.ndarray:
+    """The first `n` uint8 images (N×H×W×C) of a reference split, checked against a model's (C, H, W)."""
+    data = _reference_data(reference, split, data_dir)
+    c, h, w = image_shape
+    if data.images.shape[1:] != (h, w, c):
+        raise DataError(f"the {reference} {split} images are {'×'.join(map(str, data.images.shape[1:]))} (H×W×C) "
+                        f"but the model's are {h}×{w}×{c}")
+    if n > len(data.images):
+        raise DataError(f"--n {n} but the {reference} {split} split holds only {len(data.images)} images")
+    return data.images[:n]
+
+
 def preflight(n: int, extractor: str | Extractor, reference: str, data_dir, image_shape: tuple) -> None:
     """Every check that needs no features, before minutes are spent sampling or extracting.
 
