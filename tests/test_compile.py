@@ -49,7 +49,7 @@ def test_failure_on_first_call_falls_back_once(monkeypatch):
     calls = []
 
     def lazy_broken(net, **kwargs):
-        def fn(*args):
+        def fn(*args, **kwargs):
             calls.append(1)
             raise RuntimeError("backend compiler failed")
         return fn
@@ -170,7 +170,7 @@ def test_bf16_autocast_reaches_the_network(monkeypatch):
     seen = []
     orig = pipe.denoiser.net.forward
     monkeypatch.setattr(pipe.denoiser.net, "forward",
-                        lambda *a: seen.append(torch.is_autocast_enabled("cpu")) or orig(*a))
+                        lambda *a, **k: seen.append(torch.is_autocast_enabled("cpu")) or orig(*a, **k))
     pipe.generate(2, steps=2, labels=[0, 1], precision="bf16")
     pipe.generate(2, steps=2, labels=[0, 1], precision="fp32")
     assert seen == [True, True, False, False]

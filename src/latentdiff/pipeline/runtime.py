@@ -57,14 +57,14 @@ class CompiledNet(torch.nn.Module):
                       "running the network eagerly", RuntimeWarning, stacklevel=3)
         self._fn = self.eager
 
-    def forward(self, *args):
+    def forward(self, *args, **kwargs):
         if self._fn is self.eager:
-            return self.eager(*args)
+            return self.eager(*args, **kwargs)
         try:
             if not self.graphs:
-                return self._fn(*args)
+                return self._fn(*args, **kwargs)
             torch.compiler.cudagraph_mark_step_begin()
-            return self._fn(*args).clone()
-        except Exception as e:  # noqa: BLE001
+            return self._fn(*args, **kwargs).clone()
+        except Exception as e:  # noqa: BLE001 - whatever the compiler raises, the eager network still runs
             self._fall_back(e)
-            return self.eager(*args)
+            return self.eager(*args, **kwargs)
