@@ -15,12 +15,11 @@ import numpy as np
 import torch
 
 from latentdiff.errors import ConfigError
-from latentdiff.pipeline.config import PRECISIONS
+from latentdiff.pipeline.config import MAX_SEED, PRECISIONS
 from latentdiff.pipeline.runtime import COMPILE_MODES
 from latentdiff.sampling.grids import check_grid
 from latentdiff.sampling.samplers import check_sampler
 
-MAX_SEED = 2**63 - 1
 MAX_IMAGES = 1_000_000
 MAX_BATCH = 65_536
 # Guidance scales beyond these give non-finite or saturated images on every model we know; in practice
