@@ -86,3 +86,29 @@ def test_every_command_records_the_resolved_request(tiny_model_dir, latentdiff_c
     assert request_keys <= set(sampled) and request_keys <= set(edited)
     assert edited["guidance"] == sampled["guidance"] == LatentDiffusion.load(tiny_model_dir).cfg.sample.guidance
     assert edited["sampler"] == sampled["sampler"] and edited["labels"] == sampled["labels"] == 1
+
+
+def test_a_non_finite_sample_is_one_clear_error(tiny_model_dir, monkeypatch, latentdiff_cli, tmp_path):
+    """Issue 12, item 5: huge guidance or broken weights give NaN/inf: an error naming the cause, no image."""
+    from latentdiff.errors import ModelError
+    from latentdiff.pipeline import control
+
+    pipe = LatentDiffusion.load(tiny_model_dir)
+    monkeypatch.setattr(pipe.autoencoder, "from_latent", lambda z: z.new_full((len(z), 1, 28, 28), float("nan")))
+    with pytest.raises(ModelError, match=r"non-finite values .* \(guidance 50, classifier scale 0\): the guidance"):
+        pipe.generate(2, steps=2, guidance=50.0)
+    with pytest.raises(ModelError, match="non-finite values"):
+        control.img2img(pipe, np.zeros((1, 28, 28, 1), np.uint8), 0.5, steps=2)
+    code, _, err = latentdiff_cli("sample", "--model", tiny_model_dir, "--guidance", "1e30", "--out", tmp_path / "x.png")
+    assert code == 2 and err.count("\n") == 1 and "guidance must be a finite number between 0 and 100" in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_an_eps_schedule_whose_abar_underflows_is_refused_at_config_time():
+    """Issue 12, item 5: ε-prediction with β_end = 0.9999 trained, then could never sample; now it is refused."""
+    from latentdiff.pipeline.config import load_config
+
+    with pytest.raises(ConfigError, match="too small for ε-prediction"):
+        load_config(preset="tiny", overrides=["diffusion.prediction=eps", "diffusion.beta_end=0.9999"])
+    load_config(preset="tiny", overrides=["diffusion.prediction=eps", "diffusion.schedule=cosine"])  # ᾱ_T 2e-9: fine
+    load_config(preset="tiny", overrides=["diffusion.beta_end=0.9999"])  # v-prediction has no such limit

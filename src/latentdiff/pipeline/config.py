@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from latentdiff.codecs.autoencoder import Autoencoder, AutoencoderConfig
-from latentdiff.diffusion.schedule import PREDICTIONS, SCHEDULES
+from latentdiff.diffusion.schedule import PREDICTIONS, SCHEDULES, make_betas
 from latentdiff.errors import ConfigError
 from latentdiff.models.unet import UNet, UNetConfig
 from latentdiff.sampling.samplers import SAMPLERS
@@ -71,9 +71,20 @@ class DiffusionConfig:
             raise ConfigError("diffusion.zero_terminal_snr needs prediction 'v' or 'x0' (ε is undefined at ᾱ_T = 0)")
         if self.min_snr_gamma < 0 or not 0 <= self.cond_drop_prob < 1:
             raise ConfigError("diffusion: min_snr_gamma must be >= 0 and cond_drop_prob in [0, 1)")
+        if self.prediction == "eps":
+            # x̂0 = (x_T - sqrt(1-ᾱ_T) ε̂) / sqrt(ᾱ_T): below MIN_EPS_ABAR_T the first sampling step multiplies the
+            # network's error by more than 1e10 (and ᾱ_T = 0 in float32 divides by zero), so such a model trains
+            # but can never sample. The cosine schedule's ᾱ_T = 2.4e-9 passes; v- and x0-prediction have no limit.
+            abar_t = float(make_betas(self.schedule, self.num_train_steps, self.beta_start, self.beta_end)
+                           .neg().log1p().sum().exp())
+            if abar_t < MIN_EPS_ABAR_T:
+                raise ConfigError(f"diffusion: this schedule ends at ᾱ_T = {abar_t:.3g}, too small for ε-prediction "
+                                  f"(at least {MIN_EPS_ABAR_T:g}): lower diffusion.beta_end, or use "
+                                  "diffusion.prediction v")
 
 
 NONFINITE_MODES = ("stop", "skip")
+MIN_EPS_ABAR_T = 1e-20  # the smallest ᾱ_T an ε-prediction schedule may end at (see DiffusionConfig.validate)
 PRECISIONS = ("auto", "bf16", "fp32")
 
 

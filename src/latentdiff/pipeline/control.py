@@ -25,7 +25,7 @@ from latentdiff.guidance.cfg import blend
 from latentdiff.pipeline.request import SampleRequest
 from latentdiff.sampling.grids import timesteps
 from latentdiff.sampling.samplers import SAMPLERS, ddim, ddim_invert
-from latentdiff.utils.images import to_tensor, to_uint8
+from latentdiff.utils.images import to_tensor
 
 # --- small helpers ------------------------------------------------------------------------------
 
@@ -77,9 +77,9 @@ def encode_images(pipe, images) -> torch.Tensor:
 
 
 def decode_latents(pipe, z: torch.Tensor) -> np.ndarray:
-    """Normalised latents -> uint8 images N×H×W×C."""
+    """Normalised latents -> uint8 images N×H×W×C (a non-finite result is an error, see ``LatentDiffusion.decode``)."""
     with torch.no_grad():
-        return to_uint8(pipe.autoencoder.from_latent(z))
+        return pipe.decode(z)
 
 
 def reconstruct(pipe, images) -> np.ndarray:

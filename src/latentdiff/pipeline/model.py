@@ -164,10 +164,22 @@ class LatentDiffusion:
             fn = self.guided_denoiser(req, labels[start:start + b] if labels is not None else None)
             z0 = sample(fn, noise, self.denoiser.schedule, sampler=req.sampler, steps=req.steps, spacing=req.spacing,
                         generator=gen, **options)
-            out.append(to_uint8(self.autoencoder.from_latent(z0)))
+            out.append(self.decode(z0, req))
             if progress:
                 progress(b)
         return np.concatenate(out), (labels.cpu().numpy() if labels is not None else None)
+
+    def decode(self, z0: torch.Tensor, request: SampleRequest | None = None) -> np.ndarray:
+        """Normalised latents -> uint8 images N×H×W×C; a non-finite result is an error naming the likely cause,
+        never an image of garbage."""
+        images = self.autoencoder.from_latent(z0)
+        if not bool(torch.isfinite(images).all()):
+            scales = (f" (guidance {request.guidance:g}, classifier scale {request.classifier_scale:g})"
+                      if request is not None else "")
+            raise ModelError(f"sampling produced non-finite values (NaN or inf){scales}: the guidance scales are "
+                             "probably too large for this model, so lower them; if it persists, the model's "
+                             "weights or latent statistics are broken")
+        return to_uint8(images)
 
     def compiled_denoiser(self, mode: bool | str = True) -> Denoiser:
         """A Denoiser sharing this one's weights whose U-Net runs through ``torch.compile`` (cached per mode)."""
