@@ -112,3 +112,30 @@ def test_an_eps_schedule_whose_abar_underflows_is_refused_at_config_time():
         load_config(preset="tiny", overrides=["diffusion.prediction=eps", "diffusion.beta_end=0.9999"])
     load_config(preset="tiny", overrides=["diffusion.prediction=eps", "diffusion.schedule=cosine"])  # ᾱ_T 2e-9: fine
     load_config(preset="tiny", overrides=["diffusion.beta_end=0.9999"])  # v-prediction has no such limit
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_save_individual_writes_the_set_and_the_grid_together_or_nothing(failure, tiny_model_dir, latentdiff_cli,
+                                                                        monkeypatch, tmp_path):
+    """Issue 12, item 8: a full disk (or Ctrl-C) half-way through --save-individual leaves no PNG and no grid."""
+    from latentdiff.utils import images as ld_images
+
+    real, calls = ld_images.save_png, []
+
+    def flaky(img, path, metadata=None, scale=1):
+        calls.append(path)
+        if len(calls) == 3:
+            raise failure
+        return real(img, path, metadata, scale)
+
+    monkeypatch.setattr(ld_images, "save_png", flaky)
+    code, _, err = latentdiff_cli("sample", "--model", tiny_model_dir, "--n", 5, "--steps", 2, "--no-progress",
+                                  "--out", tmp_path / "grid.png", "--save-individual", tmp_path / "each")
+    assert code == (2 if isinstance(failure, OSError) else 130), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no grid, no folder, no temporary folder
+    monkeypatch.setattr(ld_images, "save_png", real)
+    code, _, err = latentdiff_cli("sample", "--model", tiny_model_dir, "--n", 5, "--steps", 2, "--no-progress",
+                                  "--out", tmp_path / "grid.png", "--save-individual", tmp_path / "each")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "each").iterdir()) == [f"{i:05d}.png" for i in range(5)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["each", "grid.png"]

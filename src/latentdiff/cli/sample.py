@@ -128,7 +128,8 @@ def _generate(pipe, request, show_progress: bool):
 @with_namespace
 def sample(opts):
     from latentdiff.cli.inputs import load_model
-    from latentdiff.utils.images import save_individual, save_samples
+    from latentdiff.utils.files import staged_dir
+    from latentdiff.utils.images import save_samples, write_pngs
 
     out = _check_outputs(opts)
     pipe = load_model(opts)
@@ -137,7 +138,10 @@ def sample(opts):
     images, used, seconds = _generate(pipe, request, not opts.no_progress)
     meta = metadata(opts.model, request.to_dict())
     nrow = num_classes if (used is not None and opts.class_ is None and opts.n % num_classes == 0) else None
-    save_samples(images, out, used, meta, nrow=nrow)
-    if opts.save_individual:
-        save_individual(images, opts.save_individual, meta)
+    if opts.save_individual:  # the PNGs and the grid arrive together or not at all
+        with staged_dir(opts.save_individual) as stage:
+            write_pngs(images, stage, meta)
+            save_samples(images, out, used, meta, nrow=nrow)
+    else:
+        save_samples(images, out, used, meta, nrow=nrow)
     print(f"wrote {len(images)} images to {out} ({len(images) / seconds:.1f} images/s on {pipe.device})")

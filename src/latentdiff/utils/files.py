@@ -100,3 +100,30 @@ def _check_writable_parent(path: Path, option: str):
 def write_text_atomic(path: str | Path, text: str):
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+@contextmanager
+def staged_dir(directory: str | Path):
+    """Write a set of files as a unit: yields a temporary folder beside `directory`; on success its files are
+    moved into `directory` (created if needed), on any failure or interrupt the temporary folder is removed, so
+    either the whole set arrives or none of it."""
+    import shutil
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{directory.name[:32]}.", suffix=".tmp", dir=directory.parent))
+    try:
+        yield stage
+        if not directory.exists():
+            os.replace(stage, directory)  # one rename: the folder appears with every file in it
+        else:
+            for f in sorted(stage.iterdir()):
+                os.replace(f, directory / f.name)
+        fsync_dir(directory.parent)
+    except BaseException as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise write_failure(directory, e) from None
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)  # empty after the moves; gone after a rename

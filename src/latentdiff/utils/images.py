@@ -13,7 +13,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from latentdiff.errors import DataError
-from latentdiff.utils.files import atomic_path
+from latentdiff.utils.files import atomic_path, staged_dir
 
 
 def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2, pad_value: int = 255) -> np.ndarray:
@@ -65,8 +65,12 @@ def save_samples(images: np.ndarray, path: str | Path, labels: np.ndarray | None
 
 
 def save_individual(images: np.ndarray, directory: str | Path, metadata: dict | None = None):
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    """One PNG per image, 00000.png, 00001.png, ...: written as a set (``staged_dir``), all or none."""
+    with staged_dir(directory) as stage:
+        write_pngs(images, stage, metadata)
+
+
+def write_pngs(images: np.ndarray, directory: Path, metadata: dict | None = None):
     for i, img in enumerate(images):
         save_png(img, directory / f"{i:05d}.png", metadata)
 
