@@ -145,12 +145,15 @@ class LatentDiffusion:
 
     @torch.no_grad()
     def generate(self, request: SampleRequest | int | None = None, *, progress: Callable[[int], None] | None = None,
+                 callback: Callable[[int, int, int, torch.Tensor], None] | None = None,
                  **fields) -> tuple[np.ndarray, np.ndarray | None]:
         """Generate images: uint8 (n, H, W, C) and the labels used (None if unconditional).
 
         ``generate(SampleRequest(...))`` or ``generate(16, labels=[8] * 16, guidance=3.0, seed=0)`` (the fields
         of :class:`SampleRequest`). The same resolved request gives the same images. The sampler's own
-        arithmetic and the decoder always run in float32; `progress(b)` is called after each batch.
+        arithmetic and the decoder always run in float32; `progress(b)` is called after each batch, and
+        `callback(start, step, steps, x0_hat)` after every sampler step of the batch whose first sample is
+        `start` (x0_hat: the normalised latent estimate; an exception raised there stops generation at once).
         """
         req = self.request(request, **fields)
         device = self.device
@@ -160,14 +163,20 @@ class LatentDiffusion:
         out = []
         for start in range(0, req.n, req.batch_size):
             b = min(req.batch_size, req.n - start)
-            noise = torch.randn((b, *self.autoencoder.latent_shape), generator=gen, device=device)
+            noise = self.initial_noise(b, gen)
             fn = self.guided_denoiser(req, labels[start:start + b] if labels is not None else None)
+            step = (lambda i, n, x0, s=start: callback(s, i, n, x0)) if callback else None
             z0 = sample(fn, noise, self.denoiser.schedule, sampler=req.sampler, steps=req.steps, spacing=req.spacing,
-                        generator=gen, **options)
+                        generator=gen, callback=step, **options)
             out.append(self.decode(z0, req))
             if progress:
                 progress(b)
         return np.concatenate(out), (labels.cpu().numpy() if labels is not None else None)
+
+    def initial_noise(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        """z_T ~ N(0, I) for `batch` samples, drawn from `generator` (the one seam where the start of sampling
+        is chosen)."""
+        return torch.randn((batch, *self.autoencoder.latent_shape), generator=generator, device=self.device)
 
     def decode(self, z0: torch.Tensor, request: SampleRequest | None = None) -> np.ndarray:
         """Normalised latents -> uint8 images N×H×W×C; a non-finite result is an error naming the likely cause,

@@ -1,0 +1,1 @@
+"""HTTP API and web UI (the `serve` extra): a job queue over LatentDiffusion, one worker per device."""
