@@ -501,7 +501,7 @@ def test_subprocess_errors_are_one_line(tmp_path):
     ({"autoencoder": "not a mapping", "image_size": [28, 28]}, "mapping"),
     ({"autoencoder": {}, "image_size": [10**9, 28]}, "image_size"),
     ({"autoencoder": {}, "image_size": "28"}, "image_size"),
-    ({"autoencoder": {}, "image_size": [28, 28]}, "usable"),  # valid header, but no weights in the file
+    ({"autoencoder": {}, "image_size": [28, 28]}, "does not match the autoencoder settings in its header: 102 tensor"),  # valid header, but no weights in the file
 ])
 def test_crafted_run_dir_autoencoder_is_refused_cleanly(tmp_path, meta, needle):
     """`latentdiff train` reads RUN_DIR/autoencoder.safetensors: its header is checked like a model's config."""

@@ -15,6 +15,7 @@ import click
 from latentdiff import __version__
 from latentdiff.cli.options import one_line
 from latentdiff.errors import LatentDiffError
+from latentdiff.utils.files import describe_os_error
 from latentdiff.utils.logs import configure_logging
 
 # name: ("module:command", the one-line help that `latentdiff --help` shows without importing the module)
@@ -119,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except click.ClickException as e:
         return _fail(error_message(e))
-    except (LatentDiffError, OSError) as e:  # OSError: the environment (permissions, disk full), not a bug
+    except LatentDiffError as e:
         return _fail(str(e))
+    except OSError as e:  # the environment (permissions, read-only or full disk), not a bug
+        return _fail(describe_os_error(e))
     except (KeyboardInterrupt, click.Abort):
         sys.stderr.write("latentdiff: interrupted\n")
         return 130

@@ -238,15 +238,19 @@ class Autoencoder(nn.Module):
             self.latent_scale.copy_(1.0 / per_channel.std(1).clamp_min(1e-8))
         return self.latent_stats()
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Also reads files written before per-channel statistics: their one ``scale_factor`` s becomes
-        shift 0 and scale s in every channel (the same arithmetic, so old models give the same images)."""
+    def upgrade_state(self, state_dict: dict) -> dict:
+        """A state dict in today's format. Files written before per-channel statistics hold one ``scale_factor``
+        s: it becomes shift 0 and scale s in every channel (the same arithmetic, so old models give the same
+        images)."""
         state_dict = dict(state_dict)
         if "scale_factor" in state_dict and "latent_scale" not in state_dict:
             s = state_dict.pop("scale_factor")
             state_dict["latent_scale"] = s.reshape(1).expand(self.cfg.latent_channels).clone()
             state_dict["latent_shift"] = torch.zeros(self.cfg.latent_channels, dtype=s.dtype)
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        return state_dict
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return super().load_state_dict(self.upgrade_state(state_dict), strict=strict, assign=assign)
 
     def loss(self, x: torch.Tensor, generator=None, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """Per-sample reconstruction (L1 or L2, mean over pixels) + β·KL (per latent element).

@@ -26,7 +26,7 @@ from torch import nn
 from latentdiff.errors import ConfigError, DataError, ModelError
 from latentdiff.evaluation.inception import FIDInceptionV3
 from latentdiff.evaluation.metrics import check_images
-from latentdiff.utils.state import load_state
+from latentdiff.utils.state import load_into, load_state
 
 __all__ = ["CLASSIFIER_ARCH_VERSION", "CLASSIFIER_ASSET", "EXTRACTORS", "ClassifierExtractor", "Extractor",
            "FIDInceptionV3", "FashionMNISTClassifier", "InceptionExtractor", "get_extractor",
@@ -237,21 +237,14 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_into(net: nn.Module, tensors: dict[str, torch.Tensor], path: Path, ignore: tuple[str, ...] = ()) -> None:
-    """Strict load that names the file and the first mismatches; BatchNorm step counters are optional."""
-    expected = net.state_dict()
+    """Strict load that names the file and the first mismatches; BatchNorm step counters are optional, and
+    tensors under the `ignore` prefixes (heads this extractor does not use) are dropped."""
     tensors = {k.removeprefix("module."): v for k, v in tensors.items()}
-    missing = [k for k in expected if k not in tensors and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in tensors if k not in expected and not k.startswith(ignore)]
-    wrong = [f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-             if k in tensors and tensors[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        parts = [f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
-                 for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-                 if items]
-        raise ModelError(f"{path} does not match the {type(net).__name__} network ({'; '.join(parts)})")
-    state = {k: tensors[k].to(v.dtype) if k in tensors else torch.zeros((), dtype=v.dtype)  # step counters
-             for k, v in expected.items()}
-    net.load_state_dict(state)
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(ignore)}
+    for k, v in net.state_dict().items():
+        if k.endswith("num_batches_tracked") and k not in tensors:
+            tensors[k] = torch.zeros((), dtype=v.dtype)
+    load_into(net, tensors, path, f"the {type(net).__name__} network")
 
 
 EXTRACTORS = {"fashion-mnist-classifier": ClassifierExtractor, "inception": InceptionExtractor}

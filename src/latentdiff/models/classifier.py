@@ -29,7 +29,7 @@ from latentdiff.errors import ConfigError, ModelError
 from latentdiff.models.unet import down_path, run_down
 from latentdiff.nn.layers import Downsample, ResBlock, group_norm, time_mlp, timestep_embedding
 from latentdiff.utils.files import write_text_atomic
-from latentdiff.utils.state import load_state, save_state
+from latentdiff.utils.state import load_into, load_state, save_state
 
 CLASSIFIER_FILE = "classifier.safetensors"
 
@@ -119,9 +119,9 @@ def load_classifier(path: str | Path, device="cpu") -> tuple[NoisyClassifier, di
         cfg = ClassifierConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["classifier"].items()})
         net = NoisyClassifier(cfg)
         sd = upgrade_state_dict(tensors, net, int(meta.get("architecture_version", 1)))
-        net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError, ConfigError) as e:
         raise ModelError(f"{path} is invalid: {str(e).splitlines()[0]}") from None
+    load_into(net, sd, path, "its own header")
     return net.to(device).eval().requires_grad_(False), meta
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from latentdiff.errors import ConfigError, ModelError
 from latentdiff.pipeline.config import Config, config_from_dict
 from latentdiff.utils.files import write_text_atomic
-from latentdiff.utils.state import load_state, save_state
+from latentdiff.utils.state import load_into, load_state, save_state
 
 FORMAT_VERSION = 1
 # Limits on what a model directory may declare; they are checked before anything is built, because a
@@ -118,10 +118,9 @@ def load_weights(directory: Path, autoencoder: nn.Module, denoiser_net: nn.Modul
     for module, name in ((autoencoder, "autoencoder"), (denoiser_net, "denoiser")):
         path = directory / f"{name}.safetensors"
         tensors, _ = load_state(path)
-        try:
-            module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()})
-        except RuntimeError as e:
-            raise ModelError(f"{path} does not match config.json: {str(e).splitlines()[0]}") from None
+        if hasattr(module, "upgrade_state"):
+            tensors = module.upgrade_state(tensors)
+        load_into(module, tensors, path, "config.json")
         if not all(torch.isfinite(v).all() for v in module.state_dict().values() if v.is_floating_point()):
             raise ModelError(f"{path} holds NaN or infinite weights")
     if not bool((autoencoder.latent_scale > 0).all()):

@@ -120,7 +120,7 @@ def load_trained_autoencoder(run_dir: Path, device) -> tuple[Autoencoder, dict]:
                 or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4096 for v in size)):
             raise ConfigError(f"image_size must be [height, width] with integers in 1…4096, got {size!r:.80}")
         ae = Autoencoder(ae_cfg, (size[0], size[1]))
-        ae.load_state_dict(tensors)
-    except (ConfigError, RuntimeError) as e:  # RuntimeError: load_state_dict's missing/unexpected/shape report
-        raise ModelError(f"{path} is not a usable latentdiff autoencoder: {str(e).splitlines()[0]}") from None
+    except ConfigError as e:
+        raise ModelError(f"{path} is not a usable latentdiff autoencoder: {e}") from None
+    ld_state.load_into(ae, ae.upgrade_state(tensors), path, "the autoencoder settings in its header")
     return ae.to(device).eval(), meta

@@ -22,6 +22,25 @@ def write_failure(path: Path, err: BaseException) -> WriteError:
                       "no partial file was left behind")
 
 
+_OS_ADVICE = {
+    errno.EROFS: "the file system is read-only: choose a folder on a writable disk",
+    errno.EACCES: "permission denied: choose a folder you can write to, or fix its permissions",
+    errno.EPERM: "operation not permitted: choose a folder you can write to, or fix its permissions",
+    errno.ENOSPC: "the disk is full: free some space",
+    errno.EDQUOT: "your disk quota is full: free some space",
+    errno.ENAMETOOLONG: "a file name is too long for this file system: choose a shorter one",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n)",
+}
+
+
+def describe_os_error(err: OSError) -> str:
+    """One actionable line for an error of the environment: what failed, on which path, and what to do
+    (instead of a bare ``[Errno 30] Read-only file system: 'x'``)."""
+    where = " and ".join(repr(str(f)) for f in (err.filename, err.filename2) if f is not None)
+    what = _OS_ADVICE.get(err.errno) or (err.strerror or str(err)).lower()
+    return f"{where}: {what}" if where else what
+
+
 def fsync_dir(directory: Path) -> None:
     """Make a rename in `directory` durable; best effort (not possible on every OS / file system)."""
     try:
@@ -36,6 +55,28 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def name_max(directory: Path) -> int:
+    """The longest file name (in bytes) that `directory`'s file system accepts (255 where it cannot be asked)."""
+    try:
+        return os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+def temporary_prefix(path: Path) -> str:
+    """The prefix of a temporary file written beside `path`: ``.NAME.`` (mkstemp adds 8 random characters and
+    ``.tmp``), with NAME cut short when the full name would pass the file system's limit, so a legal long name
+    can still be written atomically. A name that is itself too long is refused in one line."""
+    limit = name_max(path.parent if path.parent.is_dir() else Path("."))
+    size = len(os.fsencode(path.name))
+    if size > limit:
+        raise WriteError(f"cannot write {path}: its file name is {size} bytes long, more than the {limit} bytes "
+                         "this file system allows; choose a shorter name")
+    keep = limit - len(".") - len(".") - 8 - len(".tmp")  # room left for NAME in .NAME.XXXXXXXX.tmp
+    name = os.fsencode(path.name)[:keep].decode("utf-8", errors="ignore")  # never split a character
+    return f".{name}."
+
+
 @contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary path beside `path`; on success fsync it and rename it into place.
@@ -46,7 +87,7 @@ def atomic_path(path: str | Path):
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path), suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise write_failure(path, e) from None
     os.close(fd)
@@ -111,7 +152,7 @@ def staged_dir(directory: str | Path):
 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{directory.name[:32]}.", suffix=".tmp", dir=directory.parent))
+    stage = Path(tempfile.mkdtemp(prefix=temporary_prefix(directory), suffix=".tmp", dir=directory.parent))
     try:
         yield stage
         if not directory.exists():

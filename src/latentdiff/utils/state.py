@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from torch import nn
 from safetensors.torch import save_file
 
 from latentdiff.errors import ModelError
@@ -70,8 +71,26 @@ def save_state(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict | 
         _check_complete(tmp)
 
 
+def state_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """The SHA-256 of a state's tensor bytes (names, dtypes, shapes, values): what save_state's header holds."""
+    return _digest(tensors)
+
+
+def is_verified(path: str | Path) -> bool:
+    """Whether `path` carries a latentdiff checksum, so that :func:`load_state` verified its contents (a plain
+    safetensors file from elsewhere loads too, but unverified)."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return "sha256" in (f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError, OverflowError):
+        return False
+
+
 def load_state(path: str | Path, device: str | torch.device = "cpu", verify: bool = True):
-    """Read a file written by :func:`save_state`: (tensors, meta). Corruption -> ModelError."""
+    """Read a file written by :func:`save_state`: (tensors, meta). Corruption -> ModelError.
+
+    A safetensors file without our header (written by another tool) has no checksum to verify: it loads,
+    and :func:`is_verified` says so (``latentdiff info`` reports it per file)."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"missing file: {path}")
@@ -96,6 +115,40 @@ def load_state(path: str | Path, device: str | torch.device = "cpu", verify: boo
     if not isinstance(meta, dict):  # callers read it with .get()
         raise ModelError(f"{path} has an unreadable metadata header (not a JSON object)")
     return {k: v.to(device) for k, v in tensors.items()}, meta
+
+
+def _shape(t) -> str:
+    return "×".join(map(str, t.shape)) or "scalar"
+
+
+def load_into(module: nn.Module, tensors: dict[str, torch.Tensor], path: str | Path, what: str = "the config") -> None:
+    """Load `tensors` into `module` strictly, refusing with one complete line what ``load_state_dict`` would report
+    cut off or do silently: missing or unexpected tensors, shape mismatches, and dtype changes of kind (integer
+    weights for floating-point parameters or the reverse; float16/bfloat16 files of float32 modules are fine and
+    are widened). `what` names where the expected shapes come from ("config.json", ...)."""
+    expected = module.state_dict()
+    problems = []
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) missing ({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor(s) ({', '.join(unexpected[:3])}"
+                        f"{', …' if len(unexpected) > 3 else ''})")
+    for k, want in expected.items():
+        got = tensors.get(k)
+        if got is None:
+            continue
+        if got.shape != want.shape:
+            problems.append(f"{k} is {_shape(got)} but {what} builds {_shape(want)}")
+        elif got.is_floating_point() != want.is_floating_point() or (not want.is_floating_point() and got.dtype != want.dtype):
+            problems.append(f"{k} is {str(got.dtype).removeprefix('torch.')} but must be "
+                            f"{str(want.dtype).removeprefix('torch.')}")
+        if len(problems) >= 4:
+            break
+    if problems:
+        raise ModelError(f"{path} does not match {what}: {'; '.join(problems)}")
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()})
 
 
 def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
