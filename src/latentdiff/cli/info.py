@@ -22,7 +22,16 @@ def info(opts):
                       "classes": list(pipe.class_names), "autoencoder_parameters": n_ae,
                       "denoiser_parameters": n_den, "latent_stats": pipe.autoencoder.latent_stats(),
                       "prediction": pipe.denoiser.prediction, "schedule": pipe.cfg.diffusion.schedule,
-                      "num_train_steps": pipe.cfg.diffusion.num_train_steps}, indent=2))
+                      "num_train_steps": pipe.cfg.diffusion.num_train_steps,
+                      "files": file_integrity(pipe.directory)}, indent=2))
+
+
+def file_integrity(directory) -> dict[str, str]:
+    """Per weight file: "verified" when it carries a latentdiff checksum (checked on load), else "unverified"."""
+    from latentdiff.utils.state import is_verified
+
+    return {p.name: "verified (sha256 checksum)" if is_verified(p) else "unverified (no latentdiff checksum)"
+            for p in sorted(directory.glob("*.safetensors"))}
 
 
 @command("download", help="Download the four official Fashion-MNIST IDX files, verify their MD5 checksums, "

@@ -89,7 +89,9 @@ def reconstruct(pipe, images) -> np.ndarray:
 
 def resolve(pipe, request: SampleRequest | None, n: int, **fields) -> SampleRequest:
     """The operation's request for `n` images: `request` (if given) with `fields` applied, resolved once."""
-    return pipe.request(request, **{"n": n, **fields})
+    req = pipe.request(request, **{"n": n, **fields})
+    pipe.check_memory(req, n)
+    return req
 
 
 def bound_denoiser(pipe, req: SampleRequest) -> DenoiserFn:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from importlib import resources
 from pathlib import Path
 
@@ -19,7 +20,9 @@ from torch import nn
 from latentdiff.errors import ConfigError, ModelError
 from latentdiff.pipeline.config import Config, config_from_dict
 from latentdiff.utils.files import write_text_atomic
-from latentdiff.utils.state import load_into, load_state, save_state
+from latentdiff.utils.state import is_verified, load_into, load_state, save_state, state_digest
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 # Limits on what a model directory may declare; they are checked before anything is built, because a
@@ -94,8 +97,10 @@ def write_model(directory: str | Path, cfg: Config, autoencoder: nn.Module, deno
 
     ae_meta = {**(autoencoder_meta or {}), "autoencoder": dataclasses.asdict(autoencoder.cfg),
                "image_size": list(autoencoder.image_size)}
-    save_state(directory / "autoencoder.safetensors", cast(autoencoder.state_dict()), ae_meta)
-    save_state(directory / "denoiser.safetensors", cast(denoiser_net.state_dict()))
+    codec = cast(autoencoder.state_dict())
+    meta["codec_sha256"] = state_digest(codec)  # the denoiser belongs to this codec: see check_codec
+    save_state(directory / "autoencoder.safetensors", codec, ae_meta)
+    save_state(directory / "denoiser.safetensors", cast(denoiser_net.state_dict()), {"codec_sha256": meta["codec_sha256"]})
     write_text_atomic(directory / "config.json", json.dumps(meta, indent=2))
     write_text_atomic(directory / "model_card.md", card or default_card(meta))
     return directory
@@ -113,11 +118,33 @@ def check_model_directory(model: str | Path) -> tuple[Path, Config, tuple[int, i
     return (directory, *read_metadata(cfg_path))
 
 
+def check_codec(directory: Path, codec_sha256: str, denoiser_meta: dict) -> None:
+    """Refuse a denoiser trained on another codec: its latents mean nothing to this decoder, so it would sample
+    garbage without complaint. (This happens when the autoencoder is re-trained in a finished model folder.)
+    Models written before the codec hash was recorded carry none and are accepted."""
+    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    for source, recorded in (("denoiser.safetensors", denoiser_meta.get("codec_sha256")),
+                             ("config.json", config.get("codec_sha256"))):
+        if recorded is not None and recorded != codec_sha256:
+            raise ModelError(f"{directory} mixes two models: {source} was trained on the autoencoder "
+                             f"{str(recorded)[:12]}…, but autoencoder.safetensors is {codec_sha256[:12]}… (it was "
+                             f"re-trained afterwards); train a denoiser on it with `latentdiff train --run-dir "
+                             f"{directory}`, or restore the autoencoder it was trained on")
+
+
 def load_weights(directory: Path, autoencoder: nn.Module, denoiser_net: nn.Module) -> None:
-    """Fill the two networks from the directory's safetensors files (float32), refusing mismatches and NaNs."""
+    """Fill the two networks from the directory's safetensors files (float32), refusing mismatches, NaNs and a
+    denoiser trained on another codec."""
+    codec_sha256 = None
     for module, name in ((autoencoder, "autoencoder"), (denoiser_net, "denoiser")):
         path = directory / f"{name}.safetensors"
-        tensors, _ = load_state(path)
+        tensors, meta = load_state(path)
+        if not is_verified(path):
+            log.warning(f"{path} carries no latentdiff checksum: its contents could not be verified")
+        if codec_sha256 is None:
+            codec_sha256 = state_digest(tensors)
+        else:
+            check_codec(directory, codec_sha256, meta)
         if hasattr(module, "upgrade_state"):
             tensors = module.upgrade_state(tensors)
         load_into(module, tensors, path, "config.json")

@@ -23,6 +23,7 @@ from latentdiff.guidance.gradient import classifier_guidance
 from latentdiff.models.unet import UNet
 from latentdiff.pipeline import directory as store
 from latentdiff.pipeline.config import Config, uses_bf16
+from latentdiff.pipeline.memory import check_memory
 from latentdiff.pipeline.request import ModelDefaults, SampleRequest
 from latentdiff.pipeline.runtime import COMPILE_MODES, CompiledNet, under_bf16_autocast
 from latentdiff.sampling.samplers import sample
@@ -157,6 +158,7 @@ class LatentDiffusion:
         """
         req = self.request(request, **fields)
         device = self.device
+        self.check_memory(req, min(req.batch_size, req.n))
         gen = torch.Generator(device=device).manual_seed(req.seed)
         options = {"eta": req.eta} if req.sampler == "ddim" else {}
         labels = req.label_tensor(device)
@@ -172,6 +174,11 @@ class LatentDiffusion:
             if progress:
                 progress(b)
         return np.concatenate(out), (labels.cpu().numpy() if labels is not None else None)
+
+    def check_memory(self, request: SampleRequest, batch: int) -> None:
+        """Refuse in one line a batch of `request` that would not fit in the device's memory (``memory.py``)."""
+        guided = bool(self.num_classes) and request.labels is not None and request.guidance != 1.0
+        check_memory(self.cfg, self.autoencoder.image_size, batch, guided, self.device)
 
     def initial_noise(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         """z_T ~ N(0, I) for `batch` samples, drawn from `generator` (the one seam where the start of sampling

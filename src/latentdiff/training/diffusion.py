@@ -26,6 +26,7 @@ from latentdiff.training.autoencoder import load_train_data, load_trained_autoen
 from latentdiff.training.loop import Stage, TrainLoop
 from latentdiff.utils.files import write_text_atomic
 from latentdiff.utils.images import make_grid, save_png
+from latentdiff.utils.state import state_digest
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,9 @@ def denoiser_stage(cfg: Config, den: Denoiser, post: Posteriors, labels: torch.T
     return Stage("denoiser", den.net, loss, len(post), cfg.training, on_sample)
 
 
-DENOISER_SECTIONS = ("data", "autoencoder", "unet", "diffusion", "training", "conditional", "precision")
+# "codec": the trained autoencoder's weights (their sha256), so that checkpoints of a denoiser trained on an
+# earlier autoencoder are not resumed on a re-trained one.
+DENOISER_SECTIONS = ("data", "autoencoder", "codec", "unet", "diffusion", "training", "conditional", "precision")
 
 
 def train_diffusion(cfg: Config, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
@@ -125,7 +128,8 @@ def _train_diffusion(cfg: Config, run_dir: Path, device, resume: bool, overwrite
 
     t0 = time.perf_counter()
     loop = TrainLoop(denoiser_stage(cfg, den, post, labels, on_sample), run_dir, device, precision=cfg.precision,
-                     config=cfg.to_dict(), progress=progress, sections=DENOISER_SECTIONS, overwrite=overwrite)
+                     config={**cfg.to_dict(), "codec": {"sha256": state_digest(ae.state_dict())}}, progress=progress,
+                     sections=DENOISER_SECTIONS, overwrite=overwrite)
     net = loop.run(resume)
     train_seconds = time.perf_counter() - t0
     final = LatentDiffusion(cfg, ae, den.with_net(net), pipe.class_names).eval()
