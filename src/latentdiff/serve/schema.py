@@ -86,13 +86,43 @@ def openapi_body() -> dict:
             "example": {"kind": "generate", "n": 4, "steps": 10, "seed": 1, "class": 7}}
 
 
+_ANNOTATIONS = {f.name: str(f.type) for f in dataclasses.fields(SampleRequest)}
+
+
+def _check_json_type(api_name: str, value, annotation: str) -> None:
+    """A JSON value against a SampleRequest field's annotation (a string: the module uses postponed
+    annotations): the value checks themselves stay in SampleRequest.resolve."""
+    if value is None:
+        if "None" in annotation:
+            return
+        raise ApiError(422, f"{api_name} cannot be null")
+    if isinstance(value, list) and annotation.startswith("tuple[int"):  # labels: one class per image
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return
+        raise ApiError(422, f"{api_name} must be an integer or a list of integers")
+    expected = {"str": (str,), "int": (int,), "float": (int, float), "tuple[int": (int,), "bool": (bool,)}
+    for prefix, types in expected.items():
+        if annotation.startswith(prefix):
+            if isinstance(value, types) and (prefix == "bool" or not isinstance(value, bool)):
+                return
+            what = {"str": "a string", "int": "an integer", "float": "a number", "tuple[int": "an integer",
+                    "bool": "true or false"}[prefix]
+            raise ApiError(422, f"{api_name} must be {what}, got {json_repr(value)}")
+    raise ApiError(422, f"{api_name}: unsupported value {json_repr(value)}")
+
+
+def json_repr(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _number(body: dict, name: str, default: float, low: float, high: float, integer: bool = False):
     value = body.get(name, default)
     ok_type = (isinstance(value, int) if integer else isinstance(value, (int, float))) and not isinstance(value, bool)
     if not ok_type:
-        raise ApiError(422, f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
+        raise ApiError(422, f"{name} must be {'an integer' if integer else 'a number'}, got {json_repr(value)}")
     if not low <= value <= high:
-        raise ApiError(422, f"{name} must be between {low:g} and {high:g}, got {value!r}")
+        raise ApiError(422, f"{name} must be between {low:g} and {high:g}, got {json_repr(value)}")
     return value
 
 
@@ -117,6 +147,9 @@ def parse_job(body, models: dict, decode) -> JobSpec:
         raise ApiError(422, f"unknown model {model!r}; GET /v1/models lists {', '.join(models)}")
     pipe = models[model]
     fields = {name: body[api] for api, name in request_fields().items() if api in body}
+    for api, name in request_fields().items():
+        if api in body:
+            _check_json_type(api, body[api], _ANNOTATIONS[name])
     if kind == "generate":
         fields["n"] = _number(body, "n", 1, 1, MAX_IMAGES_PER_JOB, integer=True)
     try:
