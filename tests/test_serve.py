@@ -11,15 +11,15 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
-from fastapi.testclient import TestClient  # noqa: E402
-from PIL import Image  # noqa: E402
+from conftest import build_tiny_model
+from fastapi.testclient import TestClient
+from PIL import Image
 
-from conftest import build_tiny_model  # noqa: E402
-from latentdiff.errors import ConfigError  # noqa: E402
-from latentdiff.pipeline import LatentDiffusion  # noqa: E402
-from latentdiff.pipeline.batch import batch_key, generate_batch  # noqa: E402
-from latentdiff.serve.app import create_app  # noqa: E402
-from latentdiff.serve.jobs import Job, JobQueue, JobStore  # noqa: E402
+from latentdiff.errors import ConfigError
+from latentdiff.pipeline import LatentDiffusion
+from latentdiff.pipeline.batch import batch_key, generate_batch
+from latentdiff.serve.app import create_app
+from latentdiff.serve.jobs import Job, JobQueue, JobStore
 
 
 @pytest.fixture(scope="module")

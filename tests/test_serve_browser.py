@@ -13,8 +13,9 @@ import pytest
 pytest.importorskip("fastapi")
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from conftest import build_tiny_model  # noqa: E402
-from serve_helpers import running_server  # noqa: E402
+from conftest import build_tiny_model
+
+from latentdiff.serve.load import running_server
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium package")
@@ -25,7 +26,7 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     model = build_tiny_model(tmp_path_factory.mktemp("ui-model"), num_train_steps=1000)
-    with running_server(model, tmp_path_factory.mktemp("ui-out")) as (url, proc):
+    with running_server(model, tmp_path_factory.mktemp("ui-out")) as (url, _):
         yield url
 
 

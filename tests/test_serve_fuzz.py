@@ -6,13 +6,13 @@ import pytest
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
-from fastapi.testclient import TestClient  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from latentdiff.pipeline import LatentDiffusion  # noqa: E402
-from latentdiff.serve.app import create_app  # noqa: E402
-from latentdiff.serve.schema import KIND_FIELDS, request_fields  # noqa: E402
+from latentdiff.pipeline import LatentDiffusion
+from latentdiff.serve.app import create_app
+from latentdiff.serve.schema import KIND_FIELDS, request_fields
 
 KEYS = ["kind", "model", *request_fields(), *{k for f in KIND_FIELDS.values() for k in f}, "bogus"]
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),

@@ -7,9 +7,9 @@ import pytest
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from conftest import build_tiny_model  # noqa: E402
-from latentdiff.serve.load import run_load  # noqa: E402
-from serve_helpers import running_server  # noqa: E402
+from conftest import build_tiny_model
+
+from latentdiff.serve.load import run_load, running_server
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ across jobs), so :func:`batch_key` refuses stochastic requests.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

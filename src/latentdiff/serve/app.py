@@ -72,7 +72,7 @@ async def _read_multipart(request: Request) -> dict:
     except Exception as e:  # python-multipart / starlette parse errors
         raise schema.ApiError(400, f"malformed multipart body: {str(e)[:200]}") from None
     body = {}
-    for key in form.keys():
+    for key in form:
         values = form.getlist(key)
         if key == "request":
             body.update(_json(values[0].encode() if isinstance(values[0], str) else await values[0].read()))

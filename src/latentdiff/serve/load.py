@@ -1,16 +1,25 @@
-"""A load generator for a running server: many clients submitting small jobs over HTTP, then waiting for them.
+"""A `latentdiff serve` subprocess on a free loopback port, and a load generator for it: many clients submitting
+small jobs over HTTP, then waiting for them.
 
-Used by the load tests and ``scripts/serve_load.py`` (numbers in docs/benchmarks.md). Every submitted job
+Used by the load, restart and browser tests and by ``scripts/serve_load.py`` (numbers in docs/benchmarks.md). Every submitted job
 must end ``done`` or have been refused with 429: :class:`LoadResult` counts both and the ids, so a lost or
 duplicated job shows.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import statistics
+import subprocess
+import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import latentdiff
 
 
 @dataclass
@@ -90,3 +99,34 @@ def _wait(http, job_id: str, t0: float, result: LoadResult, lock, deadline: floa
         time.sleep(0.02)
     with lock:
         result.errors.append(f"job {job_id} did not finish in time")
+
+
+@contextmanager
+def running_server(model, out, *extra, timeout: float = 90.0):
+    """Start `latentdiff serve --model MODEL --port 0 --out OUT EXTRA...`; yield (base URL, process)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(latentdiff.__file__).parents[1]), "OMP_NUM_THREADS": "1",
+           "PYTHONUNBUFFERED": "1"}
+    env.pop("LATENTDIFF_TOKEN", None)
+    proc = subprocess.Popen([sys.executable, "-m", "latentdiff", "serve", "--model", str(model), "--port", "0",
+                             "--out", str(out), "--device", "cpu", *map(str, extra)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        url, t0, lines = None, time.monotonic(), []
+        while url is None:
+            line = proc.stdout.readline()
+            lines.append(line)
+            found = re.search(r"at (http://[^ ]+/) ", line)
+            if found:
+                url = found.group(1).rstrip("/")
+            elif not line and proc.poll() is not None or time.monotonic() - t0 > timeout:
+                raise RuntimeError("the server did not start:\n" + "".join(lines))
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        proc.stdout.close()
