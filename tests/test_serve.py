@@ -258,3 +258,13 @@ def test_restart_reports_unfinished_jobs_as_failed(tmp_path):
     assert statuses["done"].images == ["x.png"]
     on_disk = [json.loads(p.read_text())["status"] for p in (tmp_path / "jobs").glob("*0.json")]
     assert sorted(on_disk) == ["done", "failed", "failed"]  # saved, so a second restart agrees
+
+
+def test_cli_refuses_an_open_address_without_a_token(tiny_model_dir, latentdiff_cli, monkeypatch):
+    from conftest import assert_one_line_error
+
+    monkeypatch.delenv("LATENTDIFF_TOKEN", raising=False)
+    code, _, err = latentdiff_cli("serve", "--model", tiny_model_dir, "--host", "0.0.0.0")
+    assert_one_line_error(code, err, "give a token with --token or LATENTDIFF_TOKEN")
+    code, _, err = latentdiff_cli("serve", "--model", tiny_model_dir, "--port", "70000")
+    assert_one_line_error(code, err, "--port")
