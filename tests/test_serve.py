@@ -268,3 +268,23 @@ def test_cli_refuses_an_open_address_without_a_token(tiny_model_dir, latentdiff_
     assert_one_line_error(code, err, "give a token with --token or LATENTDIFF_TOKEN")
     code, _, err = latentdiff_cli("serve", "--model", tiny_model_dir, "--port", "70000")
     assert_one_line_error(code, err, "--port")
+
+
+def test_control_operations_call_back_every_step(pipe):
+    from latentdiff.pipeline import control, inpaint
+
+    img = np.random.default_rng(1).integers(0, 256, (1, 28, 28, 1), dtype=np.uint8)
+    mask = np.zeros((28, 28), bool)
+    mask[4:9, 4:9] = True
+    for run in (lambda cb: control.img2img(pipe, img, 1.0, steps=2, callback=cb),
+                lambda cb: inpaint.inpaint(pipe, img, mask, steps=2, callback=cb),
+                lambda cb: control.combine(pipe, np.concatenate([img, img]), [1, 1], 1.0, steps=2, callback=cb),
+                lambda cb: control.interpolate_seeds(pipe, 1, 2, 3, steps=2, callback=cb)):
+        calls = []
+        run(lambda i, n, x0: calls.append((i, n, tuple(x0.shape[1:]))))
+        assert calls == [(0, 2, pipe.autoencoder.latent_shape), (1, 2, pipe.autoencoder.latent_shape)]
+
+        def stop(i, n, x0):
+            raise KeyboardInterrupt
+        with pytest.raises(KeyboardInterrupt):
+            run(stop)

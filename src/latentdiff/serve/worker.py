@@ -115,7 +115,8 @@ class Worker(threading.Thread):
         rows = np.cumsum([0] + [j.spec.request.n if j.kind == "generate" else 1 for j in jobs])
 
         def callback(i: int, n: int, x0_hat: torch.Tensor):
-            if any(j.cancel.is_set() for j in jobs):
+            # A stopping server puts its running jobs back as queued: the next start reports them as interrupted.
+            if self.stopping.is_set() or any(j.cancel.is_set() for j in jobs):
                 raise Cancelled
             every = max(1, n // PREVIEWS)
             for job, row in zip(jobs, rows[:-1]):
