@@ -288,3 +288,15 @@ def test_control_operations_call_back_every_step(pipe):
             raise KeyboardInterrupt
         with pytest.raises(KeyboardInterrupt):
             run(stop)
+
+
+def test_multipart_errors(tmp_path, pipe):
+    client = TestClient(make_app(tmp_path, pipe))
+    big = client.post("/v1/jobs", data={"request": json.dumps({"kind": "edit"})},
+                      files={"image": ("in.png", b"\x89PNG" + b"0" * (5 << 20), "image/png")})
+    assert big.status_code == 413 and "error" in big.json()
+    tiny = {"image": ("in.png", b"x", "image/png")}  # a file part makes the body multipart
+    odd = client.post("/v1/jobs", data={"request": "{}", "other": "1"}, files=tiny)
+    assert odd.status_code == 422 and "unknown multipart field" in odd.json()["error"]
+    bad = client.post("/v1/jobs", data={"request": "{oops"}, files=tiny)
+    assert bad.status_code == 400 and "malformed JSON" in bad.json()["error"]

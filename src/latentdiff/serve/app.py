@@ -69,8 +69,9 @@ async def _read_multipart(request: Request) -> dict:
     try:
         form = await request.form(max_files=schema.MAX_COMBINE + 2, max_fields=4,
                                   max_part_size=uploads.MAX_UPLOAD_BYTES)
-    except Exception as e:  # python-multipart / starlette parse errors
-        raise schema.ApiError(400, f"malformed multipart body: {str(e)[:200]}") from None
+    except Exception as e:  # python-multipart / starlette parse errors (a part over max_part_size among them)
+        status = 413 if "maximum size" in str(e) else 400
+        raise schema.ApiError(status, f"malformed or oversized multipart body: {str(e)[:200]}") from None
     body = {}
     for key in form:
         values = form.getlist(key)
