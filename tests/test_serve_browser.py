@@ -113,3 +113,27 @@ def test_cancel_from_the_ui(page):
     page.wait_for_function("document.querySelector('#status').textContent.startsWith('step')", timeout=60_000)
     page.click("#cancel")
     page.wait_for_function("document.querySelector('#status').textContent === 'cancelled'", timeout=30_000)
+
+
+def test_img2img_upload_and_interpolation_animation(page, tmp_path):
+    from PIL import Image
+
+    src = tmp_path / "in.png"
+    Image.fromarray(np.tile(np.arange(0, 252, 9, dtype=np.uint8), (28, 1))).save(src)
+    page.check("input[value=edit]")
+    page.set_input_files("#image-file", str(src))
+    page.fill("#steps", "10")
+    page.fill("#strength", "0.5")
+    page.wait_for_timeout(200)  # the FileReader
+    page.click("#submit")
+    page.wait_for_function("document.querySelector('#status').textContent === 'done'", timeout=60_000)
+    page.locator("#result img").first.click()
+    assert 'kind: "edit"' in page.locator("#settings").inner_text()
+    assert "strength: 0.5" in page.locator("#settings").inner_text()
+    page.check("input[value=interpolate]")
+    page.fill("#frames", "4")
+    page.click("#submit")
+    page.wait_for_function("document.querySelectorAll('#result img').length === 4", timeout=60_000)
+    anim = page.locator("#anim")
+    first = anim.get_attribute("src")
+    page.wait_for_function(f"document.querySelector('#anim').src !== {first!r}", timeout=5_000)  # it plays

@@ -29,14 +29,6 @@ def body(i):
     return {"n": 1, "steps": 4, "seed": i, "class": i % 3}
 
 
-def test_small_load_every_job_done_or_429(model, tmp_path):
-    with running_server(model, tmp_path / "out", "--max-queue", "2") as (url, _):
-        result = run_load(url, clients=4, jobs=20, body=body, timeout=120)
-        check_none_lost(result, 20)
-        jobs = httpx.get(url + "/v1/jobs?limit=500").json()["jobs"]
-        assert sorted(j["id"] for j in jobs) == sorted(result.accepted)
-
-
 @pytest.mark.slow
 def test_20_clients_200_jobs(model, tmp_path):
     with running_server(model, tmp_path / "out", "--max-queue", "16") as (url, _):
@@ -44,9 +36,16 @@ def test_20_clients_200_jobs(model, tmp_path):
         check_none_lost(result, 200)
 
 
-def test_kill_mid_job_then_restart(model, tmp_path):
+def test_small_load_then_kill_mid_job_and_restart(model, tmp_path):
+    """One server process (starting one costs seconds): 4 clients × 20 jobs with a queue of 2, then a SIGKILL
+    in the middle of a job, then a restart on the same folder."""
     out = tmp_path / "out"
-    with running_server(model, out) as (url, proc):
+    with running_server(model, out, "--max-queue", "2") as (url, proc):
+        result = run_load(url, clients=4, jobs=20, body=body, timeout=120)
+        check_none_lost(result, 20)
+        jobs = httpx.get(url + "/v1/jobs?limit=500").json()["jobs"]
+        assert sorted(j["id"] for j in jobs) == sorted(result.accepted)
+
         done = httpx.post(url + "/v1/jobs", json={"n": 2, "steps": 3, "seed": 1}).json()["id"]
         t0 = time.monotonic()
         while httpx.get(f"{url}/v1/jobs/{done}").json()["status"] != "done":
