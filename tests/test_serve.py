@@ -243,6 +243,8 @@ def test_token_guards_every_route_but_healthz(tmp_path, pipe):
         wrong = getattr(client, method)(path, headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401
     assert client.get("/v1/models", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    # the UI's static files hold no data: the page loads, then asks for the token on its first 401
+    assert client.get("/").status_code == 200 and client.get("/ui/app.js").status_code == 200
 
 
 def test_restart_reports_unfinished_jobs_as_failed(tmp_path):
