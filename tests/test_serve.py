@@ -302,3 +302,17 @@ def test_multipart_errors(tmp_path, pipe):
     assert odd.status_code == 422 and "unknown multipart field" in odd.json()["error"]
     bad = client.post("/v1/jobs", data={"request": "{oops"}, files=tiny)
     assert bad.status_code == 400 and "malformed JSON" in bad.json()["error"]
+
+
+def test_two_models_each_job_runs_on_its_own(tmp_path, pipe, slow_pipe):
+    app = create_app({"a": pipe, "b": slow_pipe}, tmp_path / "out")
+    client = TestClient(app)  # queue both before the worker starts: different models never share a batch
+    ids = [client.post("/v1/jobs", json={"model": m, "n": 1, "seed": 4, "steps": 2}).json()["id"] for m in "ab"]
+    assert client.post("/v1/jobs", json={"model": "b", "class": 0, "steps": 1001}).status_code == 422
+    with TestClient(app) as client:
+        jobs = [wait(client, i) for i in ids]
+        assert app.state.worker.batches == [1, 1]
+        for job, p in zip(jobs, (pipe, slow_pipe)):
+            img, text = read_png(client, job["images"][0])
+            assert json.loads(text["latentdiff"])["model"] == job["model"]
+            assert np.array_equal(img, p.generate(1, seed=4, steps=2)[0][0, ..., 0])
