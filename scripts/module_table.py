@@ -11,7 +11,7 @@ PACKAGE = ROOT / "src" / "latentdiff"
 DOC = ROOT / "docs" / "architecture.md"
 # bottom layer first, as in the import-linter contract
 ORDER = ["errors.py", "utils", "nn", "models", "codecs", "diffusion", "sampling", "guidance", "pipeline", "data",
-         "evaluation", "training", "export", "cli"]
+         "evaluation", "training", "export", "serve", "cli"]
 KEEP_INIT = {"data", "pipeline", "guidance"}  # packages whose __init__ re-exports a public API
 
 

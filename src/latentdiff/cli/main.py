@@ -42,6 +42,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "interpolate": ("latentdiff.cli.control:interpolate", "a strip and animated GIF morphing from A to B"),
     "combine": ("latentdiff.cli.control:combine", "mix several images into one"),
     "export": ("latentdiff.cli.export:export", "export a model: ONNX graphs (ONNX Runtime) or a diffusers folder"),
+    "serve": ("latentdiff.cli.serve:serve", "HTTP API with a job queue and a web UI (127.0.0.1 by default)"),
 }
 
 

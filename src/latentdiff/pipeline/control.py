@@ -113,7 +113,8 @@ def _check_strength(strength: float):
 # --- SDEdit ---------------------------------------------------------------------------------------
 
 
-def sdedit_latent(pipe, z0: torch.Tensor, strength: float, fn: DenoiserFn, req: SampleRequest) -> torch.Tensor:
+def sdedit_latent(pipe, z0: torch.Tensor, strength: float, fn: DenoiserFn, req: SampleRequest,
+                  callback=None) -> torch.Tensor:
     """SDEdit in latent space (Meng et al. 2022, §4): z_t = add_noise(z0, ε, t), then sample t -> 0.
 
     The sampler runs over the part of the request's grid that lies below strength·T, so strength 1 is
@@ -131,17 +132,20 @@ def sdedit_latent(pipe, z0: torch.Tensor, strength: float, fn: DenoiserFn, req: 
     eps = torch.randn(z0.shape, generator=gen, device=z0.device, dtype=z0.dtype)
     zt = schedule.add_noise(z0, eps, ts[:1].expand(len(z0)))
     options = {"eta": req.eta} if req.sampler == "ddim" else {}
-    return SAMPLERS[req.sampler](fn, zt, schedule, ts, generator=gen, **options)
+    return SAMPLERS[req.sampler](fn, zt, schedule, ts, generator=gen, callback=callback, **options)
 
 
-def img2img(pipe, images, strength: float, request: SampleRequest | None = None, **fields) -> np.ndarray:
-    """Edit images by SDEdit: keep their layout, re-imagine the details (more with higher strength)."""
+def img2img(pipe, images, strength: float, request: SampleRequest | None = None, *, callback=None,
+            **fields) -> np.ndarray:
+    """Edit images by SDEdit: keep their layout, re-imagine the details (more with higher strength).
+
+    `callback(i, n, x0_hat)` is the sampler's per-step callback (an exception raised there stops at once)."""
     z0 = encode_images(pipe, images)
     req = resolve(pipe, request, len(z0), **fields)
-    return decode_latents(pipe, sdedit_latent(pipe, z0, strength, bound_denoiser(pipe, req), req))
+    return decode_latents(pipe, sdedit_latent(pipe, z0, strength, bound_denoiser(pipe, req), req, callback))
 
 
-def combine(pipe, images, weights, strength: float = 0.5, request: SampleRequest | None = None,
+def combine(pipe, images, weights, strength: float = 0.5, request: SampleRequest | None = None, *, callback=None,
             **fields) -> np.ndarray:
     """One image from several: z = Σ w_i z_i (weights normalised to sum 1), then SDEdit at `strength`.
 
@@ -157,7 +161,7 @@ def combine(pipe, images, weights, strength: float = 0.5, request: SampleRequest
     w = torch.as_tensor(w / w.sum(), dtype=z.dtype, device=z.device)
     mix = (w.reshape(-1, 1, 1, 1) * z).sum(0, keepdim=True)  # (1, c, h, w)
     req = resolve(pipe, request, 1, **fields)
-    return decode_latents(pipe, sdedit_latent(pipe, mix, strength, bound_denoiser(pipe, req), req))
+    return decode_latents(pipe, sdedit_latent(pipe, mix, strength, bound_denoiser(pipe, req), req, callback))
 
 
 # --- DDIM inversion and interpolation --------------------------------------------------------------
@@ -189,7 +193,7 @@ def _frame_weights(frames: int, device) -> torch.Tensor:
 
 def interpolate_noise(pipe, noise_a: torch.Tensor, noise_b: torch.Tensor, frames: int, *,
                       classes: tuple[int, int] | int | None = None, request: SampleRequest | None = None,
-                      **fields) -> np.ndarray:
+                      callback=None, **fields) -> np.ndarray:
     """Slerp between two starting noises (1, c, h, w), blend the two ends' classes, regenerate with DDIM.
 
     `classes`: one class for both ends, or (class at A, class at B) blended frame by frame. The request's
@@ -206,16 +210,16 @@ def interpolate_noise(pipe, noise_a: torch.Tensor, noise_b: torch.Tensor, frames
         a, b = (classes, classes) if np.ndim(classes) == 0 else tuple(classes)
         fa, fb = (bound_denoiser(pipe, pipe.request(req, labels=k)) for k in (a, b))
         fn = fa if a == b else blend(fa, fb, w.float())
-    return decode_latents(pipe, ddim(fn, noise, pipe.denoiser.schedule, grid(pipe, req)))
+    return decode_latents(pipe, ddim(fn, noise, pipe.denoiser.schedule, grid(pipe, req), callback=callback))
 
 
 def interpolate_seeds(pipe, seed_a: int, seed_b: int, frames: int, *, classes=None,
-                      request: SampleRequest | None = None, **fields) -> np.ndarray:
+                      request: SampleRequest | None = None, callback=None, **fields) -> np.ndarray:
     """Frames between the DDIM samples of two seeds (the ends equal ``generate(1, seed=..., sampler='ddim')``)."""
     if request is None:
         fields.setdefault("guidance", pipe.cfg.sample.guidance)
     return interpolate_noise(pipe, seed_noise(pipe, seed_a), seed_noise(pipe, seed_b), frames, classes=classes,
-                             request=request, **fields)
+                             request=request, callback=callback, **fields)
 
 
 def interpolate_images(pipe, img_a, img_b, frames: int, *, classes=None, request: SampleRequest | None = None,

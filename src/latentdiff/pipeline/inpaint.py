@@ -50,13 +50,13 @@ def latent_mask(mask: np.ndarray, factor: int, latent_hw: tuple[int, int]) -> to
 
 @torch.no_grad()
 def inpaint_latent(schedule, fn: DenoiserFn, z_known: torch.Tensor, m: torch.Tensor, ts: torch.Tensor, *,
-                   resample: int = 0, generator=None) -> torch.Tensor:
+                   resample: int = 0, generator=None, callback=None) -> torch.Tensor:
     """RePaint (Lugmayr et al. 2022, Algorithm 1) on latents; m = 1 where to generate.
 
     At every step the unknown part comes from the reverse step p(x_{t'} | x_t) (the strided DDPM
     posterior) and the known part from q(x_{t'} | x_0) of the known latent; with `resample` = r,
     each step is redone r more times after going back up by q(x_t | x_{t'}), which lets the
-    generated part harmonise with the known part.
+    generated part harmonise with the known part. `callback(i, n, x0_hat)` is called after every step.
     """
     if resample < 0:
         raise ConfigError(f"resample must be >= 0, got {resample}")
@@ -79,11 +79,13 @@ def inpaint_latent(schedule, fn: DenoiserFn, z_known: torch.Tensor, m: torch.Ten
             if u < resample and t_prev >= 0:  # back up one stride: q(x_t | x_{t'}) = N(sqrt(ᾱ_t/ᾱ_t') x, 1 - ᾱ_t/ᾱ_t')
                 ratio = float(schedule.abar(t) / schedule.abar(t_prev))
                 x = ratio**0.5 * x + (1 - ratio) ** 0.5 * noise()
+        if callback:
+            callback(i, len(ts), pred.x0)
     return x
 
 
 def inpaint(pipe, images, mask, request: SampleRequest | None = None, *, resample: int = 0, paste_back: bool = True,
-            **fields) -> np.ndarray:
+            callback=None, **fields) -> np.ndarray:
     """Regenerate the pixels where `mask` is true, keep the rest.
 
     `mask`: H×W or N×H×W, true/1 = regenerate. With `paste_back` the known pixels of the result
@@ -96,7 +98,7 @@ def inpaint(pipe, images, mask, request: SampleRequest | None = None, *, resampl
     m = latent_mask(mask, pipe.autoencoder.cfg.factor, tuple(z0.shape[-2:])).to(z0.device, z0.dtype)
     req = resolve(pipe, request, len(z0), **fields)
     z = inpaint_latent(pipe.denoiser.schedule, bound_denoiser(pipe, req), z0, m, grid(pipe, req),
-                       resample=int(resample), generator=generator(pipe, req.seed))
+                       resample=int(resample), generator=generator(pipe, req.seed), callback=callback)
     out = decode_latents(pipe, z)
     if paste_back:
         out = np.where(mask[..., None], out, images)

@@ -1,1 +1,1 @@
-"""HTTP API and web UI (the `serve` extra): a job queue over LatentDiffusion, one worker per device."""
+"""The HTTP API, job queue, worker and web UI of `latentdiff serve` (extra `serve`): see docs/serve.md."""

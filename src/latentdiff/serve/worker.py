@@ -1,0 +1,151 @@
+"""The worker: one thread per device, taking jobs (or batches of compatible generate jobs) off the queue,
+running them with per-step progress and cancellation, and writing their images.
+
+Cancellation: the pipeline calls back after every sampler step, and the callback raises
+:class:`Cancelled` when a job of the running batch was cancelled, so a job stops within one step. The
+other jobs of an interrupted batch go back to the front of the queue.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import threading
+
+import numpy as np
+import torch
+
+from latentdiff.errors import LatentDiffError
+from latentdiff.pipeline.batch import batch_key, generate_batch
+from latentdiff.serve.jobs import Job, JobQueue
+from latentdiff.serve.schema import JobSpec
+from latentdiff.utils.images import save_png, to_pil, to_uint8
+
+log = logging.getLogger(__name__)
+PREVIEWS = 5  # previews of x̂0 per job (plus the last step)
+
+
+class Cancelled(Exception):
+    """Raised from the per-step callback to stop a batch in which a job was cancelled."""
+
+
+def provenance(model: str, record: dict) -> dict:
+    """The PNG text chunks of a served image (the same layout as ``latentdiff sample``'s)."""
+    from latentdiff import __version__
+
+    return {"Software": f"latentdiff {__version__}", "latentdiff": {"model": model, **record, "synthetic": True}}
+
+
+def save_image(img: np.ndarray, path, model: str, record: dict) -> None:
+    """THE one place a served image is written: atomically, with its provenance as PNG text."""
+    save_png(img, path, provenance(model, record))
+
+
+def preview_png(pipe, x0_hat: torch.Tensor) -> str:
+    """A normalised latent estimate (1, c, h, w) -> base64 PNG of its decoding."""
+    with torch.no_grad():
+        img = to_uint8(pipe.autoencoder.from_latent(x0_hat.float().nan_to_num()).clamp(-1, 1))[0]
+    buf = io.BytesIO()
+    to_pil(img).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def spec_key(spec: JobSpec):
+    return batch_key(spec.request) if spec.kind == "generate" else None
+
+
+class Worker(threading.Thread):
+    def __init__(self, queue: JobQueue, models: dict, *, batching: bool = True, max_batch_images: int = 64):
+        super().__init__(name="latentdiff-worker", daemon=True)
+        self.queue = queue
+        self.models = models
+        self.batching = batching
+        self.max_batch_images = max_batch_images
+        self.stopping = threading.Event()
+        self.batches: list[int] = []  # jobs per sampler call (for the load tests)
+
+    def stop(self):
+        self.stopping.set()
+
+    def run(self):
+        key = spec_key if self.batching else (lambda spec: None)
+        while not self.stopping.is_set():
+            jobs = self.queue.take(key, self.max_batch_images)
+            if jobs:
+                self.batches.append(len(jobs))
+                self.run_batch(jobs)
+
+    def run_batch(self, jobs: list[Job]) -> None:
+        pipe = self.models[jobs[0].model]
+        callback = self._callback(pipe, jobs)
+        try:
+            results = self._execute(pipe, jobs, callback)
+        except Cancelled:
+            self.queue.requeue([j for j in jobs if not j.cancel.is_set()])
+            for job in jobs:
+                if job.cancel.is_set():
+                    self.queue.finish(job, "cancelled")
+            return
+        except LatentDiffError as e:
+            for job in jobs:
+                self.queue.finish(job, "failed", str(e))
+            return
+        except Exception as e:  # a bug: logged with its traceback, reported to the client without one
+            log.exception("job %s failed", jobs[0].id)
+            for job in jobs:
+                self.queue.finish(job, "failed", f"internal error ({type(e).__name__}); see the server log")
+            return
+        for job, images in zip(jobs, results):
+            self._write(job, images)
+
+    def _write(self, job: Job, images: np.ndarray) -> None:
+        names = []
+        try:
+            for i, img in enumerate(images):
+                name = f"{job.id}-{i:03d}.png"
+                save_image(img, self.queue.store.images_dir / name, job.model, job.record)
+                names.append(name)
+        except LatentDiffError as e:  # e.g. the disk is full: the written images stay listed
+            self.queue.finish(job, "failed", str(e), names)
+            return
+        self.queue.finish(job, "done", images=names)
+
+    def _callback(self, pipe, jobs: list[Job]):
+        rows = np.cumsum([0] + [j.spec.request.n if j.kind == "generate" else 1 for j in jobs])
+
+        def callback(i: int, n: int, x0_hat: torch.Tensor):
+            # A stopping server puts its running jobs back as queued: the next start reports them as interrupted.
+            if self.stopping.is_set() or any(j.cancel.is_set() for j in jobs):
+                raise Cancelled
+            every = max(1, n // PREVIEWS)
+            for job, row in zip(jobs, rows[:-1]):
+                job.step, job.total = i + 1, n
+                if i == 0 or (i + 1) % every == 0 or i + 1 == n:
+                    job.preview = preview_png(pipe, x0_hat[row:row + 1])
+                job.version += 1
+
+        return callback
+
+    def _execute(self, pipe, jobs: list[Job], callback) -> list[np.ndarray]:
+        """Each job's uint8 images."""
+        from latentdiff.pipeline import control, inpaint
+
+        spec = jobs[0].spec
+        req, opt = spec.request, spec.options
+        if spec.kind == "generate":
+            if len(jobs) > 1 or batch_key(req) is not None:
+                return generate_batch(pipe, [j.spec.request for j in jobs], callback)
+            return [pipe.generate(req, callback=lambda s, i, n, x0: callback(i, n, x0))[0]]
+        if spec.kind == "edit":
+            return [control.img2img(pipe, spec.images, opt["strength"], req, callback=callback)]
+        if spec.kind == "inpaint":
+            return [inpaint.inpaint(pipe, spec.images, spec.mask, req, resample=opt["resample"], callback=callback)]
+        if spec.kind == "combine":
+            return [control.combine(pipe, spec.images, opt["weights"], opt["strength"], req, callback=callback)]
+        if "seeds" in opt:
+            a, b = opt["seeds"]
+            return [control.interpolate_seeds(pipe, a, b, opt["frames"], request=req, callback=callback)]
+        one = req.replace(n=1, guidance=1.0, labels=None if req.labels is None else req.labels[0])
+        ends = [control.invert(pipe, spec.images[k:k + 1], one) for k in (0, 1)]
+        return [control.interpolate_noise(pipe, *ends, opt["frames"], request=req, callback=callback)]
