@@ -50,6 +50,7 @@ def generate_batch(pipe, requests: list[SampleRequest],
         raise ConfigError("these requests cannot share a sampler call (different settings or a stochastic sampler)")
     first = requests[0]
     device = pipe.device
+    pipe.check_memory(first, sum(r.n for r in requests))
     noise = torch.cat([pipe.initial_noise(r.n, torch.Generator(device=device).manual_seed(r.seed))
                        for r in requests])  # (sum n_j, c, h, w)
     labels = None if first.labels is None else torch.tensor(
