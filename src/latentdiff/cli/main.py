@@ -41,6 +41,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "interpolate": ("latentdiff.cli.control:interpolate", "a strip and animated GIF morphing from A to B"),
     "combine": ("latentdiff.cli.control:combine", "mix several images into one"),
     "export": ("latentdiff.cli.export:export", "export a model: ONNX graphs (ONNX Runtime) or a diffusers folder"),
+    "verify": ("latentdiff.cli.provenance:verify",
+               "check images for provenance: C2PA signature, invisible watermark, recorded fields"),
+    "keys": ("latentdiff.cli.provenance:keys", "make or show this installation's watermark and signing keys"),
 }
 
 
