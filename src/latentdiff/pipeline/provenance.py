@@ -158,7 +158,7 @@ def read_c2pa(path: str | Path) -> dict:
         reader = c2pa.Reader(mime, io.BytesIO(data))
     except c2pa.C2paError as e:
         # a c2pa box whose own structure is damaged is tampering; no manifest at all is "absent"
-        if b"caBX" in data or b"c2pa" in data:
+        if (b"caBX" in data) if mime == "image/png" else (b"jumb" in data):  # the C2PA chunk / JUMBF box
             return {"status": "invalid", "detail": f"manifest unreadable: {e}"}
         return {"status": "absent"}
     manifest = reader.get_active_manifest() or {}

@@ -81,10 +81,17 @@ def verify_file(path: str | Path, find_model: Callable[[dict | None, tuple], obj
     c2pa = read_c2pa(path)
     c2pa_record = c2pa.pop("record", None)
     record = read_record(path) or c2pa_record  # the text chunk keeps JSON types exactly (CBOR turns int lists into bytes)
-    img = load_pixels(path)
     report = {"file": str(path), "c2pa": c2pa, "record": record, "watermark": None}
-    model = find_model(record, img.shape)
-    if model is None:
+    try:
+        img = load_pixels(path)
+    except DataError as e:
+        if c2pa["status"] != "invalid":
+            raise
+        img, model = None, None  # a signed file broken beyond decoding: tampered, nothing more to test
+        report["watermark"] = {"detected": False, "detail": str(e)}
+    if img is None:
+        pass
+    elif (model := find_model(record, img.shape)) is None:
         report["watermark"] = {"detected": False, "detail": "no model with this image size to test the watermark"}
     else:
         c, h, w = model.image_shape
