@@ -120,7 +120,7 @@ def test_signed_image_verifies_and_one_changed_byte_is_tampered(model, marked, t
     p = _write(tmp_path / "a.png", marked[0][0], model)
     c = read_c2pa(p)
     assert c["status"] == "valid" and "UNTRUSTED ephemeral" in c["signer"]
-    assert c["record"]["model"]["sha256"] and read_record(p)["request"] == {"seed": 5}
+    assert c["record"]["model"]["sha256"] and read_record(p)["seed"] == 5
     r = verify_file(p, _finder(model), [KEY])
     assert r["verdict"] == "generated" and exit_code([r]) == 0
     data = bytearray(p.read_bytes())
@@ -183,7 +183,7 @@ def test_cli_sample_then_verify(tmp_path):
     code, stdout, _ = run_cli("verify", out, "--json")
     rep = json.loads(stdout)[0]
     assert code == 0 and rep["c2pa"]["status"] == "valid" and rep["watermark"]["tiles"] == 2
-    assert rep["record"]["request"]["steps"] == 3 and rep["record"]["model"]["name"] == "pretrained:fashion-mnist"
+    assert rep["record"]["steps"] == 3 and rep["record"]["model"]["name"] == "pretrained:fashion-mnist"
     off = tmp_path / "off.png"
     code, _, _ = run_cli("sample", "--model", "pretrained:fashion-mnist", "--n", "2", "--steps", "3", "--out", off,
                          "--no-progress", "--no-watermark", "--no-sign")

@@ -39,7 +39,7 @@ def output_record(opts, pipe, request: dict, key, **extra) -> dict:
         sys.stderr.write("latentdiff: note: outputs carry the record and the watermark but no C2PA signature "
                          "(pip install 'latentdiff[provenance]')\n")
     if getattr(opts, "no_watermark", False):
-        extra["no_watermark"] = True
+        extra.pop("watermark_note", None)  # the user's choice is what the record says
     return generation_record(pipe, opts.model, request, key, sign=sign, **extra)
 
 

@@ -62,7 +62,7 @@ def _text(r: dict) -> str:
     else:
         lines.append(f"  watermark: not tested ({wm.get('detail')})")
     if rec:
-        req = rec.get("request") or {}
+        req = rec
         fields = {k: req.get(k) for k in ("sampler", "steps", "guidance", "seed", "labels", "prompt") if k in req}
         model = rec.get("model") or {}
         lines.append(f"  provenance: model {model.get('name')} (sha256 {str(model.get('sha256'))[:16]}…), "

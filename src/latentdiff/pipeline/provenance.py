@@ -55,17 +55,28 @@ def model_sha256(model) -> str | None:
 
 
 def generation_record(model, model_name: str, request: dict, watermark: WatermarkKey | None,
-                      sign: bool = True, **extra) -> dict:
-    """The provenance record of one output: model (name, SHA-256), request, watermark, signing intent."""
+                      sign: bool = True, watermark_note: str | None = None, **extra) -> dict:
+    """The provenance record of one output: model (name, SHA-256), request, watermark, signing intent.
+    Without a key the watermark is recorded as disabled (--no-watermark), or as `watermark_note` says."""
     from latentdiff import __version__
 
     wm = ({"scheme": "gaussian-shading-zT", "key": watermark.label, "key_id": watermark.fingerprint}
-          if watermark is not None else {"scheme": None, "disabled": True})
-    return {"software": f"latentdiff {__version__}", "synthetic": True,
+          if watermark is not None else {"scheme": None, "disabled": watermark_note is None,
+                                         **({"note": watermark_note} if watermark_note else {})})
+    # flat: the request's fields sit beside the provenance keys (the record format since issue 8)
+    return {**request, "software": f"latentdiff {__version__}", "synthetic": True,
             "model": {"name": str(model_name), "sha256": model_sha256(model),
                       "image_shape": list(model.image_shape)},
-            "request": request, "watermark": wm,
+            "watermark": wm,
             "c2pa": ("signed" if c2pa_available() else NO_C2PA) if sign else "disabled (--no-sign)", **extra}
+
+
+PROVENANCE_KEYS = ("software", "synthetic", "model", "watermark", "c2pa", "grid", "watermark_note")
+
+
+def request_fields(record: dict) -> dict:
+    """The generation settings of a record (everything but the provenance keys)."""
+    return {k: v for k, v in record.items() if k not in PROVENANCE_KEYS}
 
 
 def _png_bytes(img: np.ndarray, record: dict, scale: int = 1) -> bytes:
@@ -97,8 +108,9 @@ def _manifest(record: dict, title: str) -> dict:
                 {"label": "c2pa.actions", "data": {"actions": [{
                     "action": "c2pa.created", "digitalSourceType": SOURCE_TYPE,
                     "softwareAgent": {"name": record["software"]},
-                    "parameters": {"model": record["model"], "request": record["request"]}}]}},
-                {"label": ASSERTION, "data": record}]}
+                    "parameters": {"model": record["model"], "request": json.dumps(request_fields(record))}}]}},
+                # as JSON text: the manifest's CBOR would turn small-int lists (labels) into byte strings
+                {"label": ASSERTION, "data": {"record_json": json.dumps(record)}}]}
 
 
 def sign_bytes(data: bytes, mime: str, record: dict, title: str) -> bytes:
@@ -166,7 +178,11 @@ def read_c2pa(path: str | Path) -> dict:
     results = (reader.get_validation_results() or {}).get("activeManifest", {})
     failures = [f.get("code") for f in results.get("failure", [])]
     hard = [c for c in failures if c != "signingCredential.untrusted"]
-    record = next((a.get("data") for a in manifest.get("assertions", []) if a.get("label") == ASSERTION), None)
+    data = next((a.get("data") for a in manifest.get("assertions", []) if a.get("label") == ASSERTION), None)
+    try:
+        record = json.loads(data["record_json"]) if isinstance(data, dict) and "record_json" in data else None
+    except (TypeError, json.JSONDecodeError):
+        record = None
     sig = manifest.get("signature_info", {})
     return {"status": "invalid" if (hard or state == "invalid") else "valid",
             "trusted": state == "trusted", "signer": sig.get("common_name"), "issuer": sig.get("issuer"),
