@@ -76,14 +76,6 @@ def _request(opts, pipe, labels):
         compile=opts.compile, precision=opts.precision))
 
 
-def metadata(model, record: dict) -> dict:
-    """The provenance written into the outputs: the resolved request (`record`) and the model it ran on."""
-    from latentdiff import __version__
-
-    return {"Software": f"latentdiff {__version__}",
-            "latentdiff": {"model": str(model), **record, "synthetic": True}}
-
-
 def _generate(pipe, request, show_progress: bool, watermark=None):
     """(images, labels used, seconds) with a progress bar when `show_progress`."""
     from latentdiff.utils.progress import progress_bar
