@@ -193,3 +193,14 @@ def test_cli_sample_then_verify(tmp_path):
     assert code == 1 and rep["record"]["watermark"]["disabled"] and rep["c2pa"]["status"] == "absent"
     code, _, err = run_cli("verify", tmp_path / "missing.png")
     assert code == 2 and "not found" in err
+
+
+@needs_c2pa
+def test_gif_frames_are_signed_and_recorded(model, tmp_path):
+    frames = np.random.default_rng(0).integers(0, 255, (3, 28, 28, 1), dtype=np.uint8)
+    g = write_output(tmp_path / "a.gif", frames, generation_record(model, "m", {"seed": 1}, None,
+                                                                     watermark_note="not applied: test"))
+    assert read_c2pa(g)["status"] == "valid"
+    rec = read_record(g)
+    assert rec["seed"] == 1 and rec["watermark"] == {"scheme": None, "disabled": False, "note": "not applied: test"}
+    assert Image.open(g).n_frames == 3
