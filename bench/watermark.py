@@ -127,10 +127,10 @@ def main(argv=None) -> dict:
 
 
 def markdown(r: dict) -> str:
-    lines = [f"Model `{r['model']}`: {r['bits']} key bits, detected when ≥ {r['k_threshold']} agree "
-             f"(p ≤ {r['p_threshold']:g}); samples with {r['steps']} DDIM steps.", "",
-             "| attack | TPR at p ≤ 1e-3 | FPR real | FPR unwatermarked samples | TPR at measured FPR ≤ 0.1% | "
-             "mean score wm / real / samples |", "|---|---|---|---|---|---|"]
+    lines = [(f"Model `{r['model']}`: {r['bits']} key bits, detected when ≥ {r['k_threshold']} agree "
+             f"(p ≤ {r['p_threshold']:g}); samples with {r['steps']} DDIM steps."), "",
+             ("| attack | TPR at p ≤ 1e-3 | FPR real | FPR unwatermarked samples | TPR at measured FPR ≤ 0.1% | "
+             "mean score wm / real / samples |"), "|---|---|---|---|---|---|"]
     for w in r["rows"]:
         emp = "n/a" if w["tpr_at_measured_fpr_0.1%"] is None else f"{w['tpr_at_measured_fpr_0.1%']:.1%}"
         lines.append(f"| {w['attack']} | {w['tpr']:.1%} (n={w['n_wm']}) | {w['fpr_real']:.2%} (n={w['n_real']}) | "

@@ -1,11 +1,11 @@
 """Issue 15: the z_T watermark, its p-value, C2PA signing, `latentdiff verify` and `latentdiff keys`."""
 
-import io
 import json
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 from scipy.stats import binom
 
@@ -16,8 +16,6 @@ from latentdiff.pipeline.provenance import c2pa_available, generation_record, re
 from latentdiff.pipeline.verify import exit_code, tiles, verify_file
 from latentdiff.pipeline.watermark import WatermarkKey, agreements, keyed_noise, p_value
 from latentdiff.utils.images import make_grid
-
-from conftest import run_cli
 
 KEY = WatermarkKey(b"test secret 0123456789abcdef", "test")
 needs_c2pa = pytest.mark.skipif(not c2pa_available(), reason="the provenance extra (c2pa-python) is not installed")
@@ -37,7 +35,7 @@ def model():
 @pytest.fixture(scope="module")
 def marked(model):
     """Four watermarked and four unwatermarked samples of the shipped model (10 DDIM steps, classes 0-3)."""
-    kw = dict(labels=[0, 1, 2, 3], steps=8, seed=5)
+    kw = {"labels": [0, 1, 2, 3], "steps": 8, "seed": 5}
     return model.generate(4, watermark=KEY, **kw)[0], model.generate(4, **kw)[0]
 
 

@@ -12,7 +12,6 @@ import click
 import numpy as np
 
 from latentdiff.cli.inputs import load_image, load_mask, rect_mask
-from latentdiff.cli.outputs import provenance_options
 from latentdiff.cli.options import (
     NONNEG_INT,
     SEED,
@@ -32,6 +31,7 @@ from latentdiff.cli.options import (
     steps_option,
     with_namespace,
 )
+from latentdiff.cli.outputs import provenance_options
 from latentdiff.errors import ConfigError, DataError
 
 DEFAULT_MODEL = "pretrained:fashion-mnist"

@@ -38,7 +38,7 @@ def _model_finder(opts):
             m = load(name)
             if m is None:
                 continue
-            _, h, w = m.image_shape
+            _, h, _w = m.image_shape
             if (shape[0] % h == 0 or (shape[0] - 2) % (h + 2) == 0 or name in names[:2]):
                 return m
         return None

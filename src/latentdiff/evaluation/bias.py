@@ -59,8 +59,8 @@ def bias_report(model, classifier, reference_images: np.ndarray, n: int, guidanc
 
 def format_bias_table(report: dict) -> str:
     names = report["class_names"]
-    lines = ["| setting | n | TV distance to training data | most over-produced | most under-produced | χ² p | "
-             "class accuracy |", "|---|---|---|---|---|---|---|"]
+    lines = [("| setting | n | TV distance to training data | most over-produced | most under-produced | χ² p | "
+             "class accuracy |"), "|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         acc = f"{r['accuracy']:.1%}" if "accuracy" in r else "–"
         lines.append(f"| {r['setting']} | {r['n']} | {r['tv_distance']:.3f} | {names[r['most_over']]} "

@@ -9,15 +9,22 @@ key agreements of all tiles: Binomial(tiles·d, 1/2) under H0, so the stated p-v
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image
 
 from latentdiff.errors import DataError
 from latentdiff.pipeline.provenance import read_c2pa, read_record
-from latentdiff.pipeline.watermark import DEFAULT_P_VALUE, DETECT_STEPS, WatermarkKey, agreements, invert_to_noise, p_value
+from latentdiff.pipeline.watermark import (
+    DEFAULT_P_VALUE,
+    DETECT_STEPS,
+    WatermarkKey,
+    agreements,
+    invert_to_noise,
+    p_value,
+)
 
 GRID_PAD = 2  # utils.images.make_grid's default padding
 
