@@ -118,22 +118,22 @@ def test_an_eps_schedule_whose_abar_underflows_is_refused_at_config_time():
 def test_save_individual_writes_the_set_and_the_grid_together_or_nothing(failure, tiny_model_dir, latentdiff_cli,
                                                                         monkeypatch, tmp_path):
     """Issue 12, item 8: a full disk (or Ctrl-C) half-way through --save-individual leaves no PNG and no grid."""
-    from latentdiff.utils import images as ld_images
+    from latentdiff.pipeline import provenance as ld_images  # every CLI image goes through write_output (issue 15)
 
-    real, calls = ld_images.save_png, []
+    real, calls = ld_images.write_output, []
 
-    def flaky(img, path, metadata=None, scale=1):
+    def flaky(path, img, record, **kw):
         calls.append(path)
         if len(calls) == 3:
             raise failure
-        return real(img, path, metadata, scale)
+        return real(path, img, record, **kw)
 
-    monkeypatch.setattr(ld_images, "save_png", flaky)
+    monkeypatch.setattr(ld_images, "write_output", flaky)
     code, _, err = latentdiff_cli("sample", "--model", tiny_model_dir, "--n", 5, "--steps", 2, "--no-progress",
                                   "--out", tmp_path / "grid.png", "--save-individual", tmp_path / "each")
     assert code == (2 if isinstance(failure, OSError) else 130), err
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no grid, no folder, no temporary folder
-    monkeypatch.setattr(ld_images, "save_png", real)
+    monkeypatch.setattr(ld_images, "write_output", real)
     code, _, err = latentdiff_cli("sample", "--model", tiny_model_dir, "--n", 5, "--steps", 2, "--no-progress",
                                   "--out", tmp_path / "grid.png", "--save-individual", tmp_path / "each")
     assert code == 0, err

@@ -17,6 +17,7 @@ from PIL import Image
 
 from latentdiff.errors import ConfigError
 from latentdiff.pipeline import LatentDiffusion
+from latentdiff.pipeline.keys import watermark_key
 from latentdiff.pipeline.batch import batch_key, generate_batch
 from latentdiff.serve.app import create_app
 from latentdiff.serve.jobs import Job, JobQueue, JobStore
@@ -66,12 +67,13 @@ def test_generate_job_reproduces_the_seed_and_records_provenance(tmp_path, pipe)
         assert r.status_code == 202 and r.json()["status"] == "queued"
         job = wait(client, r.json()["id"])
         assert job["status"] == "done" and len(job["images"]) == 3
-        expected, _ = pipe.generate(3, labels=1, seed=5, steps=2)
+        expected, _ = pipe.generate(3, labels=1, seed=5, steps=2, watermark=watermark_key())  # marked in z_T
         for k, path in enumerate(job["images"]):
             img, text = read_png(client, path)
             assert np.array_equal(img, expected[k][..., 0])
             record = json.loads(text["latentdiff"])
-            assert record["seed"] == 5 and record["labels"] == 1 and record["model"] == "tiny"
+            assert record["seed"] == 5 and record["labels"] == 1 and record["model"]["name"] == "tiny"
+            assert record["watermark"]["scheme"] == "gaussian-shading-zT" and record["synthetic"] is True
         # the same request again: the same images (seeds reproduce)
         again = wait(client, client.post("/v1/jobs", json={"n": 3, "seed": 5, "class": 1, "steps": 2}).json()["id"])
         assert [read_png(client, p)[0].tobytes() for p in again["images"]] == \
@@ -83,6 +85,9 @@ def test_generate_batch_equals_each_request_alone(pipe):
     out = generate_batch(pipe, reqs)
     for r, images in zip(reqs, out):
         assert np.array_equal(images, pipe.generate(r)[0])
+    key = watermark_key()
+    for r, images in zip(reqs, generate_batch(pipe, reqs, watermark=key)):
+        assert np.array_equal(images, pipe.generate(r, watermark=key)[0])
     # a different seed changes the images, so the equality above is not vacuous
     assert not np.array_equal(out[0], pipe.generate(reqs[0].replace(seed=2))[0])
     assert batch_key(pipe.request(1, sampler="ddpm")) is None  # stochastic: draws noise every step
@@ -101,7 +106,7 @@ def test_server_batches_compatible_jobs_with_per_job_seeds(tmp_path, pipe):
         jobs = [wait(client, i) for i in ids]
         assert app.state.worker.batches == [2, 1]  # the ddpm job is stochastic, so it runs alone
         for body, job in zip(bodies[:2], jobs):
-            expected, _ = pipe.generate(body["n"], labels=body["class"], seed=body["seed"])
+            expected, _ = pipe.generate(body["n"], labels=body["class"], seed=body["seed"], watermark=watermark_key())
             got = np.stack([read_png(client, p)[0] for p in job["images"]])
             assert np.array_equal(got, expected[..., 0])
 
@@ -314,5 +319,5 @@ def test_two_models_each_job_runs_on_its_own(tmp_path, pipe, slow_pipe):
         assert app.state.worker.batches == [1, 1]
         for job, p in zip(jobs, (pipe, slow_pipe)):
             img, text = read_png(client, job["images"][0])
-            assert json.loads(text["latentdiff"])["model"] == job["model"]
-            assert np.array_equal(img, p.generate(1, seed=4, steps=2)[0][0, ..., 0])
+            assert json.loads(text["latentdiff"])["model"]["name"] == job["model"]
+            assert np.array_equal(img, p.generate(1, seed=4, steps=2, watermark=watermark_key())[0][0, ..., 0])

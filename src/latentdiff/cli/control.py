@@ -31,6 +31,7 @@ from latentdiff.cli.options import (
     steps_option,
     with_namespace,
 )
+from latentdiff.cli.outputs import provenance_options
 from latentdiff.errors import ConfigError, DataError
 
 DEFAULT_MODEL = "pretrained:fashion-mnist"
@@ -88,6 +89,7 @@ def common_options(out_default: str, class_type=NONNEG_INT,
         seed_option(help="random seed; same seed, same result (default: 0)"),
         device_option(),
         runtime_options(),
+        provenance_options(),
     )
 
 
@@ -111,18 +113,21 @@ def _request(opts, pipe, n: int, **fields):
     return pipe.request(n, labels=opts.class_, guidance=opts.guidance, steps=opts.steps, seed=opts.seed, **fields)
 
 
-def _meta(opts, name: str, inputs, request, **extra) -> dict:
-    """The provenance record: the command, its inputs, the resolved request and the operation's own settings."""
-    from latentdiff.cli.sample import metadata
+def _meta(opts, pipe, name: str, inputs, request, **extra) -> dict:
+    """The provenance record: the command, its inputs, the resolved request and the operation's own settings.
+    The z_T watermark does not apply: these results start from an input image's latent, not from keyed noise
+    (see docs/responsible-generation.md); they are signed and carry the record."""
+    from latentdiff.cli.outputs import output_record
 
-    return metadata(opts.model, {"command": name, "inputs": [Path(str(p)).name for p in inputs],
-                                 **request.to_dict(), **extra})
+    return output_record(opts, pipe, {"command": name, "inputs": [Path(str(p)).name for p in inputs],
+                                      **request.to_dict(), **extra}, None,
+                         watermark_note="not applied: this operation starts from an input image, not from z_T")
 
 
-def _save(img: np.ndarray, out: Path, meta: dict):
-    from latentdiff.utils.images import save_png
+def _save(img: np.ndarray, out: Path, meta: dict, opts):
+    from latentdiff.cli.outputs import write_file
 
-    save_png(img, out, meta)
+    write_file(out, img, meta, opts)
     print(f"wrote {out}")
 
 
@@ -144,7 +149,7 @@ def edit(opts):
     image, _ = load_image(opts.image, pipe)
     request = _request(opts, pipe, len(image))
     result = img2img(pipe, image, opts.strength, request)
-    _save(result[0], out, _meta(opts, "edit", [opts.image], request, strength=opts.strength))
+    _save(result[0], out, _meta(opts, pipe, "edit", [opts.image], request, strength=opts.strength), opts)
 
 
 @command("inpaint", help="Regenerate the pixels under a mask (RePaint, Lugmayr et al. 2022): at every step the known "
@@ -171,8 +176,8 @@ def inpaint(opts):
         raise DataError("the mask is empty: nothing to inpaint (white pixels, >= 128, mark what to regenerate)")
     request = _request(opts, pipe, len(image))
     result = run(pipe, image, mask, request, resample=opts.resample)
-    _save(result[0], out, _meta(opts, "inpaint", [opts.image] + ([opts.mask] if opts.mask else []), request,
-                                rect=opts.rect, resample=opts.resample))
+    _save(result[0], out, _meta(opts, pipe, "inpaint", [opts.image] + ([opts.mask] if opts.mask else []), request,
+                                rect=opts.rect, resample=opts.resample), opts)
 
 
 @command("repair", help="Detect damaged pixels (isolated black/white specks, thin bright or dark lines) unless --mask "
@@ -191,8 +196,8 @@ def repair(opts):
     mask = load_mask(opts.mask, size, pipe.image_shape[1:]) if opts.mask else None
     request = _request(opts, pipe, len(image))
     result, used = run(pipe, image, mask, request, resample=opts.resample)
-    _save(result[0], out, _meta(opts, "repair", [opts.image] + ([opts.mask] if opts.mask else []), request,
-                                resample=opts.resample, damaged_pixels=int(used.sum())))
+    _save(result[0], out, _meta(opts, pipe, "repair", [opts.image] + ([opts.mask] if opts.mask else []), request,
+                                resample=opts.resample, damaged_pixels=int(used.sum())), opts)
     print(f"repaired {int(used.sum())} pixels ({'given mask' if opts.mask else 'detected damage'})")
 
 
@@ -219,8 +224,8 @@ def combine(opts):
     request = _request(opts, pipe, 1)
     result = run(pipe, images, weights, opts.strength, request)
     total = sum(weights)
-    _save(result[0], out, _meta(opts, "combine", opts.images, request, weights=[w / total for w in weights],
-                                strength=opts.strength))
+    _save(result[0], out, _meta(opts, pipe, "combine", opts.images, request, weights=[w / total for w in weights],
+                                strength=opts.strength), opts)
 
 
 # --- interpolate ---------------------------------------------------------------------------------
@@ -253,19 +258,17 @@ def _endpoint(text: str, pipe, steps, label):
     return invert(pipe, image, steps=steps, labels=label, guidance=1.0), True
 
 
-def _write_strip(frames, out: Path, gif: Path, meta: dict, scale: int) -> None:
-    """The frames as a PNG strip and an animated GIF, both or neither."""
-    from PIL import Image
-
+def _write_strip(frames, out: Path, gif: Path, meta: dict, scale: int, opts) -> None:
+    """The frames as a PNG strip and an animated GIF (both signed, with the record), both or neither."""
+    from latentdiff.pipeline.provenance import write_output
     from latentdiff.utils.files import atomic_path
-    from latentdiff.utils.images import make_grid, save_png, to_pil
+    from latentdiff.utils.images import make_grid
 
-    pils = [to_pil(f) for f in frames]
-    if scale > 1:
-        pils = [p.resize((p.width * scale, p.height * scale), Image.NEAREST) for p in pils]
+    sign = not getattr(opts, "no_sign", False)
     with atomic_path(gif) as tmp:  # the strip is written inside: a failed write leaves neither file
-        pils[0].save(tmp, format="GIF", save_all=True, append_images=pils[1:], duration=100, loop=0)
-        save_png(make_grid(frames, nrow=len(frames)), out, meta, scale=scale)
+        write_output(tmp.with_suffix(".gif"), frames, meta, sign=sign, scale=scale)
+        tmp.with_suffix(".gif").replace(tmp)
+        write_output(out, make_grid(frames, nrow=len(frames)), meta, sign=sign, scale=scale)
 
 
 @command("interpolate", help="Interpolate between two endpoints, each an image (inverted with deterministic DDIM) or "
@@ -299,8 +302,8 @@ def interpolate(opts):
         guidance = pipe.cfg.sample.guidance
     request = pipe.request(opts.frames, guidance=guidance, steps=opts.steps, seed=opts.seed)
     frames = interpolate_noise(pipe, na, nb, opts.frames, classes=classes, request=request)
-    meta = _meta(opts, "interpolate", [p for p in (opts.a, opts.b) if not p.startswith("seed:")], request,
+    meta = _meta(opts, pipe, "interpolate", [p for p in (opts.a, opts.b) if not p.startswith("seed:")], request,
                  endpoints=[Path(p).name for p in (opts.a, opts.b)], frames=opts.frames,
                  classes=None if classes is None else list(classes))
-    _write_strip(frames, out, gif, meta, opts.scale)
+    _write_strip(frames, out, gif, meta, opts.scale, opts)
     print(f"wrote {out} and {gif} ({len(frames)} frames)")

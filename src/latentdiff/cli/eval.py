@@ -170,6 +170,27 @@ def _likelihood(opts, device) -> None:
         print(json.dumps(result, default=float))
 
 
+def _bias(opts, device) -> None:
+    """`eval --bias`: the class-histogram table (docs/responsible-generation.md), or --json."""
+    from latentdiff.data import load_dataset
+    from latentdiff.evaluation.bias import bias_report, format_bias_table
+    from latentdiff.evaluation.features import ClassifierExtractor
+    from latentdiff.pipeline import LatentDiffusion
+
+    if opts.model is None:
+        raise ConfigError("--bias needs --model: the report is about the model's samples")
+    try:
+        scales = [float(v) for v in opts.bias_guidance.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--bias-guidance must be numbers separated by commas, got {opts.bias_guidance!r}") from None
+    pipe = LatentDiffusion.load(opts.model, device)
+    n = opts.n or 1000
+    train = load_dataset(opts.reference, "train", data_dir=opts.data_dir, limit=max(n, 2000)).images
+    report = bias_report(pipe, ClassifierExtractor(device=device), train, n, scales, steps=opts.steps,
+                         seed=opts.seed, batch_size=opts.batch_size)
+    print(json.dumps(report) if opts.as_json else format_bias_table(report))
+
+
 @command("eval", help="Score generated images against the test split of the reference data: Fréchet distance (FD) "
          "in the feature space of --extractor, printed next to the real-vs-real floor (the FD of as many real "
          "training images), k-NN precision and recall, and for class-conditional samples the accuracy of the "
@@ -190,6 +211,10 @@ def _likelihood(opts, device) -> None:
               help="neighbourhood size k of precision/recall (default: 3)")
 @click.option("--no-progress", is_flag=True, help="no progress bar while sampling")
 @likelihood_options()
+@click.option("--bias", is_flag=True, help="with --model: the bias report instead: class histograms of N samples "
+              "(default: 1000) unconditional and at each --bias-guidance scale vs the training data's")
+@click.option("--bias-guidance", default="1,2,4", metavar="G1,G2,...",
+              help="with --bias: guidance scales (default: 1,2,4)")
 @scoring_options()
 @with_namespace
 def evaluate(opts) -> None:
@@ -200,6 +225,8 @@ def evaluate(opts) -> None:
     device = resolve_device(opts.device)
     if opts.likelihood:
         return _likelihood(opts, device)
+    if opts.bias:
+        return _bias(opts, device)
     images, labels, source, extra = _given_samples(opts) if opts.samples else _model_samples(opts, device)
     result = {**evaluate_samples(images, labels, reference=opts.reference, extractor=opts.extractor,
                                  weights=opts.inception_weights, k=opts.k, device=device,

@@ -43,6 +43,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "combine": ("latentdiff.cli.control:combine", "mix several images into one"),
     "export": ("latentdiff.cli.export:export", "export a model: ONNX graphs (ONNX Runtime) or a diffusers folder"),
     "serve": ("latentdiff.cli.serve:serve", "HTTP API with a job queue and a web UI (127.0.0.1 by default)"),
+    "verify": ("latentdiff.cli.provenance:verify",
+               "check images for provenance: C2PA signature, invisible watermark, recorded fields"),
+    "keys": ("latentdiff.cli.provenance:keys", "make or show this installation's watermark and signing keys"),
 }
 
 

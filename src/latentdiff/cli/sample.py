@@ -27,6 +27,7 @@ from latentdiff.cli.options import (
     steps_option,
     with_namespace,
 )
+from latentdiff.cli.outputs import output_key, output_record, provenance_options, save_any, write_file
 from latentdiff.errors import ConfigError
 
 MAX_GRID = 10_000  # images in one PNG grid; more go to an .npz
@@ -75,22 +76,15 @@ def _request(opts, pipe, labels):
         compile=opts.compile, precision=opts.precision))
 
 
-def metadata(model, record: dict) -> dict:
-    """The provenance written into the outputs: the resolved request (`record`) and the model it ran on."""
-    from latentdiff import __version__
-
-    return {"Software": f"latentdiff {__version__}",
-            "latentdiff": {"model": str(model), **record, "synthetic": True}}
-
-
-def _generate(pipe, request, show_progress: bool):
+def _generate(pipe, request, show_progress: bool, watermark=None):
     """(images, labels used, seconds) with a progress bar when `show_progress`."""
     from latentdiff.utils.progress import progress_bar
 
     bar = progress_bar(request.n, "sampling", show_progress)
     t0 = time.perf_counter()
     try:
-        images, used = pipe.generate(request, progress=bar.update if bar else None)
+        kw = {"watermark": watermark} if watermark is not None else {}  # the ONNX runtime has no watermark seam
+        images, used = pipe.generate(request, progress=bar.update if bar else None, **kw)
     finally:
         if bar:
             bar.close()
@@ -125,23 +119,25 @@ def _generate(pipe, request, show_progress: bool):
 @device_option()
 @runtime_options()
 @no_progress_option("no progress bar")
+@provenance_options()
 @with_namespace
 def sample(opts):
     from latentdiff.cli.inputs import load_model
     from latentdiff.utils.files import staged_dir
-    from latentdiff.utils.images import save_samples, write_pngs
 
     out = _check_outputs(opts)
     pipe = load_model(opts)
     num_classes = _num_classes(opts, pipe)
     request = _request(opts, pipe, _labels(opts, num_classes))
-    images, used, seconds = _generate(pipe, request, not opts.no_progress)
-    meta = metadata(opts.model, request.to_dict())
+    key = output_key(opts, pipe)
+    images, used, seconds = _generate(pipe, request, not opts.no_progress, key)
+    record = output_record(opts, pipe, request.to_dict(), key)
     nrow = num_classes if (used is not None and opts.class_ is None and opts.n % num_classes == 0) else None
     if opts.save_individual:  # the PNGs and the grid arrive together or not at all
         with staged_dir(opts.save_individual) as stage:
-            write_pngs(images, stage, meta)
-            save_samples(images, out, used, meta, nrow=nrow)
+            for i, img in enumerate(images):
+                write_file(stage / f"{i:05d}.png", img, record, opts)
+            save_any(images, out, used, record, opts, nrow)
     else:
-        save_samples(images, out, used, meta, nrow=nrow)
+        save_any(images, out, used, record, opts, nrow)
     print(f"wrote {len(images)} images to {out} ({len(images) / seconds:.1f} images/s on {pipe.device})")

@@ -51,6 +51,8 @@ def check_exposure(host: str, token: str | None) -> str | None:
               help="folder for jobs and images; kept across restarts (default: latentdiff-serve)")
 @click.option("--max-queue", type=POSITIVE, default=64, help="queued jobs before 429 (default: 64)")
 @click.option("--no-batching", is_flag=True, help="run every job alone instead of batching compatible ones")
+@click.option("--no-watermark", is_flag=True,
+              help="do not put the invisible watermark into generated images (recorded in their metadata)")
 @device_option()
 @with_namespace
 def serve(opts):
@@ -72,7 +74,8 @@ def serve(opts):
         if name in models:
             raise ConfigError(f"--model {name} is given twice")
         models[name] = LatentDiffusion.load(name, device)
-    app = create_app(models, opts.out, token=token, max_queued=opts.max_queue, batching=not opts.no_batching)
+    app = create_app(models, opts.out, token=token, max_queued=opts.max_queue, batching=not opts.no_batching,
+                     watermark=not opts.no_watermark)
     config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level="warning", access_log=False)
     server = uvicorn.Server(config)
     _announce(server, opts, token)

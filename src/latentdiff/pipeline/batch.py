@@ -37,11 +37,13 @@ def batch_key(request: SampleRequest) -> tuple | None:
 
 @torch.no_grad()
 def generate_batch(pipe, requests: list[SampleRequest],
-                   callback: Callable[[int, int, torch.Tensor], None] | None = None) -> list[np.ndarray]:
+                   callback: Callable[[int, int, torch.Tensor], None] | None = None,
+                   watermark=None) -> list[np.ndarray]:
     """uint8 images (n_j, H, W, C) for each resolved request, from one sampler call over all of them.
 
     `callback(i, n, x0_hat)` is the sampler's per-step callback over the whole batch (rows in request
-    order); an exception raised there stops at once.
+    order); an exception raised there stops at once. `watermark`: a key put into every job's z_T, as
+    ``generate(watermark=...)`` does.
     """
     if not requests:
         return []
@@ -51,7 +53,7 @@ def generate_batch(pipe, requests: list[SampleRequest],
     first = requests[0]
     device = pipe.device
     pipe.check_memory(first, sum(r.n for r in requests))
-    noise = torch.cat([pipe.initial_noise(r.n, torch.Generator(device=device).manual_seed(r.seed))
+    noise = torch.cat([pipe.initial_noise(r.n, torch.Generator(device=device).manual_seed(r.seed), watermark)
                        for r in requests])  # (sum n_j, c, h, w)
     labels = None if first.labels is None else torch.tensor(
         [k for r in requests for k in r.labels], dtype=torch.long, device=device)

@@ -25,6 +25,7 @@ from latentdiff.pipeline import directory as store
 from latentdiff.pipeline.config import Config, uses_bf16
 from latentdiff.pipeline.memory import check_memory
 from latentdiff.pipeline.request import ModelDefaults, SampleRequest
+from latentdiff.pipeline.watermark import WatermarkKey, keyed_noise
 from latentdiff.pipeline.runtime import COMPILE_MODES, CompiledNet, under_bf16_autocast
 from latentdiff.sampling.samplers import sample
 from latentdiff.utils.images import to_uint8
@@ -147,7 +148,7 @@ class LatentDiffusion:
     @torch.no_grad()
     def generate(self, request: SampleRequest | int | None = None, *, progress: Callable[[int], None] | None = None,
                  callback: Callable[[int, int, int, torch.Tensor], None] | None = None,
-                 **fields) -> tuple[np.ndarray, np.ndarray | None]:
+                 watermark: WatermarkKey | None = None, **fields) -> tuple[np.ndarray, np.ndarray | None]:
         """Generate images: uint8 (n, H, W, C) and the labels used (None if unconditional).
 
         ``generate(SampleRequest(...))`` or ``generate(16, labels=[8] * 16, guidance=3.0, seed=0)`` (the fields
@@ -155,6 +156,8 @@ class LatentDiffusion:
         arithmetic and the decoder always run in float32; `progress(b)` is called after each batch, and
         `callback(start, step, steps, x0_hat)` after every sampler step of the batch whose first sample is
         `start` (x0_hat: the normalised latent estimate; an exception raised there stops generation at once).
+        `watermark`: a :class:`WatermarkKey` puts the invisible mark into z_T (opt-in here; the CLI and
+        :func:`latentdiff.pipeline.provenance.write_output` callers pass the installation's key).
         """
         req = self.request(request, **fields)
         device = self.device
@@ -165,7 +168,7 @@ class LatentDiffusion:
         out = []
         for start in range(0, req.n, req.batch_size):
             b = min(req.batch_size, req.n - start)
-            noise = self.initial_noise(b, gen)
+            noise = self.initial_noise(b, gen, watermark)
             fn = self.guided_denoiser(req, labels[start:start + b] if labels is not None else None)
             step = (lambda i, n, x0, s=start: callback(s, i, n, x0)) if callback else None
             z0 = sample(fn, noise, self.denoiser.schedule, sampler=req.sampler, steps=req.steps, spacing=req.spacing,
@@ -180,10 +183,12 @@ class LatentDiffusion:
         guided = bool(self.num_classes) and request.labels is not None and request.guidance != 1.0
         check_memory(self.cfg, self.autoencoder.image_size, batch, guided, self.device)
 
-    def initial_noise(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+    def initial_noise(self, batch: int, generator: torch.Generator, watermark: WatermarkKey | None = None
+                      ) -> torch.Tensor:
         """z_T ~ N(0, I) for `batch` samples, drawn from `generator` (the one seam where the start of sampling
-        is chosen)."""
-        return torch.randn((batch, *self.autoencoder.latent_shape), generator=generator, device=self.device)
+        is chosen); with a `watermark` key its signs carry the key (still exactly N(0, I), see watermark.py)."""
+        noise = torch.randn((batch, *self.autoencoder.latent_shape), generator=generator, device=self.device)
+        return keyed_noise(noise, watermark) if watermark is not None else noise
 
     def decode(self, z0: torch.Tensor, request: SampleRequest | None = None) -> np.ndarray:
         """Normalised latents -> uint8 images N×H×W×C; a non-finite result is an error naming the likely cause,

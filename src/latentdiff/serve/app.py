@@ -107,10 +107,14 @@ def model_info(name: str, pipe) -> dict:
 
 
 def create_app(models: dict, out: str | Path, *, token: str | None = None, max_queued: int = 64,
-               batching: bool = True, max_batch_images: int = 64) -> FastAPI:
-    """The app for loaded `models` (name -> LatentDiffusion), keeping jobs and images under `out`."""
+               batching: bool = True, max_batch_images: int = 64, watermark: bool = True) -> FastAPI:
+    """The app for loaded `models` (name -> LatentDiffusion), keeping jobs and images under `out`. Generated
+    images carry this installation's watermark (``latentdiff keys``) unless `watermark` is False."""
+    from latentdiff.pipeline.keys import watermark_key
+
     queue = JobQueue(JobStore(Path(out)), max_queued)
-    worker = Worker(queue, models, batching=batching, max_batch_images=max_batch_images)
+    worker = Worker(queue, models, batching=batching, max_batch_images=max_batch_images,
+                    watermark=watermark_key() if watermark else None)
 
     @asynccontextmanager
     async def lifespan(app):

@@ -20,7 +20,9 @@ from latentdiff.errors import LatentDiffError
 from latentdiff.pipeline.batch import batch_key, generate_batch
 from latentdiff.serve.jobs import Job, JobQueue
 from latentdiff.serve.schema import JobSpec
-from latentdiff.utils.images import save_png, to_pil, to_uint8
+from latentdiff.pipeline.provenance import generation_record, write_output
+from latentdiff.pipeline.watermark import WatermarkKey
+from latentdiff.utils.images import to_pil, to_uint8
 
 log = logging.getLogger(__name__)
 PREVIEWS = 5  # previews of x̂0 per job (plus the last step)
@@ -30,16 +32,17 @@ class Cancelled(Exception):
     """Raised from the per-step callback to stop a batch in which a job was cancelled."""
 
 
-def provenance(model: str, record: dict) -> dict:
-    """The PNG text chunks of a served image (the same layout as ``latentdiff sample``'s)."""
-    from latentdiff import __version__
-
-    return {"Software": f"latentdiff {__version__}", "latentdiff": {"model": model, **record, "synthetic": True}}
+NOT_FROM_NOISE = "not applied: this operation starts from an input image or an inversion, not from keyed z_T"
 
 
-def save_image(img: np.ndarray, path, model: str, record: dict) -> None:
-    """THE one place a served image is written: atomically, with its provenance as PNG text."""
-    save_png(img, path, provenance(model, record))
+def save_image(img: np.ndarray, path, pipe, model: str, record: dict, watermark: WatermarkKey | None,
+               sign: bool = True) -> None:
+    """THE one place a served image is written: atomically, through the provenance writer (the record in the
+    PNG, a C2PA signature when the `provenance` extra is installed), like every CLI output. `watermark`: the key
+    that generated it (it is in the pixels already), or None when the operation does not start from z_T."""
+    note = None if watermark is not None else NOT_FROM_NOISE
+    write_output(path, img, generation_record(pipe, model, record, watermark, sign=sign, watermark_note=note),
+                 sign=sign)
 
 
 def preview_png(pipe, x0_hat: torch.Tensor) -> str:
@@ -56,8 +59,10 @@ def spec_key(spec: JobSpec):
 
 
 class Worker(threading.Thread):
-    def __init__(self, queue: JobQueue, models: dict, *, batching: bool = True, max_batch_images: int = 64):
+    def __init__(self, queue: JobQueue, models: dict, *, batching: bool = True, max_batch_images: int = 64,
+                 watermark: WatermarkKey | None = None):
         super().__init__(name="latentdiff-worker", daemon=True)
+        self.watermark = watermark  # the deployment's key: generate jobs start from keyed z_T
         self.queue = queue
         self.models = models
         self.batching = batching
@@ -104,7 +109,9 @@ class Worker(threading.Thread):
         try:
             for i, img in enumerate(images):
                 name = f"{job.id}-{i:03d}.png"
-                save_image(img, self.queue.store.images_dir / name, job.model, job.record)
+                key = self.watermark if job.kind == "generate" else None
+                save_image(img, self.queue.store.images_dir / name, self.models[job.model], job.model, job.record,
+                           key)
                 names.append(name)
         except LatentDiffError as e:  # e.g. the disk is full: the written images stay listed
             self.queue.finish(job, "failed", str(e), names)
@@ -135,8 +142,8 @@ class Worker(threading.Thread):
         req, opt = spec.request, spec.options
         if spec.kind == "generate":
             if len(jobs) > 1 or batch_key(req) is not None:
-                return generate_batch(pipe, [j.spec.request for j in jobs], callback)
-            return [pipe.generate(req, callback=lambda s, i, n, x0: callback(i, n, x0))[0]]
+                return generate_batch(pipe, [j.spec.request for j in jobs], callback, watermark=self.watermark)
+            return [pipe.generate(req, callback=lambda s, i, n, x0: callback(i, n, x0), watermark=self.watermark)[0]]
         if spec.kind == "edit":
             return [control.img2img(pipe, spec.images, opt["strength"], req, callback=callback)]
         if spec.kind == "inpaint":

@@ -25,7 +25,7 @@ from latentdiff.training import distributed, rundir
 from latentdiff.training.autoencoder import load_train_data, load_trained_autoencoder
 from latentdiff.training.loop import Stage, TrainLoop
 from latentdiff.utils.files import write_text_atomic
-from latentdiff.utils.images import make_grid, save_png
+from latentdiff.utils.images import make_grid
 from latentdiff.utils.state import state_digest
 
 log = logging.getLogger(__name__)
@@ -153,11 +153,18 @@ def _write_model(final: LatentDiffusion, cfg: Config, ae_meta: dict, source: str
 
 def write_sample_grid(pipe: LatentDiffusion, path: Path, per_class: int = 8, seed: int = 0):
     """A grid of samples: one row per class for conditional models, else an 8×8 grid."""
+    from latentdiff.pipeline.keys import watermark_key
+    from latentdiff.pipeline.provenance import generation_record, write_output
+
+    key = watermark_key()  # the demo's grid is an output like any other: watermarked, signed, recorded
     if pipe.num_classes:
         labels = np.repeat(np.arange(pipe.num_classes), per_class)
-        images, _ = pipe.generate(len(labels), labels=labels, seed=seed)
+        request = pipe.request(len(labels), labels=labels, seed=seed)
         nrow = per_class
     else:
-        images, _ = pipe.generate(64, seed=seed)
+        request = pipe.request(64, seed=seed)
         nrow = 8
-    save_png(make_grid(images, nrow), path, {"Software": "latentdiff", "latentdiff": {"seed": seed}}, scale=2)
+    images, _ = pipe.generate(request, watermark=key)
+    record = generation_record(pipe, str(path.parent), request.to_dict(), key,
+                               grid={"n": len(images), "nrow": nrow, "pad": 2, "scale": 2})
+    write_output(path, make_grid(images, nrow), record, scale=2)

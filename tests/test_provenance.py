@@ -1,0 +1,204 @@
+"""Issue 15: the z_T watermark, its p-value, C2PA signing, `latentdiff verify` and `latentdiff keys`."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli
+from PIL import Image
+from scipy.stats import binom
+
+from latentdiff.data.datasets import _bundled_arrays
+from latentdiff.pipeline import LatentDiffusion
+from latentdiff.pipeline import keys as K
+from latentdiff.pipeline.provenance import c2pa_available, generation_record, read_c2pa, read_record, write_output
+from latentdiff.pipeline.verify import exit_code, tiles, verify_file
+from latentdiff.pipeline.watermark import WatermarkKey, agreements, keyed_noise, p_value
+from latentdiff.utils.images import make_grid
+
+KEY = WatermarkKey(b"test secret 0123456789abcdef", "test")
+needs_c2pa = pytest.mark.skipif(not c2pa_available(), reason="the provenance extra (c2pa-python) is not installed")
+
+
+@pytest.fixture(autouse=True)
+def _config(tmp_path, monkeypatch):
+    monkeypatch.setenv("LATENTDIFF_CONFIG_DIR", str(tmp_path / "config"))
+    monkeypatch.delenv("LATENTDIFF_WATERMARK_KEY", raising=False)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return LatentDiffusion.load("pretrained:fashion-mnist")
+
+
+@pytest.fixture(scope="module")
+def marked(model):
+    """Four watermarked and four unwatermarked samples of the shipped model (10 DDIM steps, classes 0-3)."""
+    kw = {"labels": [0, 1, 2, 3], "steps": 8, "seed": 5}
+    return model.generate(4, watermark=KEY, **kw)[0], model.generate(4, **kw)[0]
+
+
+def test_keyed_noise_keeps_magnitudes_and_takes_key_signs():
+    g = torch.Generator().manual_seed(0)
+    eps = torch.randn(2000, 4, 7, 7, generator=g)
+    z = keyed_noise(eps, KEY)
+    s = KEY.signs((4, 7, 7))
+    assert torch.equal(z.abs(), eps.abs())
+    assert torch.equal(torch.sign(z), s.expand_as(z))
+    # |ε|·s has the law of ε for a fixed s: per coordinate mean 0, variance 1 over the batch is not expected (the
+    # sign is fixed), but over coordinates the marginal of z·s is half-normal and z_j's sign is s_j
+    assert abs(float(s.mean())) < 0.2 and set(s.unique().tolist()) == {-1.0, 1.0}
+    other = WatermarkKey(b"another secret 0123456789", "other").signs((4, 7, 7))
+    assert 0.35 < float((other == s).float().mean()) < 0.65  # independent patterns agree on about half
+
+
+def test_same_seed_same_key_same_image_and_golden_path_untouched(model):
+    a = model.generate(1, labels=[1], steps=2, seed=3, watermark=KEY)[0]
+    b = model.generate(1, labels=[1], steps=2, seed=3, watermark=KEY)[0]
+    plain = model.generate(1, labels=[1], steps=2, seed=3)[0]
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, plain)  # the key changed z_T: the watermark is really in generation
+
+
+def test_p_value_is_the_binomial_tail():
+    assert p_value(98, 196) == pytest.approx(binom.sf(97, 196, 0.5))
+    assert p_value(196, 196) == pytest.approx(0.5 ** 196)
+    assert p_value(0, 196) == pytest.approx(1.0)
+    assert p_value(130, 196) < p_value(120, 196) < p_value(100, 196)  # more agreement, smaller p
+
+
+def test_false_positive_rate_matches_stated_p_value_on_random_inputs():
+    """Random latents (no watermark) are flagged at p ≤ α at the binomial's exact rate, never above α."""
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(40_000, 4, 7, 7, generator=g)
+    k = agreements(z, KEY).numpy()
+    for alpha in (0.05, 0.01, 0.001):
+        p = np.array([p_value(int(v), 196) for v in np.unique(k)])
+        flagged_k = np.unique(k)[p <= alpha]
+        rate = np.isin(k, flagged_k).mean()
+        k_star = int(binom.isf(alpha, 196, 0.5)) + 1
+        exact = binom.sf(k_star - 1, 196, 0.5)  # the attainable level just below α
+        assert exact <= alpha
+        se = (exact * (1 - exact) / len(k)) ** 0.5
+        assert abs(rate - exact) < 4 * se + 1e-4, (alpha, rate, exact)
+
+
+def test_detects_marked_samples_not_unmarked_or_real(model, marked):
+    from latentdiff.pipeline.verify import detect_pooled
+
+    wm, plain = marked
+    real = np.array(_bundled_arrays()["test_images"][:4])[..., None]
+    hit = detect_pooled(model, wm, [KEY])
+    assert hit["p_value"] < 1e-6 and hit["score"] > 0.6 and hit["bits"] == 4 * 196
+    assert detect_pooled(model, plain, [KEY])["p_value"] > 1e-3
+    assert detect_pooled(model, real, [KEY])["p_value"] > 1e-3
+
+
+def test_grid_tiles_round_trip():
+    imgs = np.random.default_rng(0).integers(0, 255, (7, 28, 28, 1), dtype=np.uint8)
+    grid = make_grid(imgs, nrow=3)
+    for scale in (1, 2):
+        big = grid.repeat(scale, 0).repeat(scale, 1)
+        cells = tiles(big, (28, 28))
+        assert cells is not None and len(cells) == 7 and np.array_equal(cells, imgs)
+    assert tiles(np.zeros((30, 31, 1), np.uint8), (28, 28)) is None
+
+
+def _write(path, img, model, key=KEY, sign=True):
+    return write_output(path, img, generation_record(model, "pretrained:fashion-mnist", {"seed": 5}, key, sign=sign))
+
+
+def _finder(model):
+    return lambda record, shape: model
+
+
+@needs_c2pa
+def test_signed_image_verifies_and_one_changed_byte_is_tampered(model, marked, tmp_path):
+    p = _write(tmp_path / "a.png", marked[0][0], model)
+    c = read_c2pa(p)
+    assert c["status"] == "valid" and "UNTRUSTED ephemeral" in c["signer"]
+    assert c["record"]["model"]["sha256"] and read_record(p)["seed"] == 5
+    r = verify_file(p, _finder(model), [KEY])
+    assert r["verdict"] == "generated" and exit_code([r]) == 0
+    data = bytearray(p.read_bytes())
+    idat = data.index(b"IDAT") + 8  # a byte of the pixel data
+    data[idat] ^= 0x01
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(bytes(data))
+    r = verify_file(bad, _finder(model), [KEY])
+    assert r["c2pa"]["status"] == "invalid" and r["verdict"] == "tampered" and exit_code([r]) == 3
+
+
+@needs_c2pa
+def test_no_thumbnail_keeps_files_small(model, marked, tmp_path):
+    p = _write(tmp_path / "a.png", marked[0][0], model)
+    assert p.stat().st_size < 20_000  # a thumbnail would add hundreds of KB
+
+
+def test_stripped_manifest_still_shows_the_watermark(model, marked, tmp_path):
+    p = _write(tmp_path / "a.png", make_grid(marked[0], 2), model)
+    resaved = tmp_path / "resaved.png"
+    Image.open(p).save(resaved)  # Pillow drops the C2PA chunk and the text chunks
+    r = verify_file(resaved, _finder(model), [KEY])
+    assert r["c2pa"]["status"] in ("absent", "unavailable") and r["record"] is None
+    assert r["watermark"]["detected"] and r["verdict"] == "generated"
+    jpg = tmp_path / "a.jpg"
+    Image.open(p).save(jpg, quality=90)
+    assert verify_file(jpg, _finder(model), [KEY])["watermark"]["p_value"] < 0.05
+
+
+def test_real_image_is_not_detected(model, tmp_path):
+    real = np.array(_bundled_arrays()["test_images"][4:10])
+    grid = tmp_path / "real.png"
+    Image.fromarray(make_grid(real[..., None], 3)[..., 0]).save(grid)
+    r = verify_file(grid, _finder(model), [KEY])
+    assert r["watermark"]["tiles"] == 6 and not r["watermark"]["detected"]
+    assert r["verdict"] == "not detected" and exit_code([r]) == 1
+
+
+def test_keys_init_and_environment_key(tmp_path, monkeypatch):
+    pytest.importorskip("cryptography")
+    assert K.watermark_key().secret == K.DEV_SECRET
+    code, out, _ = run_cli("keys", "init", "--subject", "test signer")
+    assert code == 0 and "signing-root.pem" in out
+    key = K.watermark_key()
+    assert key.label == "installation" and key.secret != K.DEV_SECRET
+    assert (K.config_dir() / K.WATERMARK_FILE).stat().st_mode & 0o077 == 0  # secret: owner only
+    assert K.signing_identity().ephemeral is False
+    code, _, err = run_cli("keys", "init")
+    assert code == 2 and "already exist" in err
+    monkeypatch.setenv("LATENTDIFF_WATERMARK_KEY", "deployment secret")
+    assert K.watermark_key().label.startswith("deployment") and len(K.candidate_keys()) == 2
+
+
+@needs_c2pa
+def test_cli_sample_then_verify(tmp_path):
+    out = tmp_path / "s.png"
+    code, _, err = run_cli("sample", "--model", "pretrained:fashion-mnist", "--n", "2", "--steps", "3",
+                           "--out", out, "--no-progress", "--device", "cpu")
+    assert code == 0, err
+    code, stdout, _ = run_cli("verify", out, "--json")
+    rep = json.loads(stdout)[0]
+    assert code == 0 and rep["c2pa"]["status"] == "valid" and rep["watermark"]["tiles"] == 2
+    assert rep["record"]["steps"] == 3 and rep["record"]["model"]["name"] == "pretrained:fashion-mnist"
+    off = tmp_path / "off.png"
+    code, _, _ = run_cli("sample", "--model", "pretrained:fashion-mnist", "--n", "2", "--steps", "3", "--out", off,
+                         "--no-progress", "--no-watermark", "--no-sign")
+    assert code == 0
+    code, stdout, _ = run_cli("verify", off, "--json")
+    rep = json.loads(stdout)[0]
+    assert code == 1 and rep["record"]["watermark"]["disabled"] and rep["c2pa"]["status"] == "absent"
+    code, _, err = run_cli("verify", tmp_path / "missing.png")
+    assert code == 2 and "not found" in err
+
+
+@needs_c2pa
+def test_gif_frames_are_signed_and_recorded(model, tmp_path):
+    frames = np.random.default_rng(0).integers(0, 255, (3, 28, 28, 1), dtype=np.uint8)
+    g = write_output(tmp_path / "a.gif", frames, generation_record(model, "m", {"seed": 1}, None,
+                                                                     watermark_note="not applied: test"))
+    assert read_c2pa(g)["status"] == "valid"
+    rec = read_record(g)
+    assert rec["seed"] == 1 and rec["watermark"] == {"scheme": None, "disabled": False, "note": "not applied: test"}
+    assert Image.open(g).n_frames == 3
