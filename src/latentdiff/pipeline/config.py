@@ -21,6 +21,7 @@ import yaml
 from latentdiff.codecs.autoencoder import Autoencoder, AutoencoderConfig
 from latentdiff.diffusion.schedule import PREDICTIONS, SCHEDULES, make_betas
 from latentdiff.errors import ConfigError
+from latentdiff.models.text import TextConfig
 from latentdiff.models.unet import UNet, UNetConfig
 from latentdiff.sampling.samplers import SAMPLERS
 
@@ -156,16 +157,21 @@ class Config:
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     autoencoder_training: TrainConfig = field(default_factory=lambda: TrainConfig(steps=3000, lr=1e-3, ema_decay=0.0))
     unet: UNetConfig = field(default_factory=UNetConfig)
+    text: TextConfig = field(default_factory=TextConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     training: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
-    conditional: bool = True       # train with class labels when the data has them (CFG-ready)
+    conditional: bool = True       # train with class labels when the data has them (CFG-ready); with a text
+                                   # encoder, captions are the condition and labels are used only if this is true
     device: str = "auto"           # auto, cpu or cuda
     precision: str = "auto"        # "auto": bf16 autocast on CUDA, fp32 on CPU; "bf16": autocast on any device; "fp32"
 
     def validate(self) -> "Config":
         self.data.validate()
         self.autoencoder.validate()
+        self.text.validate()
+        # The text encoder decides the U-Net's context width (and whether it owns a trainable token encoder)
+        self.unet.context_dim, self.unet.token_layers = self.text.context_dim, self.text.token_layers
         self.unet.validate()
         self.diffusion.validate()
         self.autoencoder_training.validate("autoencoder_training")

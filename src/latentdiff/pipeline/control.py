@@ -93,8 +93,9 @@ def resolve(pipe, request: SampleRequest | None, n: int, **fields) -> SampleRequ
 
 
 def bound_denoiser(pipe, req: SampleRequest) -> DenoiserFn:
-    """The model's denoiser with the request's condition bound (classifier-free guided when it has labels)."""
-    return pipe.guided_denoiser(req, req.label_tensor(pipe.device))
+    """The model's denoiser with the request's condition bound (classifier-free guided when it has labels or,
+    on a text model, prompts)."""
+    return pipe.guided_denoiser(req, req.label_tensor(pipe.device), req.prompts() if pipe.has_text else None)
 
 
 def grid(pipe, req: SampleRequest) -> torch.Tensor:
@@ -186,13 +187,24 @@ def _frame_weights(frames: int, device) -> torch.Tensor:
 
 
 def interpolate_noise(pipe, noise_a: torch.Tensor, noise_b: torch.Tensor, frames: int, *,
-                      classes: tuple[int, int] | int | None = None, request: SampleRequest | None = None,
-                      **fields) -> np.ndarray:
+                      classes: tuple[int, int] | int | None = None, prompts: tuple[str, str] | None = None,
+                      request: SampleRequest | None = None, **fields) -> np.ndarray:
     """Slerp between two starting noises (1, c, h, w), blend the two ends' classes, regenerate with DDIM.
 
-    `classes`: one class for both ends, or (class at A, class at B) blended frame by frame. The request's
-    guidance defaults to 1 (an inverted image is only reproduced by the unguided model it was inverted with).
+    `classes`: one class for both ends, or (class at A, class at B) blended frame by frame; `prompts`
+    likewise (prompt at A, prompt at B) on a text model. The request's guidance defaults to 1 (an inverted
+    image is only reproduced by the unguided model it was inverted with).
     """
+    if prompts is not None:
+        pa, pb = prompts
+        n = _frame_weights(frames, noise_a.device).numel()
+        fields = {**fields, "prompt": pa}
+        if pa != pb:
+            req_a = resolve(pipe, request, n, **fields)
+            w = _frame_weights(frames, noise_a.device)
+            noise = slerp(noise_a.expand(n, -1, -1, -1), noise_b.expand(n, -1, -1, -1), w)
+            fn = blend(bound_denoiser(pipe, req_a), bound_denoiser(pipe, pipe.request(req_a, prompt=pb)), w.float())
+            return decode_latents(pipe, ddim(fn, noise, pipe.denoiser.schedule, grid(pipe, req_a)))
     w = _frame_weights(frames, noise_a.device)  # (frames,)
     noise = slerp(noise_a.expand(len(w), -1, -1, -1), noise_b.expand(len(w), -1, -1, -1), w)
     if request is None:
