@@ -9,7 +9,8 @@ arguments), resolved and checked once; the condition is bound into a denoiser fu
 - :func:`img2img` — SDEdit (Meng et al. 2022): noise the latent to t ≈ strength·T, denoise from there.
 - :func:`invert`, :func:`interpolate_seeds`, :func:`interpolate_images` — deterministic DDIM
   inversion (Song et al. 2021; Mokady et al. 2023) and spherical interpolation of the noise.
-- :func:`combine` — a weighted mix of latents, then SDEdit to bring it back onto the data manifold.
+- :func:`combine` — a weighted mix of latents, then SDEdit (conditioned on the inputs' classes) to bring it back
+  onto the data manifold.
 - :func:`class_arithmetic` — latent + mean(class A) - mean(class B), class means from the model's samples.
 Inpainting and repair are in ``inpaint.py``.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from latentdiff.diffusion.cond import Cond
 from latentdiff.diffusion.denoiser import DenoiserFn
 from latentdiff.errors import ConfigError, DataError
 from latentdiff.guidance.cfg import blend
@@ -145,7 +147,11 @@ def combine(pipe, images, weights, strength: float = 0.5, request: SampleRequest
     """One image from several: z = Σ w_i z_i (weights normalised to sum 1), then SDEdit at `strength`.
 
     A linear mix of latents is blurry and off the data manifold (it has less variance than a real
-    latent); the partial denoising pulls it back. Returns one image, (1, H, W, C).
+    latent); the partial denoising pulls it back. Unconditioned, that pull goes wherever the blur looks
+    most like (a sneaker mixed with an ankle boot became a long-sleeved top), so on a class-conditional
+    model without given labels the denoising is conditioned on the inputs' own classes, as the model
+    itself classifies them (:func:`predict_classes`), each class weighted by its inputs' weights. On a
+    text model the request's prompt (default: the empty prompt) is the condition. Returns (1, H, W, C).
     """
     z = encode_images(pipe, images)
     w = np.asarray(weights, dtype=np.float64)
@@ -153,10 +159,46 @@ def combine(pipe, images, weights, strength: float = 0.5, request: SampleRequest
         raise ConfigError(f"need one weight per image: {len(z)} images, {w.size} weights")
     if not (np.isfinite(w).all() and (w > 0).all()):
         raise ConfigError(f"weights must be positive finite numbers, got {', '.join(f'{v:g}' for v in w)}")
-    w = torch.as_tensor(w / w.sum(), dtype=z.dtype, device=z.device)
-    mix = (w.reshape(-1, 1, 1, 1) * z).sum(0, keepdim=True)  # (1, c, h, w)
+    w = w / w.sum()
+    mix = (torch.as_tensor(w, dtype=z.dtype, device=z.device).reshape(-1, 1, 1, 1) * z).sum(0, keepdim=True)
     req = resolve(pipe, request, 1, **fields)
-    return decode_latents(pipe, sdedit_latent(pipe, mix, strength, bound_denoiser(pipe, req), req))
+    fn = bound_denoiser(pipe, req)
+    if pipe.num_classes and req.labels is None:
+        fn = _class_mixture(pipe, req, predict_classes(pipe, z, req.seed), w)
+    return decode_latents(pipe, sdedit_latent(pipe, mix, strength, fn, req))
+
+
+def _class_mixture(pipe, req: SampleRequest, classes: list[int], weights: np.ndarray) -> DenoiserFn:
+    """Σ_k W_k · denoiser(class k), W_k the total weight of the inputs of class k (built from pairwise blends)."""
+    per_class: dict[int, float] = {}
+    for k, wk in zip(classes, weights):
+        per_class[k] = per_class.get(k, 0.0) + float(wk)
+    fn, total = None, 0.0
+    for k, wk in per_class.items():
+        fk = bound_denoiser(pipe, pipe.request(req, labels=k))
+        fn = fk if fn is None else blend(fn, fk, wk / (total + wk))  # (1 - a) · mix so far + a · class k
+        total += wk
+    return fn
+
+
+@torch.no_grad()
+def predict_classes(pipe, z0: torch.Tensor, seed: int = 0, levels: tuple[float, ...] = (0.2, 0.4, 0.6)) -> list[int]:
+    """The class of each latent (N, c, h, w) by the model itself: the label under which the conditional
+    denoiser reconstructs it best from a few noise levels (Li et al. 2023, "Your diffusion model is secretly
+    a zero-shot classifier"), with the same noise ε for every class so that only the label differs."""
+    if not pipe.num_classes:
+        raise ConfigError("predicting classes needs a class-conditional model")
+    schedule, k = pipe.denoiser.schedule, pipe.num_classes
+    g = generator(pipe, seed)
+    errors = torch.zeros(len(z0), k, device=z0.device)
+    for level in levels:
+        t = torch.full((len(z0) * k,), int(level * (schedule.num_steps - 1)), device=z0.device)
+        eps = torch.randn(z0.shape, generator=g, device=z0.device, dtype=z0.dtype)
+        zt = schedule.add_noise(z0, eps, t[: len(z0)]).repeat_interleave(k, 0)  # (N·K, c, h, w): each latent K times
+        labels = torch.arange(k, device=z0.device).repeat(len(z0))
+        x0 = pipe.denoiser(zt, t, Cond(labels=labels)).x0
+        errors += (x0 - z0.repeat_interleave(k, 0)).square().flatten(1).mean(1).reshape(len(z0), k)
+    return errors.argmin(1).tolist()
 
 
 # --- DDIM inversion and interpolation --------------------------------------------------------------
