@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("latentdiff.cli.sample:sample", "generate images from a trained model"),
     "train-classifier": ("latentdiff.cli.train:train_classifier",
                          "train a noise-aware classifier for classifier guidance"),
-    "download": ("latentdiff.cli.info:download", "download the full Fashion-MNIST (checksum-verified)"),
+    "download": ("latentdiff.cli.info:download", "download Fashion-MNIST or the emoji set (checksum-verified)"),
     "info": ("latentdiff.cli.info:info", "describe a model directory"),
     "eval": ("latentdiff.cli.eval:evaluate",
              "score a model or a samples file: FD next to its real-vs-real floor, precision/recall"),

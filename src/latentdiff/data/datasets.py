@@ -17,16 +17,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from latentdiff.data.emoji import load_emoji
 from latentdiff.data.fashion_mnist import CLASS_NAMES, find_fashion_mnist, load_fashion_mnist
 from latentdiff.data.folders import load_image_folder
 from latentdiff.data.image_data import ImageData
 from latentdiff.data.limits import check_image_size, check_loaded_bytes
 from latentdiff.errors import DataError
 
-SOURCES = ("bundled", "fashion-mnist")  # plus: a path to a folder of images
+SOURCES = ("bundled", "fashion-mnist", "emoji")  # plus: a path to a folder of images
 
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "test", "heldout")  # "heldout" is the emoji set's name for its test split
 
 
 BUNDLED_NPZ = "fashion_mnist_subset.npz"
@@ -111,6 +112,18 @@ def _load_fashion(source: str, split: str, data_dir, image_size: int | None, cha
     return ImageData(images, labels, len(CLASS_NAMES), CLASS_NAMES, description)
 
 
+def _load_emoji(split: str, data_dir, image_size: int | None, channels: int | None,
+                limit: int | None) -> ImageData:
+    """The emoji set (full when downloaded, else the bundled subset); labels are its categories."""
+    emoji = load_emoji("heldout" if split == "test" else split, data_dir, image_size or 64)
+    if limit is not None:
+        emoji = emoji.select(np.arange(len(emoji)) < limit)
+    check_loaded_bytes(len(emoji), emoji.images.shape[1], emoji.images.shape[2], channels or 3, emoji.source)
+    data = emoji.to_image_data()
+    data.images = _set_channels(data.images, channels or 3)
+    return data
+
+
 def load_dataset(
     source: str = "bundled",
     split: str = "train",
@@ -123,11 +136,17 @@ def load_dataset(
     """Load a data set as :class:`ImageData`.
 
     ``source``: ``"bundled"`` (the packaged 10k/2k subset), ``"fashion-mnist"`` (the full IDX files,
-    found by :func:`find_fashion_mnist`), or a path to a folder of images (``split`` picks the
+    found by :func:`find_fashion_mnist`), ``"emoji"`` (64×64 RGB emoji with captions and category
+    labels; ``split`` "test" or "heldout" is the held-out emoji; the bundled subset when the full set is
+    not downloaded; ``data_dir`` names its folder), or a path to a folder of images (``split`` picks the
     ``train/`` or ``test/`` subfolder when both exist, and is ignored otherwise). ``image_size``
     resizes, ``channels`` converts (1 gray, 3 RGB), ``limit`` keeps the first N images.
     """
     _check_args(split, image_size, channels, limit)
+    if source == "emoji":
+        return _load_emoji(split, data_dir, image_size, channels, limit)
+    if split == "heldout":
+        raise DataError(f"split 'heldout' is the emoji set's; {source!r} has train and test")
     if source in SOURCES:
         return _load_fashion(source, split, data_dir, image_size, channels, limit)
 

@@ -1,4 +1,4 @@
-"""The one container every data source returns: uint8 images with optional class labels."""
+"""The one container every data source returns: uint8 images with optional class labels and captions."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ class ImageData:
     num_classes: int  # 0 when unlabeled
     class_names: tuple[str, ...]  # () when unlabeled
     source: str  # human description, e.g. "bundled Fashion-MNIST subset (train)"
+    captions: tuple[str, ...] | None = None  # one text per image (captioned sets), else None
 
     def __post_init__(self) -> None:
         x = self.images
@@ -25,6 +26,8 @@ class ImageData:
             raise DataError(f"images must be uint8 N×H×W×C with C in (1, 3), got {x.dtype} {x.shape}")
         if self.labels is not None and self.labels.shape != (len(x),):
             raise DataError(f"labels shape {self.labels.shape} does not match {len(x)} images")
+        if self.captions is not None and len(self.captions) != len(x):
+            raise DataError(f"{len(self.captions)} captions for {len(x)} images")
         if len(self.class_names) != self.num_classes:
             raise DataError(f"{self.num_classes} classes but {len(self.class_names)} class names")
 
