@@ -121,7 +121,7 @@ def _train_diffusion(cfg: Config, run_dir: Path, device, resume: bool, overwrite
     den = pipe.denoiser.to(device)
     text = encode_captions(pipe, captions) if captions is not None else None
     log.info(f"denoiser: {sum(p.numel() for p in den.parameters()) / 1e6:.2f}M parameters, latent {ae.latent_shape}, "
-             f"{'class-conditional (' + str(data.num_classes) + ' classes)' if conditional else 'unconditional'}")
+             f"{_condition_name(cfg, conditional, data.num_classes)}")
     post = encode_dataset(ae, data.images, device)
     labels = torch.as_tensor(data.labels, device=device) if conditional else None
 
@@ -143,6 +143,12 @@ def _train_diffusion(cfg: Config, run_dir: Path, device, resume: bool, overwrite
                  f"{grid_path or run_dir / 'samples.png'}")
     distributed.barrier()  # the other processes wait until rank 0 has written the model
     return final
+
+
+def _condition_name(cfg: Config, conditional: bool, num_classes: int) -> str:
+    parts = ([f"class-conditional ({num_classes} classes)"] if conditional else []) + (
+        [f"text-conditioned ({cfg.text.encoder})"] if cfg.text.encoder != "none" else [])
+    return " and ".join(parts) or "unconditional"
 
 
 def caption_list(cfg: Config, data) -> list[str] | None:
