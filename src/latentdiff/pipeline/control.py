@@ -142,8 +142,8 @@ def img2img(pipe, images, strength: float, request: SampleRequest | None = None,
     return decode_latents(pipe, sdedit_latent(pipe, z0, strength, bound_denoiser(pipe, req), req))
 
 
-def combine(pipe, images, weights, strength: float = 0.5, request: SampleRequest | None = None,
-            **fields) -> np.ndarray:
+def combine(pipe, images, weights, strength: float = 0.5, request: SampleRequest | None = None, *,
+            input_classes: bool = True, **fields) -> np.ndarray:
     """One image from several: z = Σ w_i z_i (weights normalised to sum 1), then SDEdit at `strength`.
 
     A linear mix of latents is blurry and off the data manifold (it has less variance than a real
@@ -151,7 +151,8 @@ def combine(pipe, images, weights, strength: float = 0.5, request: SampleRequest
     most like (a sneaker mixed with an ankle boot became a long-sleeved top), so on a class-conditional
     model without given labels the denoising is conditioned on the inputs' own classes, as the model
     itself classifies them (:func:`predict_classes`), each class weighted by its inputs' weights. On a
-    text model the request's prompt (default: the empty prompt) is the condition. Returns (1, H, W, C).
+    text model the request's prompt (default: the empty prompt) is the condition. `input_classes=False`
+    gives the old unconditioned pull. Returns (1, H, W, C).
     """
     z = encode_images(pipe, images)
     w = np.asarray(weights, dtype=np.float64)
@@ -163,7 +164,7 @@ def combine(pipe, images, weights, strength: float = 0.5, request: SampleRequest
     mix = (torch.as_tensor(w, dtype=z.dtype, device=z.device).reshape(-1, 1, 1, 1) * z).sum(0, keepdim=True)
     req = resolve(pipe, request, 1, **fields)
     fn = bound_denoiser(pipe, req)
-    if pipe.num_classes and req.labels is None:
+    if input_classes and pipe.num_classes and req.labels is None:
         fn = _class_mixture(pipe, req, predict_classes(pipe, z, req.seed), w)
     return decode_latents(pipe, sdedit_latent(pipe, mix, strength, fn, req))
 
