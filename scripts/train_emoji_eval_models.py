@@ -41,9 +41,10 @@ def main() -> None:
         with torch.no_grad():
             for name, data in (("train", train), ("heldout", held)):
                 img = net.embed_images(to_input(data.images)).numpy()
-                ids, mask = tokenize(data.captions, meta["vocab"])
-                txt = net.embed_text(ids, mask).numpy()
-                mean, std, k = r_precision(img, txt, data.captions)
+                pool = sorted(set(data.captions))
+                txt = net.embed_text(*tokenize(pool, meta["vocab"])).numpy()
+                true_index = np.array([pool.index(c) for c in data.captions])
+                mean, std, k = r_precision(img, true_index, txt)
                 meta[f"{name}_r_precision"] = {"mean": mean, "std": std, "candidates": k}
         out = Path(args.out or ASSETS / "emoji_clip.safetensors")
     save_state(out, {k: v.float() for k, v in net.state_dict().items() if v.is_floating_point()}, meta)

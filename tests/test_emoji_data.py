@@ -88,6 +88,7 @@ def test_bundled_subset_splits_are_disjoint_by_emoji_and_on_white():
 
 def test_registry_serves_emoji_with_captions_and_category_labels(monkeypatch, tmp_path):
     monkeypatch.setenv("LATENTDIFF_CACHE", str(tmp_path))  # no downloaded set: the bundled subset
+    monkeypatch.delenv("LATENTDIFF_EMOJI_DIR", raising=False)
     data = load_dataset("emoji", "test", image_size=32, limit=10)
     held = load_emoji("heldout", bundled=True)
     assert data.images.shape == (10, 32, 32, 3) and data.captions == held.captions[:10]
@@ -133,6 +134,7 @@ def _fake_npm(tmp_path, monkeypatch):
 
 def test_download_via_npm_checks_the_checksum_then_prepares_the_folder(tmp_path, monkeypatch):
     sha = _fake_npm(tmp_path, monkeypatch)
+    monkeypatch.setattr(dl, "NOTO_FONT_PATHS", (str(tmp_path / "none.ttf"),))  # no font to fall back on
     dest = tmp_path / "emoji"
     code, _, err = run_cli("download", "emoji", "--dest", dest, "--no-progress")
     assert_one_line_error(code, err, "checksum mismatch")
@@ -159,8 +161,12 @@ def test_download_without_npm_or_font_is_one_clear_error(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(dl.find_noto_font() is None, reason="Debian fonts-noto-color-emoji not installed")
-def test_font_fallback_renders_named_emoji(tmp_path, monkeypatch):
-    monkeypatch.setattr(dl.shutil, "which", lambda name: None)
+@pytest.mark.parametrize("npm", ["absent", "failing"])
+def test_font_fallback_renders_named_emoji(tmp_path, monkeypatch, npm):
+    if npm == "absent":
+        monkeypatch.setattr(dl.shutil, "which", lambda name: None)
+    else:  # an npm that cannot reach the registry: the font takes over
+        _fake_npm(tmp_path, monkeypatch)
     monkeypatch.setattr(dl, "_FONT_BLOCKS", ((0x1F600, 0x1F60F, "Smileys & Emotion", "emoticons"),))
     dest = dl.download_emoji(tmp_path / "e", progress=False)
     data = load_emoji("all", root=dest)

@@ -174,7 +174,9 @@ def _likelihood(opts, device) -> None:
          "in the feature space of --extractor, printed next to the real-vs-real floor (the FD of as many real "
          "training images), k-NN precision and recall, and for class-conditional samples the accuracy of the "
          "Fashion-MNIST classifier on them. Give --model to generate the images (conditional models: every "
-         "class in turn) or --samples to score an existing .npz. With --likelihood, bound the model's negative "
+         "class in turn) or --samples to score an existing .npz. A text-to-image --model is scored on the emoji set's "
+         "training and held-out captions instead: FD, precision/recall, category accuracy and R-precision, each "
+         "beside its real-data floor (--n images per split, default 200). With --likelihood, bound the model's negative "
          "log-likelihood of real test images instead (bits/dim).")
 @model_option(required=False, help="a model directory or pretrained:NAME to sample from")
 @click.option("--samples", metavar="FILE.npz", help="an .npz with `images` (uint8 N×H×W or N×H×W×C) and optional "
@@ -189,6 +191,10 @@ def _likelihood(opts, device) -> None:
 @click.option("--k", type=POSITIVE, default=3, metavar="K",
               help="neighbourhood size k of precision/recall (default: 3)")
 @click.option("--no-progress", is_flag=True, help="no progress bar while sampling")
+@click.option("--split", type=OneOf(("both", "train", "heldout")), default="both",
+              help="text-to-image models: score the training captions, the held-out captions, or both (default)")
+@click.option("--emoji-dir", metavar="DIR", help="text-to-image models: the prepared emoji folder (default: "
+              "$LATENTDIFF_EMOJI_DIR, the cache, else the bundled subset)")
 @likelihood_options()
 @scoring_options()
 @with_namespace
@@ -200,6 +206,11 @@ def evaluate(opts) -> None:
     device = resolve_device(opts.device)
     if opts.likelihood:
         return _likelihood(opts, device)
+    if opts.model is not None:
+        from latentdiff.cli.eval_text import evaluate_text_model, is_text_model
+
+        if is_text_model(opts.model):
+            return evaluate_text_model(opts, device)
     images, labels, source, extra = _given_samples(opts) if opts.samples else _model_samples(opts, device)
     result = {**evaluate_samples(images, labels, reference=opts.reference, extractor=opts.extractor,
                                  weights=opts.inception_weights, k=opts.k, device=device,

@@ -227,9 +227,15 @@ def download_emoji(dest: str | os.PathLike | None = None, *, progress: bool = Tr
                         "`apt-get install fonts-noto-color-emoji`)")
     with tempfile.TemporaryDirectory(prefix="latentdiff-emoji-") as tmp:
         if npm is not None:
-            records, pngs, license_text = _records_from_npm(Path(tmp), npm, progress)
-            source, names = "npm emoji-datasource-google 16.0.0", "emoji.json of that package (MIT)"
-        else:
+            try:
+                records, pngs, license_text = _records_from_npm(Path(tmp), npm, progress)
+                source, names = "npm emoji-datasource-google 16.0.0", "emoji.json of that package (MIT)"
+            except DataError as e:
+                if font is None:
+                    raise
+                print(f"warning: {e}; falling back to the font", file=sys.stderr)
+                npm = None
+        if npm is None:
             records, pngs, license_text = _records_from_font(font, progress)
             source, names = f"rendered from {font.name}", "Python's unicodedata (Unicode names)"
         with staged_dir(dest) as stage:

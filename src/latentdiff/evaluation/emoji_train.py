@@ -90,7 +90,7 @@ def train_emoji_classifier(train: EmojiData, *, steps: int = 3000, batch_size: i
             loss.backward()
             opt.step()
             step += 1
-            if step % 200 == 0:
+            if step % 50 == 0:
                 log.info("classifier step %d/%d loss %.3f (%.0f s)", step, steps, loss.item(), time.time() - t0)
             if step >= steps:
                 break
@@ -122,7 +122,7 @@ def train_emoji_clip(train: EmojiData, *, steps: int = 3000, batch_size: int = 1
             loss.backward()
             opt.step()
             step += 1
-            if step % 200 == 0:
+            if step % 50 == 0:
                 log.info("clip step %d/%d loss %.3f (%.0f s)", step, steps, loss.item(), time.time() - t0)
             if step >= steps:
                 break

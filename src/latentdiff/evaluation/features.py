@@ -3,6 +3,8 @@
 * ``fashion-mnist-classifier`` (default for 28×28 grayscale): a small CNN trained on Fashion-MNIST
   (``scripts/train_classifier.py``), shipped in ``assets/``. Features are its 128-d penultimate
   activations; its logits score the class accuracy of conditional samples.
+* ``emoji-classifier`` (for 64×64 RGB emoji): a small CNN trained on the emoji training split
+  (``scripts/train_emoji_eval_models.py``), shipped in ``assets/``; 128-d features, emoji categories.
 * ``inception``: Inception-v3 in the layout of the standard FID network (pytorch-fid's
   ``FIDInceptionA/C/E`` blocks, 2048-d pool3 features). Its weights are never downloaded: the user
   supplies the file (e.g. pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``, or the same
@@ -28,7 +30,7 @@ from latentdiff.evaluation.inception import FIDInceptionV3
 from latentdiff.evaluation.metrics import check_images
 from latentdiff.utils.state import load_state
 
-__all__ = ["CLASSIFIER_ARCH_VERSION", "CLASSIFIER_ASSET", "EXTRACTORS", "ClassifierExtractor", "Extractor",
+__all__ = ["CLASSIFIER_ARCH_VERSION", "CLASSIFIER_ASSET", "EXTRACTORS", "ClassifierExtractor", "EmojiClassifierExtractor", "Extractor",
            "FIDInceptionV3", "FashionMNISTClassifier", "InceptionExtractor", "get_extractor",
            "weights_digest"]
 
@@ -254,7 +256,39 @@ def _load_into(net: nn.Module, tensors: dict[str, torch.Tensor], path: Path, ign
     net.load_state_dict(state)
 
 
-EXTRACTORS = {"fashion-mnist-classifier": ClassifierExtractor, "inception": InceptionExtractor}
+class EmojiClassifierExtractor(Extractor):
+    """The shipped emoji classifier (:mod:`latentdiff.evaluation.emoji_nets`): 128-d features of RGB images of
+    any size (resized to 32×32); ``predict`` gives the emoji category (index into the data set's categories)."""
+
+    name = "emoji-classifier"
+    dim = 128
+
+    def __init__(self, weights: str | Path | None = None, device="cpu"):
+        from latentdiff.evaluation.text_to_image import CLASSIFIER_ASSET as EMOJI_ASSET
+        from latentdiff.evaluation.text_to_image import EmojiJudges
+
+        ref = resources.files("latentdiff") / "assets" / EMOJI_ASSET
+        with resources.as_file(ref) as default:
+            self.weights_path = Path(weights or default).expanduser()
+            judges = EmojiJudges.load(classifier_path=self.weights_path)
+        self.key = f"{self.name}:{_file_id(self.weights_path)}"
+        super().__init__(judges.classifier, device)
+
+    def check_size(self, images) -> None:
+        shape = tuple(np.shape(images))[1:]
+        if len(shape) != 3 or shape[2] != 3 or min(shape[:2]) < 8:
+            raise DataError(f"the emoji-classifier extractor takes RGB images (N×H×W×3, at least 8×8), got "
+                            f"{'×'.join(map(str, shape))}")
+
+    def _forward(self, x):
+        return self.net.features(x * 2 - 1)
+
+    def predict(self, images, batch_size: int = 256) -> np.ndarray:
+        return self._batches(images, batch_size, lambda x: self.net(x * 2 - 1)[0]).argmax(1).astype(np.int64)
+
+
+EXTRACTORS = {"fashion-mnist-classifier": ClassifierExtractor, "inception": InceptionExtractor,
+              "emoji-classifier": EmojiClassifierExtractor}
 
 
 def get_extractor(name: str, *, weights: str | Path | None = None, device="cpu") -> Extractor:
