@@ -56,7 +56,8 @@ def test_control_matches_the_pre_refactor_outputs(pipe, base):
         "img2img": control.img2img(pipe, x, 0.6, labels=3, steps=10, seed=0),
         "inpaint": inpaint(pipe, x[:1], mask, steps=10, resample=1, seed=0),
         "interpolate_seeds": control.interpolate_seeds(pipe, 0, 1, 4, classes=(0, 3), steps=8),
-        "combine": control.combine(pipe, x, [1, 2], 0.5, steps=10, seed=0),
+        # combine now denoises towards the inputs' classes by default (issue 13); the old arithmetic stays reachable
+        "combine": control.combine(pipe, x, [1, 2], 0.5, steps=10, seed=0, input_classes=False),
         "reconstruct": control.reconstruct(pipe, x),
     }
     for name, images in got.items():

@@ -84,6 +84,7 @@ def common_options(out_default: str, class_type=NONNEG_INT,
         model_option(required=False, default=DEFAULT_MODEL),
         out_option(out_default, f"output PNG (default: {out_default})"),
         click.option("--class", "class_", type=class_type, metavar="K", help=class_help),
+        click.option("--prompt", metavar="TEXT", help="condition on this text (text models, e.g. pretrained:emoji)"),
         steps_option("sampling steps of the full grid (default: the model's)"),
         guidance_option("classifier-free guidance scale with --class (1 = none; default: the model's)"),
         seed_option(help="random seed; same seed, same result (default: 0)"),
@@ -110,7 +111,8 @@ def _check_out(opts, suffix=".png") -> Path:
 
 def _request(opts, pipe, n: int, **fields):
     """The command's SampleRequest for `n` images, resolved against the model (every check happens there)."""
-    return pipe.request(n, labels=opts.class_, guidance=opts.guidance, steps=opts.steps, seed=opts.seed, **fields)
+    return pipe.request(n, labels=opts.class_, prompt=opts.prompt, guidance=opts.guidance, steps=opts.steps,
+                        seed=opts.seed, **fields)
 
 
 def _meta(opts, pipe, name: str, inputs, request, **extra) -> dict:
@@ -202,7 +204,9 @@ def repair(opts):
 
 
 @command("combine", help="Encode the images, mix their latents with the (normalised) weights, then partially denoise "
-                         "the mix (SDEdit at --strength) so that it looks like one image again.")
+                         "the mix (SDEdit at --strength) so that it looks like one image again. Without --class, a "
+                         "class-conditional model denoises towards the inputs' own classes (as it classifies them); "
+                         "a text model towards --prompt.")
 @argument("images", nargs=-1, required=True, metavar="IMAGE...", help="two or more images")
 @click.option("--weights", type=Parsed("weights", _weights), metavar="W1,W2,...",
               help="one positive weight per image (default: equal)")
@@ -248,14 +252,15 @@ def _check_endpoints(*ends: str) -> None:
             raise DataError(f"image file not found: {end}")
 
 
-def _endpoint(text: str, pipe, steps, label):
+def _endpoint(text: str, pipe, steps, label, prompt=None):
     """`seed:K` -> that seed's starting noise; an image file -> its DDIM inversion. Returns (noise, is_image)."""
     from latentdiff.pipeline.control import invert, seed_noise
 
     if text.startswith("seed:"):
         return seed_noise(pipe, _seed_of(text)), False
     image, _ = load_image(text, pipe)
-    return invert(pipe, image, steps=steps, labels=label, guidance=1.0), True
+    return invert(pipe, image, steps=steps, labels=label, guidance=1.0,
+                  **({"prompt": prompt} if prompt is not None else {})), True
 
 
 def _write_strip(frames, out: Path, gif: Path, meta: dict, scale: int, opts) -> None:
@@ -280,6 +285,7 @@ def _write_strip(frames, out: Path, gif: Path, meta: dict, scale: int, opts) -> 
 @click.option("--frames", type=FRAMES, default=8, metavar="N", help="number of frames, >= 2 (default: 8)")
 @click.option("--scale", type=SCALE, default=1, metavar="N",
               help="enlarge the strip and GIF N times, up to 16 (default: 1)")
+@click.option("--prompt-b", metavar="TEXT", help="text at B, blended frame by frame from --prompt at A (text models)")
 @common_options("interpolation.png", class_type=Parsed("classes", _classes),
                 class_help="K for both ends, or K1,K2 to blend from class K1 to class K2")
 @with_namespace
@@ -294,16 +300,22 @@ def interpolate(opts):
     classes = opts.class_
     if classes is not None and len(classes) == 1:
         classes = (classes[0], classes[0])
-    na, img_a = _endpoint(opts.a, pipe, opts.steps, None if classes is None else classes[0])
-    nb, img_b = _endpoint(opts.b, pipe, opts.steps, None if classes is None else classes[1])
+    prompts = None
+    if opts.prompt is not None or opts.prompt_b is not None:
+        prompts = (opts.prompt or "", opts.prompt_b if opts.prompt_b is not None else opts.prompt)
+    na, img_a = _endpoint(opts.a, pipe, opts.steps, None if classes is None else classes[0],
+                          None if prompts is None else prompts[0])
+    nb, img_b = _endpoint(opts.b, pipe, opts.steps, None if classes is None else classes[1],
+                          None if prompts is None else prompts[1])
     # An inverted image is only reproduced by the unguided model it was inverted with.
     guidance = 1.0 if (img_a or img_b) else opts.guidance
     if guidance is None:
         guidance = pipe.cfg.sample.guidance
     request = pipe.request(opts.frames, guidance=guidance, steps=opts.steps, seed=opts.seed)
-    frames = interpolate_noise(pipe, na, nb, opts.frames, classes=classes, request=request)
+    frames = interpolate_noise(pipe, na, nb, opts.frames, classes=classes, prompts=prompts, request=request)
     meta = _meta(opts, pipe, "interpolate", [p for p in (opts.a, opts.b) if not p.startswith("seed:")], request,
                  endpoints=[Path(p).name for p in (opts.a, opts.b)], frames=opts.frames,
-                 classes=None if classes is None else list(classes))
+                 classes=None if classes is None else list(classes),
+                 **({"prompts": list(prompts)} if prompts is not None else {}))
     _write_strip(frames, out, gif, meta, opts.scale, opts)
     print(f"wrote {out} and {gif} ({len(frames)} frames)")

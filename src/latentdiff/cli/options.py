@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import click
 
 DEVICES = ("auto", "cpu", "cuda")
-PRESET_NAMES = ("demo", "fashion-mnist", "tiny", "default")  # pipeline.config.PRESETS (a test checks)
+PRESET_NAMES = ("demo", "fashion-mnist", "emoji", "tiny", "default")  # pipeline.config.PRESETS (a test checks)
 MAX_SEED = 2**63 - 1
 MAX_COUNT = 1_000_000
 
@@ -170,6 +170,16 @@ def sampler_option(help: str):
 
 def spacing_option(help: str = "timestep grid (default: trailing)"):
     return click.option("--spacing", type=SPACINGS, help=help)
+
+
+def prompt_options(negative: bool = True):
+    """--prompt (and --negative-prompt) for text-conditioned models."""
+    opts = [click.option("--prompt", metavar="TEXT",
+                         help="text to condition on (text models, e.g. pretrained:emoji); default: the empty prompt")]
+    if negative:
+        opts.append(click.option("--negative-prompt", metavar="TEXT",
+                                 help="guide away from this text instead of the empty prompt (needs --guidance > 1)"))
+    return compose(*opts)
 
 
 def out_option(default: str, help: str):

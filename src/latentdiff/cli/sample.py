@@ -20,6 +20,7 @@ from latentdiff.cli.options import (
     model_option,
     no_progress_option,
     out_option,
+    prompt_options,
     runtime_options,
     sampler_option,
     seed_option,
@@ -71,7 +72,7 @@ def _request(opts, pipe, labels):
     from latentdiff.pipeline.request import SampleRequest
 
     return pipe.request(SampleRequest.build(
-        opts.n, labels=labels, sampler=opts.sampler, steps=opts.steps, spacing=opts.spacing, seed=opts.seed,
+        opts.n, labels=labels, prompt=opts.prompt, negative_prompt=opts.negative_prompt, sampler=opts.sampler, steps=opts.steps, spacing=opts.spacing, seed=opts.seed,
         guidance=opts.guidance, classifier_scale=opts.classifier_scale, eta=opts.eta, batch_size=opts.batch_size,
         compile=opts.compile, precision=opts.precision))
 
@@ -109,6 +110,7 @@ def _generate(pipe, request, show_progress: bool, watermark=None):
               help="generate only class K (conditional models); default: all classes in turn")
 @click.option("--unconditional", is_flag=True, help="ignore classes (null label) on a conditional model")
 @guidance_option()
+@prompt_options()
 @click.option("--classifier-scale", type=NONNEG_FLOAT, default=0.0, metavar="S",
               help="classifier guidance scale with the model's noise-aware classifier (0 = none; default: 0)")
 @click.option("--classifier", metavar="PATH",

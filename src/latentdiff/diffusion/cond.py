@@ -1,7 +1,7 @@
 """The condition a denoiser is given: one small dataclass that guidance and samplers pass along unopened.
 
-Today it holds class labels; text context and masks are new fields of the same object, so a new kind of
-conditioning is a field plus the network's use of it, not new branches in guidance, samplers or the pipeline.
+It holds class labels and a text context with its mask; a new kind of conditioning is a field plus the network's
+use of it, not new branches in guidance, samplers or the pipeline.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ class Cond:
     """
 
     labels: torch.Tensor | None = None  # (B,) long class indices; a conditional U-Net's null label is num_classes
+    context: torch.Tensor | None = None  # (B, L, D) text encoder states, or (B, L) token ids the network embeds
+    context_mask: torch.Tensor | None = None  # (B, L) bool, True for real tokens (padding is never attended to)
 
     def _tensors(self) -> dict[str, torch.Tensor | None]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -34,6 +36,11 @@ class Cond:
         if len(sizes) > 1:
             raise ConfigError(f"a condition's fields disagree on the batch size: {sorted(sizes)}")
         return sizes.pop() if sizes else None
+
+    @property
+    def device(self) -> torch.device | None:
+        """Where the condition's tensors are; None for the empty condition."""
+        return next((v.device for v in self._tensors().values() if v is not None), None)
 
     def is_empty(self) -> bool:
         return all(v is None for v in self._tensors().values())
@@ -55,9 +62,22 @@ class Cond:
         for k, v in mine.items():
             if (v is None) != (theirs[k] is None):
                 raise ConfigError(f"cannot concatenate a condition with {k} and one without")
-            out[k] = None if v is None else torch.cat([v, theirs[k]])
+            out[k] = None if v is None else torch.cat(same_length(v, theirs[k]))
         return Cond(**out)
 
     def net_kwargs(self) -> dict[str, torch.Tensor | None]:
         """The keyword arguments of the network's forward (``net(x_t, t, **cond.net_kwargs())``)."""
         return self._tensors()
+
+
+def same_length(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad the shorter of two token tensors (B, L, ...) along L with zeros (False in a mask: padding)."""
+    if a.ndim < 2 or a.shape[1] == b.shape[1]:
+        return a, b
+    length = max(a.shape[1], b.shape[1])
+
+    def pad(v):
+        extra = torch.zeros((v.shape[0], length - v.shape[1], *v.shape[2:]), dtype=v.dtype, device=v.device)
+        return torch.cat([v, extra], dim=1)
+
+    return pad(a), pad(b)

@@ -58,7 +58,8 @@ class Denoiser(nn.Module):
     label of classifier-free guidance.
     """
 
-    def __init__(self, net: nn.Module, schedule: S.NoiseSchedule, prediction: str = "eps", num_classes: int = 0):
+    def __init__(self, net: nn.Module, schedule: S.NoiseSchedule, prediction: str = "eps", num_classes: int = 0,
+                 null_text: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         if prediction not in S.PREDICTIONS:
             raise ConfigError(f"unknown prediction type {prediction!r}; choose one of {', '.join(S.PREDICTIONS)}")
@@ -66,6 +67,8 @@ class Denoiser(nn.Module):
         self.schedule = schedule
         self.prediction = prediction
         self.num_classes = int(num_classes)
+        # The empty prompt's (context (1, L, ...), mask (1, L)) on a text-conditioned network: its null condition
+        self.null_text = null_text
 
     def forward(self, xt: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> Prediction:
         kwargs = cond.net_kwargs() if cond is not None else {}
@@ -73,15 +76,21 @@ class Denoiser(nn.Module):
         return prediction_from_output(out, xt.float(), self.schedule.abar(t), self.prediction)
 
     def null_cond(self, batch: int, device: torch.device | str | None = None) -> Cond:
-        """The unconditional condition for `batch` samples: the null label on a class-conditional network."""
-        if not self.num_classes:
+        """The unconditional condition for `batch` samples: the null label on a class-conditional network, the
+        empty prompt's context on a text-conditioned one."""
+        if not self.num_classes and self.null_text is None:
             return Cond()
         device = device if device is not None else next(self.net.parameters()).device
-        return Cond(labels=torch.full((batch,), self.num_classes, dtype=torch.long, device=device))
+        labels = (torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
+                  if self.num_classes else None)
+        if self.null_text is None:
+            return Cond(labels=labels)
+        context, mask = (v.to(device).expand(batch, *v.shape[1:]) for v in self.null_text)
+        return Cond(labels=labels, context=context, context_mask=mask)
 
     def with_net(self, net: nn.Module) -> "Denoiser":
         """The same schedule, parameterisation and classes around another network (an EMA copy, a compiled one)."""
-        return Denoiser(net, self.schedule, self.prediction, self.num_classes)
+        return Denoiser(net, self.schedule, self.prediction, self.num_classes, self.null_text)
 
     def bind(self, cond: Cond | None = None) -> DenoiserFn:
         """A condition-free denoiser function for samplers (the condition is fixed for the whole trajectory)."""

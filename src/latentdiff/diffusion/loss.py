@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import torch
 
-from latentdiff.diffusion.cond import Cond
+from latentdiff.diffusion.cond import Cond, same_length
 from latentdiff.diffusion.denoiser import Denoiser, training_target
 from latentdiff.errors import ConfigError
 
 
 def drop_cond(cond: Cond, null: Cond, p: float, gen: torch.Generator) -> Cond:
     """Classifier-free guidance training (Ho & Salimans 2022): each sample's condition becomes the null
-    condition with probability `p`, so that one network learns both p(z | c) and p(z)."""
+    condition with probability `p`, so that one network learns both p(z | c) and p(z). All fields drop
+    together (labels and text), so the null condition is "no label and the empty prompt"."""
     batch = cond.batch_size
     keep = torch.rand((batch,), generator=gen, device=gen.device) >= p  # (B,)
     mine, theirs = cond.net_kwargs(), null.net_kwargs()
@@ -27,7 +28,7 @@ def drop_cond(cond: Cond, null: Cond, p: float, gen: torch.Generator) -> Cond:
             out[k] = None
             continue
         k_mask = keep.to(v.device).reshape(-1, *([1] * (v.ndim - 1)))  # (B,) -> (B, 1, ...)
-        out[k] = torch.where(k_mask, v, theirs[k])
+        out[k] = torch.where(k_mask, *same_length(v, theirs[k]))
     return Cond(**out)
 
 

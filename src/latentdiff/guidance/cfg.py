@@ -13,17 +13,18 @@ from latentdiff.diffusion.schedule import per_sample
 from latentdiff.errors import ConfigError
 
 
-def classifier_free(model: Denoiser, cond: Cond, scale: float) -> DenoiserFn:
+def classifier_free(model: Denoiser, cond: Cond, scale: float, null: Cond | None = None) -> DenoiserFn:
     """Classifier-free guidance (Ho & Salimans 2022): x̂ = x̂_u + w (x̂_c - x̂_u), one batched forward.
 
     scale = 1 is the conditional model, scale = 0 the unconditional one. The combination is applied
     to x̂0 and ε̂ alike; both are affine in the network output, so this equals guiding the output.
+    `null` replaces the model's null condition: a negative prompt's condition, guided away from.
     """
     if scale == 1.0:
         return model.bind(cond)
     if cond.batch_size is None:
         raise ConfigError("classifier-free guidance needs a condition (e.g. class labels) to guide towards")
-    both_cond = cond.cat(model.null_cond(cond.batch_size, cond.labels.device if cond.labels is not None else None))
+    both_cond = cond.cat(null if null is not None else model.null_cond(cond.batch_size, cond.device))
 
     def fn(xt: torch.Tensor, t: torch.Tensor) -> Prediction:
         both = model(torch.cat([xt, xt]), torch.cat([t, t]), both_cond)

@@ -1,8 +1,11 @@
 """The denoising U-Net (Ronneberger et al. 2015, as adapted by Ho et al. 2020 and Dhariwal & Nichol 2021).
 
-It maps (x_t, t, labels) to a tensor shaped like x_t and knows nothing about noise schedules or
-parameterisations. Class conditioning adds a learned label embedding to the time embedding; the
-extra index ``num_classes`` is the "null" label used for classifier-free guidance.
+It maps (x_t, t, labels, context, context_mask) to a tensor shaped like x_t and knows nothing about noise
+schedules or parameterisations. Class conditioning adds a learned label embedding to the time embedding; the
+extra index ``num_classes`` is the "null" label used for classifier-free guidance. Text conditioning is
+cross-attention (Rombach et al. 2022, §3.3) from the feature maps of chosen levels (and the middle) to a token
+context: frozen encoder states (B, L, context_dim), or byte token ids (B, L) embedded by the U-Net's own small
+trainable :class:`~latentdiff.models.text.TokenEncoder` when ``token_layers`` > 0.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentdiff.errors import ConfigError
-from latentdiff.nn.layers import Attention, Downsample, ResBlock, Upsample, group_norm, time_mlp, timestep_embedding
+from latentdiff.models.text import TokenEncoder
+from latentdiff.nn.layers import Attention, CrossAttention, Downsample, ResBlock, Upsample, group_norm, time_mlp, timestep_embedding
 
 
 @dataclass
@@ -28,6 +32,10 @@ class UNetConfig:
     head_dim: int = 32             # attention head width
     dropout: float = 0.0
     num_classes: int = 0           # 0: unconditional; else labels 0…K-1 plus the null label K
+    context_dim: int = 0           # width of the text context's tokens; 0: no text conditioning
+    cross_attention_levels: tuple[int, ...] = ()  # levels with cross-attention to the text (the middle always has it)
+    token_layers: int = 0          # > 0: the context is byte token ids, embedded by a trainable encoder of this
+                                   # many transformer layers of width context_dim inside the U-Net; 0: given states
 
     def validate(self):
         # Upper bounds refuse absurd sizes (e.g. from an untrusted config.json) before anything is allocated.
@@ -43,6 +51,12 @@ class UNetConfig:
             raise ConfigError(f"unet.head_dim must be in 1…1024, got {self.head_dim}")
         if not 0 <= self.dropout < 1 or not 0 <= self.num_classes <= 100_000:
             raise ConfigError("unet: dropout must be in [0, 1) and num_classes in 0…100000")
+        if not 0 <= self.context_dim <= 4096 or not 0 <= self.token_layers <= 12:
+            raise ConfigError("unet: context_dim must be in 0…4096 and token_layers in 0…12")
+        if any(not 0 <= a < len(self.channel_mults) for a in self.cross_attention_levels):
+            raise ConfigError(f"unet.cross_attention_levels must index levels 0…{len(self.channel_mults) - 1}")
+        if self.token_layers and self.context_dim % 32:
+            raise ConfigError("unet.context_dim must be a multiple of 32 with a built-in token encoder")
 
 
 def down_path(ch: int, channel_mults: tuple[int, ...], num_res_blocks: int,
@@ -63,18 +77,20 @@ def down_path(ch: int, channel_mults: tuple[int, ...], num_res_blocks: int,
     return down, chans
 
 
-def run_down(down: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> list[torch.Tensor]:
-    """The input and the output of every module of a :func:`down_path`, in order."""
+def run_down(down: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor, ctx=None) -> list[torch.Tensor]:
+    """The input and the output of every module of a :func:`down_path`, in order; `ctx` = (context, mask)."""
     hs = [h]
     for m in down:
-        h = m(h) if isinstance(m, Downsample) else _run_block(m, h, emb)
+        h = m(h) if isinstance(m, Downsample) else _run_block(m, h, emb, ctx)
         hs.append(h)
     return hs
 
 
-def _run_block(block: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+def _run_block(block: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor, ctx=None) -> torch.Tensor:
     h = block[0](h, emb)
-    return block[1](h) if len(block) > 1 else h
+    for m in block[1:]:  # self-attention, then cross-attention to the text
+        h = m(h, *ctx) if isinstance(m, CrossAttention) else m(h)
+    return h
 
 
 class UNet(nn.Module):
@@ -94,6 +110,9 @@ class UNet(nn.Module):
 
         self.mid = nn.ModuleList([ResBlock(cur, cur, emb, cfg.dropout), Attention(cur, cfg.head_dim),
                                   ResBlock(cur, cur, emb, cfg.dropout)])
+        # Separate attributes (not list entries), so that class-only models keep their state-dict keys.
+        self.mid_cross = CrossAttention(cur, cfg.context_dim, cfg.head_dim) if cfg.context_dim else None
+        self.token_encoder = TokenEncoder(cfg.context_dim, cfg.token_layers) if cfg.token_layers else None
 
         self.up = nn.ModuleList()
         for lvl, mult in reversed(list(enumerate(cfg.channel_mults))):
@@ -109,12 +128,16 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
 
     def _block(self, cin, cout, emb, lvl):
-        res = ResBlock(cin, cout, emb, self.cfg.dropout)
-        if lvl in self.cfg.attention_levels:
-            return nn.ModuleList([res, Attention(cout, self.cfg.head_dim)])
-        return nn.ModuleList([res])
+        cfg = self.cfg
+        mods = [ResBlock(cin, cout, emb, cfg.dropout)]
+        if lvl in cfg.attention_levels:
+            mods.append(Attention(cout, cfg.head_dim))
+        if cfg.context_dim and lvl in cfg.cross_attention_levels:
+            mods.append(CrossAttention(cout, cfg.context_dim, cfg.head_dim))
+        return nn.ModuleList(mods)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
+                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
         if x.shape[1] != self.cfg.in_channels:
             raise ConfigError(f"U-Net expects {self.cfg.in_channels} input channels, got {x.shape[1]}")
         emb = self.time_mlp(timestep_embedding(t, self.cfg.base_channels))
@@ -122,12 +145,29 @@ class UNet(nn.Module):
             if labels is None:  # unconditional request on a conditional model: the null label
                 labels = torch.full((x.shape[0],), self.cfg.num_classes, dtype=torch.long, device=x.device)
             emb = emb + self.label_emb(labels)
-        hs = run_down(self.down, self.conv_in(x), emb)
-        h = hs[-1]
-        h = self.mid[2](self.mid[1](self.mid[0](h, emb)), emb)
+        ctx = self._context(context, context_mask, x)
+        hs = run_down(self.down, self.conv_in(x), emb, ctx)
+        h = self.mid[1](self.mid[0](hs[-1], emb))
+        if self.mid_cross is not None:
+            h = self.mid_cross(h, *ctx)
+        h = self.mid[2](h, emb)
         for m in self.up:
             if isinstance(m, Upsample):
                 h = m(h, size=hs[-1].shape[-2:])  # match the skip exactly (odd sizes)
             else:
-                h = _run_block(m, torch.cat([h, hs.pop()], dim=1), emb)
+                h = _run_block(m, torch.cat([h, hs.pop()], dim=1), emb, ctx)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    def _context(self, context, mask, x):
+        """(context states (B, L, D), mask (B, L) bool) for the cross-attention blocks, or None without text."""
+        if self.mid_cross is None:
+            if context is not None:
+                raise ConfigError("this model takes no text (it was trained without a text encoder)")
+            return None
+        if context is None:
+            raise ConfigError("this text-conditioned U-Net needs a text context (the empty prompt's for none)")
+        if mask is None:
+            mask = torch.ones(context.shape[:2], dtype=torch.bool, device=x.device)
+        if self.token_encoder is not None:
+            context = self.token_encoder(context, mask)
+        return context.to(x.dtype) if context.is_floating_point() else context, mask

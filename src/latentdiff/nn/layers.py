@@ -58,6 +58,35 @@ class Attention(nn.Module):
         return x + self.out(h)
 
 
+class CrossAttention(nn.Module):
+    """Multi-head attention from the H·W positions (queries) to a token context (keys, values), via torch SDPA.
+
+    `mask` (B, L) is True for real tokens: padding tokens get no attention weight, so padding a context
+    with more masked tokens changes nothing. Every sample needs at least one real token.
+    """
+
+    def __init__(self, channels: int, context_dim: int, head_dim: int = 32):
+        super().__init__()
+        self.heads = next(h for h in range(max(1, channels // head_dim), 0, -1) if channels % h == 0)
+        self.norm = group_norm(channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.kv = nn.Linear(context_dim, 2 * channels)
+        self.out = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.out.weight)  # starts as the identity, like the self-attention blocks
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, C, H, W = x.shape
+        d = C // self.heads
+        q = self.q(self.norm(x)).reshape(B, self.heads, d, H * W).transpose(-1, -2)  # (B, heads, HW, d)
+        kv = self.kv(context).reshape(B, context.shape[1], 2, self.heads, d)  # (B, L, 2, heads, d)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, L, d)
+        attn_mask = None if mask is None else mask.bool()[:, None, None, :]  # (B, 1, 1, L): True = attend
+        h = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=attn_mask)
+        h = h.transpose(-1, -2).reshape(B, C, H, W)
+        return x + self.out(h)
+
+
 class Downsample(nn.Module):
     """Stride-2 conv; odd sizes round up (7 -> 4), Upsample restores the exact skip size."""
 

@@ -21,6 +21,7 @@ import yaml
 from latentdiff.codecs.autoencoder import Autoencoder, AutoencoderConfig
 from latentdiff.diffusion.schedule import PREDICTIONS, SCHEDULES, make_betas
 from latentdiff.errors import ConfigError
+from latentdiff.models.text import TextConfig
 from latentdiff.models.unet import UNet, UNetConfig
 from latentdiff.sampling.samplers import SAMPLERS
 
@@ -156,16 +157,21 @@ class Config:
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     autoencoder_training: TrainConfig = field(default_factory=lambda: TrainConfig(steps=3000, lr=1e-3, ema_decay=0.0))
     unet: UNetConfig = field(default_factory=UNetConfig)
+    text: TextConfig = field(default_factory=TextConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     training: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
-    conditional: bool = True       # train with class labels when the data has them (CFG-ready)
+    conditional: bool = True       # train with class labels when the data has them (CFG-ready); with a text
+                                   # encoder, captions are the condition and labels are used only if this is true
     device: str = "auto"           # auto, cpu or cuda
     precision: str = "auto"        # "auto": bf16 autocast on CUDA, fp32 on CPU; "bf16": autocast on any device; "fp32"
 
     def validate(self) -> "Config":
         self.data.validate()
         self.autoencoder.validate()
+        self.text.validate()
+        # The text encoder decides the U-Net's context width (and whether it owns a trainable token encoder)
+        self.unet.context_dim, self.unet.token_layers = self.text.context_dim, self.text.token_layers
         self.unet.validate()
         self.diffusion.validate()
         self.autoencoder_training.validate("autoencoder_training")
@@ -229,6 +235,26 @@ def _fashion_mnist() -> Config:
     )
 
 
+def _emoji() -> Config:
+    """The shipped pretrained:emoji model: 64×64 RGB emoji -> 16×16×4 latents, text-to-image with the frozen
+    MiniLM sentence encoder, sized to train in about an hour on one CPU core (see its model card)."""
+    return Config(
+        data=DataConfig(source="emoji"),
+        autoencoder=AutoencoderConfig(image_channels=3, latent_channels=4, factor=4, base_channels=16,
+                                      num_res_blocks=1),
+        autoencoder_training=TrainConfig(steps=800, batch_size=32, lr=2e-3, warmup_steps=100, ema_decay=0.0,
+                                         log_every=25, checkpoint_every=100),
+        unet=UNetConfig(in_channels=4, base_channels=64, channel_mults=(1, 2), num_res_blocks=1,
+                        attention_levels=(1,), cross_attention_levels=(0, 1)),
+        text=TextConfig(encoder="minilm", max_tokens=32),
+        diffusion=DiffusionConfig(schedule="cosine", prediction="v", min_snr_gamma=5.0, cond_drop_prob=0.1),
+        training=TrainConfig(steps=1500, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.995,
+                             log_every=25, sample_every=250, checkpoint_every=100),
+        sample=SampleConfig(sampler="dpmpp-2m", steps=20, guidance=3.0),
+        conditional=False,
+    )
+
+
 def _tiny() -> Config:
     """Seconds on CPU: for tests and smoke checks only."""
     return Config(
@@ -245,7 +271,7 @@ def _tiny() -> Config:
     )
 
 
-PRESETS = {"demo": _demo, "fashion-mnist": _fashion_mnist, "tiny": _tiny, "default": Config}
+PRESETS = {"demo": _demo, "fashion-mnist": _fashion_mnist, "emoji": _emoji, "tiny": _tiny, "default": Config}
 
 
 # --- loading and overriding -------------------------------------------------------------------

@@ -9,7 +9,8 @@ arguments), resolved and checked once; the condition is bound into a denoiser fu
 - :func:`img2img` — SDEdit (Meng et al. 2022): noise the latent to t ≈ strength·T, denoise from there.
 - :func:`invert`, :func:`interpolate_seeds`, :func:`interpolate_images` — deterministic DDIM
   inversion (Song et al. 2021; Mokady et al. 2023) and spherical interpolation of the noise.
-- :func:`combine` — a weighted mix of latents, then SDEdit to bring it back onto the data manifold.
+- :func:`combine` — a weighted mix of latents, then SDEdit (conditioned on the inputs' classes) to bring it back
+  onto the data manifold.
 - :func:`class_arithmetic` — latent + mean(class A) - mean(class B), class means from the model's samples.
 Inpainting and repair are in ``inpaint.py``.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from latentdiff.diffusion.cond import Cond
 from latentdiff.diffusion.denoiser import DenoiserFn
 from latentdiff.errors import ConfigError, DataError
 from latentdiff.guidance.cfg import blend
@@ -95,8 +97,9 @@ def resolve(pipe, request: SampleRequest | None, n: int, **fields) -> SampleRequ
 
 
 def bound_denoiser(pipe, req: SampleRequest) -> DenoiserFn:
-    """The model's denoiser with the request's condition bound (classifier-free guided when it has labels)."""
-    return pipe.guided_denoiser(req, req.label_tensor(pipe.device))
+    """The model's denoiser with the request's condition bound (classifier-free guided when it has labels or,
+    on a text model, prompts)."""
+    return pipe.guided_denoiser(req, req.label_tensor(pipe.device), req.prompts() if pipe.has_text else None)
 
 
 def grid(pipe, req: SampleRequest) -> torch.Tensor:
@@ -146,11 +149,16 @@ def img2img(pipe, images, strength: float, request: SampleRequest | None = None,
 
 
 def combine(pipe, images, weights, strength: float = 0.5, request: SampleRequest | None = None, *, callback=None,
-            **fields) -> np.ndarray:
+            input_classes: bool = True, **fields) -> np.ndarray:
     """One image from several: z = Σ w_i z_i (weights normalised to sum 1), then SDEdit at `strength`.
 
     A linear mix of latents is blurry and off the data manifold (it has less variance than a real
-    latent); the partial denoising pulls it back. Returns one image, (1, H, W, C).
+    latent); the partial denoising pulls it back. Unconditioned, that pull goes wherever the blur looks
+    most like (a sneaker mixed with an ankle boot became a long-sleeved top), so on a class-conditional
+    model without given labels the denoising is conditioned on the inputs' own classes, as the model
+    itself classifies them (:func:`predict_classes`), each class weighted by its inputs' weights. On a
+    text model the request's prompt (default: the empty prompt) is the condition. `input_classes=False`
+    gives the old unconditioned pull. Returns (1, H, W, C).
     """
     z = encode_images(pipe, images)
     w = np.asarray(weights, dtype=np.float64)
@@ -158,10 +166,46 @@ def combine(pipe, images, weights, strength: float = 0.5, request: SampleRequest
         raise ConfigError(f"need one weight per image: {len(z)} images, {w.size} weights")
     if not (np.isfinite(w).all() and (w > 0).all()):
         raise ConfigError(f"weights must be positive finite numbers, got {', '.join(f'{v:g}' for v in w)}")
-    w = torch.as_tensor(w / w.sum(), dtype=z.dtype, device=z.device)
-    mix = (w.reshape(-1, 1, 1, 1) * z).sum(0, keepdim=True)  # (1, c, h, w)
+    w = w / w.sum()
+    mix = (torch.as_tensor(w, dtype=z.dtype, device=z.device).reshape(-1, 1, 1, 1) * z).sum(0, keepdim=True)
     req = resolve(pipe, request, 1, **fields)
-    return decode_latents(pipe, sdedit_latent(pipe, mix, strength, bound_denoiser(pipe, req), req, callback))
+    fn = bound_denoiser(pipe, req)
+    if input_classes and pipe.num_classes and req.labels is None:
+        fn = _class_mixture(pipe, req, predict_classes(pipe, z, req.seed), w)
+    return decode_latents(pipe, sdedit_latent(pipe, mix, strength, fn, req, callback))
+
+
+def _class_mixture(pipe, req: SampleRequest, classes: list[int], weights: np.ndarray) -> DenoiserFn:
+    """Σ_k W_k · denoiser(class k), W_k the total weight of the inputs of class k (built from pairwise blends)."""
+    per_class: dict[int, float] = {}
+    for k, wk in zip(classes, weights):
+        per_class[k] = per_class.get(k, 0.0) + float(wk)
+    fn, total = None, 0.0
+    for k, wk in per_class.items():
+        fk = bound_denoiser(pipe, pipe.request(req, labels=k))
+        fn = fk if fn is None else blend(fn, fk, wk / (total + wk))  # (1 - a) · mix so far + a · class k
+        total += wk
+    return fn
+
+
+@torch.no_grad()
+def predict_classes(pipe, z0: torch.Tensor, seed: int = 0, levels: tuple[float, ...] = (0.2, 0.4, 0.6)) -> list[int]:
+    """The class of each latent (N, c, h, w) by the model itself: the label under which the conditional
+    denoiser reconstructs it best from a few noise levels (Li et al. 2023, "Your diffusion model is secretly
+    a zero-shot classifier"), with the same noise ε for every class so that only the label differs."""
+    if not pipe.num_classes:
+        raise ConfigError("predicting classes needs a class-conditional model")
+    schedule, k = pipe.denoiser.schedule, pipe.num_classes
+    g = generator(pipe, seed)
+    errors = torch.zeros(len(z0), k, device=z0.device)
+    for level in levels:
+        t = torch.full((len(z0) * k,), int(level * (schedule.num_steps - 1)), device=z0.device)
+        eps = torch.randn(z0.shape, generator=g, device=z0.device, dtype=z0.dtype)
+        zt = schedule.add_noise(z0, eps, t[: len(z0)]).repeat_interleave(k, 0)  # (N·K, c, h, w): each latent K times
+        labels = torch.arange(k, device=z0.device).repeat(len(z0))
+        x0 = pipe.denoiser(zt, t, Cond(labels=labels)).x0
+        errors += (x0 - z0.repeat_interleave(k, 0)).square().flatten(1).mean(1).reshape(len(z0), k)
+    return errors.argmin(1).tolist()
 
 
 # --- DDIM inversion and interpolation --------------------------------------------------------------
@@ -192,13 +236,24 @@ def _frame_weights(frames: int, device) -> torch.Tensor:
 
 
 def interpolate_noise(pipe, noise_a: torch.Tensor, noise_b: torch.Tensor, frames: int, *,
-                      classes: tuple[int, int] | int | None = None, request: SampleRequest | None = None,
-                      callback=None, **fields) -> np.ndarray:
+                      classes: tuple[int, int] | int | None = None, prompts: tuple[str, str] | None = None,
+                      request: SampleRequest | None = None, callback=None, **fields) -> np.ndarray:
     """Slerp between two starting noises (1, c, h, w), blend the two ends' classes, regenerate with DDIM.
 
-    `classes`: one class for both ends, or (class at A, class at B) blended frame by frame. The request's
-    guidance defaults to 1 (an inverted image is only reproduced by the unguided model it was inverted with).
+    `classes`: one class for both ends, or (class at A, class at B) blended frame by frame; `prompts`
+    likewise (prompt at A, prompt at B) on a text model. The request's guidance defaults to 1 (an inverted
+    image is only reproduced by the unguided model it was inverted with).
     """
+    if prompts is not None:
+        pa, pb = prompts
+        n = _frame_weights(frames, noise_a.device).numel()
+        fields = {**fields, "prompt": pa}
+        if pa != pb:
+            req_a = resolve(pipe, request, n, **fields)
+            w = _frame_weights(frames, noise_a.device)
+            noise = slerp(noise_a.expand(n, -1, -1, -1), noise_b.expand(n, -1, -1, -1), w)
+            fn = blend(bound_denoiser(pipe, req_a), bound_denoiser(pipe, pipe.request(req_a, prompt=pb)), w.float())
+            return decode_latents(pipe, ddim(fn, noise, pipe.denoiser.schedule, grid(pipe, req_a), callback=callback))
     w = _frame_weights(frames, noise_a.device)  # (frames,)
     noise = slerp(noise_a.expand(len(w), -1, -1, -1), noise_b.expand(len(w), -1, -1, -1), w)
     if request is None:

@@ -163,6 +163,15 @@ def _stats_text(meta: dict) -> str:
     return f"latent scale factor {meta.get('scale_factor', float('nan')):.4f}"
 
 
+def _text_line(text: dict) -> str:
+    encoder = text.get("encoder", "none")
+    if encoder == "none":
+        return "none"
+    if encoder == "minilm":
+        return f"prompts, frozen all-MiniLM-L6-v2 (extra `text`), {text.get('max_tokens')} tokens"
+    return f"prompts, built-in byte encoder ({text.get('layers')} layers, width {text.get('width')})"
+
+
 def default_card(meta: dict) -> str:
     cfg = meta["config"]
     metrics = meta.get("metrics", {})
@@ -171,7 +180,8 @@ def default_card(meta: dict) -> str:
         f"- image size: {meta['image_size'][0]}×{meta['image_size'][1]}, "
         f"{cfg['autoencoder']['image_channels']} channel(s)",
         f"- data: {meta.get('data_source', cfg['data']['source'])}",
-        f"- classes: {', '.join(meta['class_names']) or 'unconditional'}",
+        f"- classes: {', '.join(meta['class_names']) or 'none'}",
+        f"- text: {_text_line(cfg.get('text') or {})}",
         f"- autoencoder: factor {cfg['autoencoder']['factor']}, {cfg['autoencoder']['latent_channels']} latent "
         f"channels, {_stats_text(meta)}",
         f"- diffusion: {cfg['diffusion']['schedule']} schedule, T = {cfg['diffusion']['num_train_steps']}, "

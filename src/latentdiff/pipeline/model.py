@@ -45,6 +45,7 @@ class LatentDiffusion:
         self._compiled: dict[str, Denoiser] = {}  # compile mode -> Denoiser sharing the weights
         self.directory: Path | None = None  # where it was loaded from (for its optional classifier)
         self.classifier = None  # a noise-aware classifier for classifier guidance, see load_classifier
+        self._text_encoder = None  # loaded on first use (the frozen encoder takes seconds to load)
 
     @classmethod
     def build(cls, cfg: Config, image_size: tuple[int, int], class_names=()) -> "LatentDiffusion":
@@ -120,7 +121,45 @@ class LatentDiffusion:
             clf_classes = clf.num_classes
         s = self.cfg.sample
         return ModelDefaults(s.sampler, s.steps, s.guidance, self.denoiser.schedule.num_steps, self.num_classes,
-                             clf_classes)
+                             clf_classes, text=self.has_text)
+
+    # --- text ----------------------------------------------------------------------------------------
+
+    @property
+    def has_text(self) -> bool:
+        return self.cfg.text.encoder != "none"
+
+    def text_encoder(self):
+        """The model's text encoder (config.json's ``text`` section), loaded once and cached."""
+        if self._text_encoder is None:
+            from latentdiff.models.text import TextEncoder
+
+            self._text_encoder = TextEncoder(self.cfg.text, self.device)
+        return self._text_encoder
+
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context, mask) of each prompt; each distinct prompt is encoded once. Also fixes the null condition
+        (the empty prompt) of the denoiser."""
+        enc = self.text_encoder()
+        if self.denoiser.null_text is None:
+            self.denoiser.null_text = enc([""])
+            self._compiled.clear()  # compiled copies were made without it
+        unique = sorted(set(prompts))
+        context, mask = enc(unique)
+        index = torch.tensor([unique.index(p) for p in prompts], device=context.device)
+        return context[index], mask[index]
+
+    def condition(self, labels: torch.Tensor | None, prompts: list[str] | None) -> Cond | None:
+        """The Cond of a batch: its class labels (on a class-conditional model) and prompts (on a text model,
+        where no prompts means the empty prompt); None for an unconditional model."""
+        labels = labels if self.num_classes else None
+        if not self.has_text:
+            return Cond(labels=labels) if labels is not None else None
+        if prompts is None and labels is None:
+            raise ConfigError("a text model's condition needs the prompts (or the labels) of the batch")
+        n = len(prompts) if prompts is not None else len(labels)
+        context, mask = self.encode_prompts(prompts if prompts is not None else [""] * n)
+        return Cond(labels=labels, context=context, context_mask=mask)
 
     def request(self, request: SampleRequest | int | None = None, **fields) -> SampleRequest:
         """A resolved request: an existing one (fields override it), or one built from `fields`."""
@@ -132,12 +171,19 @@ class LatentDiffusion:
             return request
         return request.resolve(self.defaults(request.classifier_scale))
 
-    def guided_denoiser(self, request: SampleRequest, labels: torch.Tensor | None) -> DenoiserFn:
-        """The denoiser a sampler runs for `request`, for a batch with class `labels` (or None): classifier-free
-        guidance when the denoiser is conditional, classifier guidance on top, bf16 autocast if asked."""
+    def guided_denoiser(self, request: SampleRequest, labels: torch.Tensor | None,
+                        prompts: list[str] | None = None) -> DenoiserFn:
+        """The denoiser a sampler runs for `request`, for a batch with class `labels` (or None) and `prompts`
+        (or None): classifier-free guidance when the denoiser is conditional (away from the negative prompt
+        when there is one), classifier guidance on top, bf16 autocast if asked."""
+        cond = self.condition(labels, prompts)
+        null = None
+        if cond is not None and request.negative_prompt is not None:
+            null = self.denoiser.null_cond(cond.batch_size, cond.device)
+            context, mask = self.encode_prompts([request.negative_prompt] * cond.batch_size)
+            null = Cond(labels=null.labels, context=context, context_mask=mask)
         denoiser = self.compiled_denoiser(request.compile) if request.compile else self.denoiser
-        cond = Cond(labels=labels) if (self.num_classes and labels is not None) else None
-        fn = classifier_free(denoiser, cond, request.guidance) if cond is not None else denoiser.bind(None)
+        fn = classifier_free(denoiser, cond, request.guidance, null) if cond is not None else denoiser.bind(None)
         if request.classifier_scale > 0:
             clf = self.classifier if self.classifier is not None else self.load_classifier()
             fn = classifier_guidance(fn, clf, Cond(labels=labels), request.classifier_scale, self.denoiser.schedule)
@@ -165,11 +211,13 @@ class LatentDiffusion:
         gen = torch.Generator(device=device).manual_seed(req.seed)
         options = {"eta": req.eta} if req.sampler == "ddim" else {}
         labels = req.label_tensor(device)
+        prompts = req.prompts() if self.has_text else None
         out = []
         for start in range(0, req.n, req.batch_size):
             b = min(req.batch_size, req.n - start)
             noise = self.initial_noise(b, gen, watermark)
-            fn = self.guided_denoiser(req, labels[start:start + b] if labels is not None else None)
+            fn = self.guided_denoiser(req, labels[start:start + b] if labels is not None else None,
+                                      prompts[start:start + b] if prompts is not None else None)
             step = (lambda i, n, x0, s=start: callback(s, i, n, x0)) if callback else None
             z0 = sample(fn, noise, self.denoiser.schedule, sampler=req.sampler, steps=req.steps, spacing=req.spacing,
                         generator=gen, callback=step, **options)

@@ -26,6 +26,7 @@ MAX_BATCH = 65_536
 # classifier-free guidance is used up to ~20 and classifier guidance up to ~30.
 MAX_GUIDANCE = 100.0
 MAX_CLASSIFIER_SCALE = 1000.0
+MAX_PROMPT_CHARS = 1000  # longer prompts are cut to the encoder's max_tokens anyway
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class ModelDefaults:
     num_train_steps: int
     num_classes: int                    # the denoiser's classes (0: unconditional)
     classifier_classes: int = 0         # the noise-aware classifier's, when classifier guidance is asked for
+    text: bool = False                  # whether the model takes prompts
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,8 @@ class SampleRequest:
 
     n: int = 1                              # how many images
     labels: tuple[int, ...] | None = None   # one class per image (an int means every image); None: unconditional
+    prompt: tuple[str, ...] | None = None   # one prompt per image (a str means every image); None: the empty prompt
+    negative_prompt: str | None = None      # guide away from this prompt instead of the empty one (needs guidance)
     guidance: float | None = None           # classifier-free guidance scale; 1 = none, 0 = unconditional
     classifier_scale: float = 0.0           # classifier guidance scale with the model's noise-aware classifier
     sampler: str | None = None              # a name in sampling.samplers.SAMPLERS
@@ -66,6 +70,8 @@ class SampleRequest:
             fields["compile"] = "default"
         elif fields.get("compile") is False:
             fields["compile"] = None
+        if isinstance(fields.get("prompt"), (list, np.ndarray)):
+            fields["prompt"] = tuple(fields["prompt"])
         unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
@@ -89,10 +95,32 @@ class SampleRequest:
         if self.compile is not None and self.compile not in COMPILE_MODES:
             raise ConfigError(f"unknown compile mode {self.compile!r}; choose one of {', '.join(COMPILE_MODES)}")
         labels = self._resolve_labels(n, classifier_scale, defaults)
+        prompt, negative = self._resolve_prompts(n, defaults)
         return dataclasses.replace(
-            self, n=n, labels=labels, guidance=guidance, classifier_scale=classifier_scale, sampler=sampler,
+            self, n=n, labels=labels, prompt=prompt, negative_prompt=negative, guidance=guidance, classifier_scale=classifier_scale, sampler=sampler,
             steps=steps, spacing=spacing, eta=eta, seed=_integer(self.seed, "seed", 0, MAX_SEED),
             batch_size=_integer(self.batch_size, "batch size", 1, MAX_BATCH), resolved=True)
+
+    def _resolve_prompts(self, n: int, defaults: ModelDefaults) -> tuple[tuple[str, ...] | None, str | None]:
+        if self.prompt is None and self.negative_prompt is None:
+            return None, None
+        if not defaults.text:
+            raise ConfigError("this model takes no text: --prompt and --negative-prompt cannot be used")
+        prompts = self.prompt
+        if prompts is not None:
+            prompts = (prompts,) * n if isinstance(prompts, str) else tuple(prompts)
+            if len(prompts) != n:
+                raise ConfigError(f"got {len(prompts)} prompts for {n} images")
+        for p in (*(prompts or ()), self.negative_prompt):
+            if p is not None and not isinstance(p, str):
+                raise ConfigError(f"a prompt must be a string, got {p!r}")
+            if p is not None and (len(p) > MAX_PROMPT_CHARS or "\x00" in p):
+                raise ConfigError(f"a prompt must be at most {MAX_PROMPT_CHARS} characters without NUL characters")
+        return prompts, self.negative_prompt
+
+    def prompts(self) -> list[str]:
+        """One prompt per image; the empty prompt (the null condition) when none was given."""
+        return list(self.prompt) if self.prompt is not None else [""] * self.n
 
     def _resolve_labels(self, n: int, classifier_scale: float, defaults: ModelDefaults) -> tuple[int, ...] | None:
         if self.labels is None:
@@ -122,6 +150,11 @@ class SampleRequest:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "resolved"}
         if self.labels is not None:
             d["labels"] = self.labels[0] if len(set(self.labels)) == 1 else list(self.labels)
+        if self.prompt is not None:
+            d["prompt"] = self.prompt[0] if len(set(self.prompt)) == 1 else list(self.prompt)
+        for key in ("prompt", "negative_prompt"):  # class-only records stay as they were
+            if d[key] is None:
+                del d[key]
         return d
 
 

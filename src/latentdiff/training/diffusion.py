@@ -64,8 +64,9 @@ def posterior_means(post: Posteriors) -> torch.Tensor:
 
 
 def denoiser_stage(cfg: Config, den: Denoiser, post: Posteriors, labels: torch.Tensor | None,
-                   on_sample=None) -> Stage:
-    """The denoiser's loss on cached posteriors; `labels` (N,) on their device, or None (unconditional)."""
+                   on_sample=None, text: tuple[torch.Tensor, torch.Tensor] | None = None) -> Stage:
+    """The denoiser's loss on cached posteriors; `labels` (N,) on their device, or None (unconditional);
+    `text`: every caption's (context (N, L, ...), mask (N, L)), encoded once, or None."""
     drop, gamma = cfg.diffusion.cond_drop_prob, cfg.diffusion.min_snr_gamma
 
     def loss(idx, gen, rows):
@@ -74,8 +75,11 @@ def denoiser_stage(cfg: Config, den: Denoiser, post: Posteriors, labels: torch.T
         idx = idx.to(post.mean.device)
         z0 = sample_posterior(post, idx, gen)
         cond = None
-        if labels is not None:
-            cond = drop_cond(Cond(labels=labels[idx]), den.null_cond(len(idx), idx.device), drop, gen)
+        if labels is not None or text is not None:
+            cond = Cond(labels=labels[idx] if labels is not None else None,
+                        context=text[0][idx] if text is not None else None,
+                        context_mask=text[1][idx] if text is not None else None)
+            cond = drop_cond(cond, den.null_cond(len(idx), idx.device), drop, gen)
         return diffusion_loss(den, z0, cond, gen, gamma, rows), {}
 
     return Stage("denoiser", den.net, loss, len(post), cfg.training, on_sample)
@@ -110,6 +114,7 @@ def _train_diffusion(cfg: Config, run_dir: Path, device, resume: bool, overwrite
     cfg.unet.num_classes = data.num_classes if conditional else 0
     cfg.unet.in_channels = ae.cfg.latent_channels
     cfg.validate()
+    captions = caption_list(cfg, data)
     if main:
         write_text_atomic(run_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
     with torch.random.fork_rng(devices=[]):
@@ -117,47 +122,90 @@ def _train_diffusion(cfg: Config, run_dir: Path, device, resume: bool, overwrite
         pipe = LatentDiffusion.build(cfg, ae.image_size, data.class_names if conditional else ())
     pipe.autoencoder = ae
     den = pipe.denoiser.to(device)
+    text = encode_captions(pipe, captions) if captions is not None else None
     log.info(f"denoiser: {sum(p.numel() for p in den.parameters()) / 1e6:.2f}M parameters, latent {ae.latent_shape}, "
-             f"{'class-conditional (' + str(data.num_classes) + ' classes)' if conditional else 'unconditional'}")
+             f"{_condition_name(cfg, conditional, data.num_classes)}")
     post = encode_dataset(ae, data.images, device)
     labels = torch.as_tensor(data.labels, device=device) if conditional else None
 
     def on_sample(step, net):
         snapshot = LatentDiffusion(cfg, ae, den.with_net(net), pipe.class_names)
-        write_sample_grid(snapshot, run_dir / "samples" / f"step-{step:08d}.png")
+        snapshot._text_encoder = pipe._text_encoder
+        write_sample_grid(snapshot, run_dir / "samples" / f"step-{step:08d}.png", prompts=grid_prompts(captions))
 
     t0 = time.perf_counter()
-    loop = TrainLoop(denoiser_stage(cfg, den, post, labels, on_sample), run_dir, device, precision=cfg.precision,
+    loop = TrainLoop(denoiser_stage(cfg, den, post, labels, on_sample, text), run_dir, device, precision=cfg.precision,
                      config={**cfg.to_dict(), "codec": {"sha256": state_digest(ae.state_dict())}}, progress=progress,
                      sections=DENOISER_SECTIONS, overwrite=overwrite)
     net = loop.run(resume)
     train_seconds = time.perf_counter() - t0
     final = LatentDiffusion(cfg, ae, den.with_net(net), pipe.class_names).eval()
+    final._text_encoder = pipe._text_encoder
     if main:
-        _write_model(final, cfg, ae_meta, data.source, run_dir, grid_path)
+        _write_model(final, cfg, ae_meta, data.source, run_dir, grid_path, grid_prompts(captions))
         log.info(f"model written to {run_dir} ({train_seconds:.0f} s of denoiser training); samples in "
                  f"{grid_path or run_dir / 'samples.png'}")
     distributed.barrier()  # the other processes wait until rank 0 has written the model
     return final
 
 
-def _write_model(final: LatentDiffusion, cfg: Config, ae_meta: dict, source: str, run_dir: Path, grid_path):
+def _condition_name(cfg: Config, conditional: bool, num_classes: int) -> str:
+    parts = ([f"class-conditional ({num_classes} classes)"] if conditional else []) + (
+        [f"text-conditioned ({cfg.text.encoder})"] if cfg.text.encoder != "none" else [])
+    return " and ".join(parts) or "unconditional"
+
+
+def caption_list(cfg: Config, data) -> list[str] | None:
+    """The training captions when the config has a text encoder (an error when the data has none)."""
+    if cfg.text.encoder == "none":
+        return None
+    captions = getattr(data, "captions", None)
+    if captions is None or len(captions) != len(data):
+        raise ConfigError(f"text.encoder is {cfg.text.encoder!r} but the data ({data.source}) has no captions: "
+                          "use a captioned data set (e.g. --data emoji, or a folder with metadata.jsonl)")
+    return [str(c) for c in captions]
+
+
+def encode_captions(pipe: LatentDiffusion, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every caption's (context, mask), encoded once with the model's text encoder before training (a frozen
+    encoder never runs in the training loop); this also fixes the denoiser's null condition, the empty prompt."""
+    t0 = time.perf_counter()
+    context, mask = pipe.encode_prompts(captions)
+    log.info(f"text: {len(captions)} captions encoded with {pipe.cfg.text.encoder!r} in "
+             f"{time.perf_counter() - t0:.0f} s, context {tuple(context.shape[1:])}")
+    return context, mask
+
+
+def grid_prompts(captions: list[str] | None, count: int = 8) -> list[str] | None:
+    """`count` training captions spread over the data set, for the sample grids (one row each)."""
+    if captions is None:
+        return None
+    return [captions[i] for i in np.linspace(0, len(captions) - 1, count).astype(int)]
+
+
+def _write_model(final: LatentDiffusion, cfg: Config, ae_meta: dict, source: str, run_dir: Path, grid_path,
+                 prompts: list[str] | None = None):
     ae_metrics = ae_meta.get("metrics") or {}  # absent when the autoencoder came from a saved model directory
     extra = {"train_steps": cfg.training.steps, "autoencoder_steps": ae_metrics.get("steps"), "data_source": source,
              "metrics": {label: round(ae_metrics[key], digits) for label, key, digits in
                          (("autoencoder PSNR (dB)", "psnr", 2), ("autoencoder SSIM", "ssim", 4))
                          if isinstance(ae_metrics.get(key), (int, float))}}
     final.save(run_dir, extra=extra, autoencoder_meta=ae_meta)
-    write_sample_grid(final, Path(grid_path) if grid_path else run_dir / "samples.png")
+    write_sample_grid(final, Path(grid_path) if grid_path else run_dir / "samples.png", prompts=prompts)
 
 
-def write_sample_grid(pipe: LatentDiffusion, path: Path, per_class: int = 8, seed: int = 0):
-    """A grid of samples: one row per class for conditional models, else an 8×8 grid."""
+def write_sample_grid(pipe: LatentDiffusion, path: Path, per_class: int = 8, seed: int = 0,
+                      prompts: list[str] | None = None):
+    """A grid of samples: one row per prompt for text models, per class for conditional models, else 8×8."""
     from latentdiff.pipeline.keys import watermark_key
     from latentdiff.pipeline.provenance import generation_record, write_output
 
     key = watermark_key()  # the demo's grid is an output like any other: watermarked, signed, recorded
-    if pipe.num_classes:
+    if prompts:
+        request = pipe.request(len(prompts) * per_class, prompt=[p for p in prompts for _ in range(per_class)],
+                               seed=seed)
+        nrow = per_class
+    elif pipe.num_classes:
         labels = np.repeat(np.arange(pipe.num_classes), per_class)
         request = pipe.request(len(labels), labels=labels, seed=seed)
         nrow = per_class
