@@ -1,4 +1,5 @@
-"""Commands about models and data on disk: info (describe a model), download (the full Fashion-MNIST)."""
+"""Commands about models and data on disk: info (describe a model), download (the full Fashion-MNIST, or the
+synthesised spoken digits)."""
 
 from __future__ import annotations
 
@@ -25,13 +26,33 @@ def info(opts):
                       "num_train_steps": pipe.cfg.diffusion.num_train_steps}, indent=2))
 
 
-@command("download", help="Download the four official Fashion-MNIST IDX files, verify their MD5 checksums, "
-                                "and store them in DEST (default: the latentdiff cache directory).")
-@argument("dataset", type=OneOf(("fashion-mnist",)), metavar="DATASET", help="data set to download: fashion-mnist")
+@command("download", help="fashion-mnist: download the four official IDX files and verify their MD5 checksums. "
+                          "spoken-digits: synthesise the spoken-digit set with espeak-ng (deterministic from "
+                          "--seed; held-out test voices). Both go to DEST (default: the latentdiff cache directory).")
+@argument("dataset", type=OneOf(("fashion-mnist", "spoken-digits")), metavar="DATASET",
+          help="data set: fashion-mnist or spoken-digits")
 @click.option("--dest", metavar="DIR", help="target directory (default: cache directory)")
+@click.option("--n", type=click.IntRange(20, 1_000_000), default=12_000, metavar="N",
+              help="spoken-digits: number of clips (default: 12000)")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, help="spoken-digits: seed (default: 0)")
+@click.option("--workers", type=click.IntRange(1, 256), default=2, help="spoken-digits: processes (default: 2)")
 @no_progress_option("no progress bar")
 @with_namespace
 def download(opts):
+    if opts.dataset == "spoken-digits":
+        from latentdiff.data.spoken_digits import espeak_binary, generate
+        from latentdiff.utils.progress import progress_bar
+
+        espeak_binary()  # the one-line error before anything else
+        bar = progress_bar(opts.n, "synthesising", not opts.no_progress)
+        try:
+            path = generate(opts.dest, n=opts.n, seed=opts.seed, workers=opts.workers,
+                            progress=bar.update if bar else None)
+        finally:
+            if bar:
+                bar.close()
+        print(f"spoken digits ({opts.n} clips, seed {opts.seed}) are in {path}")
+        return
     from latentdiff.data import download_fashion_mnist
 
     path = download_fashion_mnist(opts.dest, progress=not opts.no_progress)

@@ -1,4 +1,5 @@
-"""`latentdiff sample`: generate images from a trained model into a PNG grid or an .npz archive."""
+"""`latentdiff sample`: generate images (a PNG grid or an .npz archive) or, from an audio model, sounds (WAV, an
+.npz of waveforms, and spectrogram grids)."""
 
 from __future__ import annotations
 
@@ -35,11 +36,13 @@ MAX_GRID = 10_000  # images in one PNG grid; more go to an .npz
 def _check_outputs(opts):
     from latentdiff.utils.files import check_output, check_output_dir
 
-    out = check_output(opts.out, (".png", ".npz"))
+    out = check_output(opts.out, (".png", ".npz", ".wav"))
     if out.suffix.lower() == ".png" and opts.n > MAX_GRID:
         raise ConfigError(f"--out {out}: a PNG grid holds at most {MAX_GRID} images; write --n {opts.n} to an .npz")
     if opts.save_individual:
         check_output_dir(opts.save_individual, option="--save-individual")
+    if opts.spectrograms:
+        check_output(opts.spectrograms, (".png",), option="--spectrograms")
     return out
 
 
@@ -120,7 +123,11 @@ def _generate(pipe, request, show_progress: bool):
 @click.option("--classifier", metavar="PATH",
               help="classifier file for --classifier-scale (default: MODEL_DIR/classifier.safetensors)")
 @out_option("samples.png", ".png grid or .npz archive (default: samples.png)")
-@click.option("--save-individual", metavar="DIR", help="also write one PNG per image into DIR")
+@click.option("--save-individual", metavar="DIR", help="also write one PNG per image (one WAV per sound) into DIR")
+@click.option("--spectrograms", metavar="FILE.png", help="audio models: also write a grid of the log-mel "
+              "spectrograms (low frequencies at the bottom)")
+@click.option("--griffin-lim-iters", type=NONNEG_INT, metavar="N",
+              help="audio models: phase-reconstruction iterations (default: the model's)")
 @batch_size_option()
 @device_option()
 @runtime_options()
@@ -133,10 +140,16 @@ def sample(opts):
 
     out = _check_outputs(opts)
     pipe = load_model(opts)
+    audio = pipe.cfg.modality == "audio"
+    if not audio and (out.suffix.lower() == ".wav" or opts.spectrograms or opts.griffin_lim_iters is not None):
+        raise ConfigError(f"{opts.model} is an image model: .wav output, --spectrograms and --griffin-lim-iters "
+                          "need an audio model")
     num_classes = _num_classes(opts, pipe)
     request = _request(opts, pipe, _labels(opts, num_classes))
     images, used, seconds = _generate(pipe, request, not opts.no_progress)
     meta = metadata(opts.model, request.to_dict())
+    if audio:
+        return _write_audio(opts, pipe, out, images, used, meta, seconds)
     nrow = num_classes if (used is not None and opts.class_ is None and opts.n % num_classes == 0) else None
     if opts.save_individual:  # the PNGs and the grid arrive together or not at all
         with staged_dir(opts.save_individual) as stage:
@@ -145,3 +158,35 @@ def sample(opts):
     else:
         save_samples(images, out, used, meta, nrow=nrow)
     print(f"wrote {len(images)} images to {out} ({len(images) / seconds:.1f} images/s on {pipe.device})")
+
+
+def _write_audio(opts, pipe, out, images, used, meta, seconds):
+    """Audio outputs: WAV/.npz (and the spectrogram grid when --out is .png or --spectrograms), one set."""
+    from latentdiff.codecs.mel import uint8_to_waves
+    from latentdiff.utils.audio import save_audio_samples, spectrogram_view, write_wavs
+    from latentdiff.utils.files import staged_dir
+    from latentdiff.utils.images import save_samples
+
+    mel = pipe.cfg.mel
+    iters = opts.griffin_lim_iters if opts.griffin_lim_iters is not None else mel.griffin_lim_iters
+    meta["latentdiff"]["griffin_lim_iters"] = iters
+    waves = uint8_to_waves(images, mel, iters, seed=opts.seed or 0)
+    record = meta["latentdiff"]
+
+    def write(stage=None):
+        if stage is not None:
+            write_wavs(waves, stage, mel.sample_rate, record)
+        if out.suffix.lower() == ".png":
+            save_samples(spectrogram_view(images), out, used, meta)
+        else:
+            save_audio_samples(waves, out, mel.sample_rate, used, record, images)
+        if opts.spectrograms:
+            save_samples(spectrogram_view(images), opts.spectrograms, used, meta)
+
+    if opts.save_individual:
+        with staged_dir(opts.save_individual) as stage:
+            write(stage)
+    else:
+        write()
+    print(f"wrote {len(waves)} sounds to {out} ({len(waves) / seconds:.2f} sounds/s on {pipe.device}, "
+          f"{iters} Griffin-Lim iterations)")

@@ -23,7 +23,7 @@ from latentdiff.data.image_data import ImageData
 from latentdiff.data.limits import check_image_size, check_loaded_bytes
 from latentdiff.errors import DataError
 
-SOURCES = ("bundled", "fashion-mnist")  # plus: a path to a folder of images
+SOURCES = ("bundled", "fashion-mnist", "spoken-digits")  # plus: a path to a folder of images or WAV files
 
 
 SPLITS = ("train", "test")
@@ -128,6 +128,9 @@ def load_dataset(
     resizes, ``channels`` converts (1 gray, 3 RGB), ``limit`` keeps the first N images.
     """
     _check_args(split, image_size, channels, limit)
+    if source == "spoken-digits":  # audio as log-mel images (data/audio_data.py)
+        from latentdiff.data.audio_data import load_spoken_digits
+        return load_spoken_digits(split, data_dir, limit)
     if source in SOURCES:
         return _load_fashion(source, split, data_dir, image_size, channels, limit)
 
@@ -138,6 +141,11 @@ def load_dataset(
     if not root.is_dir():
         raise DataError(f"data source {root} is a file; expected {', '.join(SOURCES)} "
                         "or a folder of images")
+    from latentdiff.data.audio_data import is_wav_folder, load_wav_folder
+    if (root / split).is_dir() and is_wav_folder(root / split):
+        return load_wav_folder(root / split, limit)
+    if is_wav_folder(root):
+        return load_wav_folder(root, limit)
     options = {"image_size": image_size, "channels": channels, "limit": limit}
     if (root / "train").is_dir() and (root / "test").is_dir():
         data = load_image_folder(root / split, **options)

@@ -37,7 +37,7 @@ __all__ = ["EXTRACTOR_NAMES", "REFERENCES", "evaluate_autoencoder", "evaluate_sa
 REFERENCES = ("fashion-mnist", "bundled")
 
 
-EXTRACTOR_NAMES = ("fashion-mnist-classifier", "inception")  # the keys of features.EXTRACTORS (a test checks)
+EXTRACTOR_NAMES = ("fashion-mnist-classifier", "inception", "spoken-digit-classifier")  # the keys of features.EXTRACTORS (a test checks)
 
 
 DEFAULT_EXTRACTOR = "fashion-mnist-classifier"
