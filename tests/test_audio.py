@@ -232,3 +232,24 @@ def test_tiny_audio_train_and_sample(tmp_path):
     assert (tmp_path / "s.png").stat().st_size > 0
     code, _, err = run_cli("sample", "--model", model, "--n", 1, "--out", tmp_path / "s.txt")
     assert_one_line_error(code, err)
+    # editing carries over: audio-to-audio at a strength, and inpainting a time span (the rest is kept exactly)
+    clip = tmp_path / "each" / "00000.wav"
+    code, _, err = run_cli("edit", clip, "--model", model, "--strength", 0.5, "--steps", 2, "--out",
+                           tmp_path / "e.wav")
+    assert code == 0, err
+    assert read_wav(tmp_path / "e.wav")[2]["strength"] == 0.5
+    code, _, err = run_cli("inpaint", clip, "--model", model, "--span", "0.25,0.5", "--steps", 2, "--out",
+                           tmp_path / "i.png")
+    assert code == 0, err
+    from PIL import Image
+
+    from latentdiff.cli.inputs import load_sound
+    from latentdiff.pipeline import LatentDiffusion
+
+    original = load_sound(clip, LatentDiffusion.load(model))[0][0, :, :, 0]         # n_mels × frames
+    result = np.asarray(Image.open(tmp_path / "i.png"))[::-1]                      # back to row 0 = low band
+    frames = np.arange(64) * 250 / SR
+    keep = (frames < 0.25) | (frames >= 0.5)
+    assert np.array_equal(result[:, keep], original[:, keep])
+    code, _, err = run_cli("inpaint", clip, "--model", model, "--span", "0.5,2", "--out", tmp_path / "j.wav")
+    assert_one_line_error(code, err, "--span")
