@@ -253,3 +253,15 @@ def test_tiny_audio_train_and_sample(tmp_path):
     assert np.array_equal(result[:, keep], original[:, keep])
     code, _, err = run_cli("inpaint", clip, "--model", model, "--span", "0.5,2", "--out", tmp_path / "j.wav")
     assert_one_line_error(code, err, "--span")
+
+
+def test_lsd_and_mel_l1_measure_a_known_gain():
+    from latentdiff.evaluation.audio_features import log_spectral_distance, mel_l1
+
+    front = MelFrontEnd(MelConfig())
+    noise = 1e-2 * torch.randn(1, SR, generator=torch.Generator().manual_seed(0))
+    x = (tone(500, 0.05) + tone(1500, 0.02))[None] + noise
+    assert log_spectral_distance(x, x, front) == 0 and mel_l1(x, x, front) == 0
+    assert log_spectral_distance(x, 2 * x, front, floor_db=-300) == pytest.approx(20 * math.log10(2), rel=1e-3)
+    assert log_spectral_distance(0 * x, 0 * x + 1e-9, front) == 0                  # below the floor: silence
+    assert mel_l1(x, 2 * x, front) == pytest.approx(20 * math.log10(2), rel=0.02)

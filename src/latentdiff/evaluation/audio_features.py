@@ -64,3 +64,18 @@ def inception_score(logits: np.ndarray, splits: int = 1) -> tuple[float, float]:
         cross = (pp * lp.mean(axis=0)).sum(axis=1).mean()
         mscores.append(float(np.exp((pp * lp).sum(axis=1).mean() - cross)))
     return float(np.mean(scores)), float(np.mean(mscores))
+
+
+def log_spectral_distance(ref: torch.Tensor, est: torch.Tensor, front, floor_db: float = -100.0) -> float:
+    """LSD in dB: mean over clips and frames of sqrt(mean over frequency of (10·log10 P - 10·log10 P̂)²), with P the
+    STFT power of `front` (a MelFrontEnd) floored at `floor_db` so that digital silence does not dominate."""
+    def power_db(w):
+        return (10 * torch.log10(front.stft(w).abs().pow(2))).clamp_min(floor_db)
+    d = power_db(ref) - power_db(est)                                    # B×F×N
+    return float(d.pow(2).mean(dim=1).sqrt().mean())
+
+
+def mel_l1(ref: torch.Tensor, est: torch.Tensor, front) -> float:
+    """Mean absolute difference of the log-mel spectrograms, in dB, inside the front end's [db_min, db_max]."""
+    scale = (front.cfg.db_max - front.cfg.db_min) / 2                    # image units -> dB
+    return float((front.wave_to_image(ref) - front.wave_to_image(est)).abs().mean() * scale)
