@@ -258,11 +258,11 @@ def _spoken_digits() -> Config:
         data=DataConfig(source="spoken-digits"),
         modality="audio",
         autoencoder=AutoencoderConfig(latent_channels=4, factor=4, base_channels=16, num_res_blocks=1),
-        autoencoder_training=TrainConfig(steps=300, batch_size=16, lr=2e-3, warmup_steps=20, ema_decay=0.0,
+        autoencoder_training=TrainConfig(steps=160, batch_size=16, lr=2e-3, warmup_steps=20, ema_decay=0.0,
                                          log_every=25, checkpoint_every=100),
         unet=UNetConfig(in_channels=4, base_channels=32, channel_mults=(1, 2), num_res_blocks=1,
                         attention_levels=(1,), num_classes=10),
-        training=TrainConfig(steps=1200, batch_size=32, lr=2e-3, warmup_steps=50, ema_decay=0.99,
+        training=TrainConfig(steps=800, batch_size=32, lr=2e-3, warmup_steps=50, ema_decay=0.99,
                              log_every=25, sample_every=400, checkpoint_every=200),
         sample=SampleConfig(sampler="ddim", steps=50, guidance=3.0),
     )
