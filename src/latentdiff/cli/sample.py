@@ -148,9 +148,9 @@ def sample(opts):
     request = _request(opts, pipe, _labels(opts, num_classes))
     images, used, seconds = _generate(pipe, request, not opts.no_progress)
     meta = metadata(opts.model, request.to_dict())
-    if audio:
-        return _write_audio(opts, pipe, out, images, used, meta, seconds)
     nrow = num_classes if (used is not None and opts.class_ is None and opts.n % num_classes == 0) else None
+    if audio:
+        return _write_audio(opts, pipe, out, images, used, meta, seconds, nrow)
     if opts.save_individual:  # the PNGs and the grid arrive together or not at all
         with staged_dir(opts.save_individual) as stage:
             write_pngs(images, stage, meta)
@@ -160,7 +160,7 @@ def sample(opts):
     print(f"wrote {len(images)} images to {out} ({len(images) / seconds:.1f} images/s on {pipe.device})")
 
 
-def _write_audio(opts, pipe, out, images, used, meta, seconds):
+def _write_audio(opts, pipe, out, images, used, meta, seconds, nrow=None):
     """Audio outputs: WAV/.npz (and the spectrogram grid when --out is .png or --spectrograms), one set."""
     from latentdiff.codecs.mel import uint8_to_waves
     from latentdiff.utils.audio import save_audio_samples, spectrogram_view, write_wavs
@@ -177,11 +177,11 @@ def _write_audio(opts, pipe, out, images, used, meta, seconds):
         if stage is not None:
             write_wavs(waves, stage, mel.sample_rate, record)
         if out.suffix.lower() == ".png":
-            save_samples(spectrogram_view(images), out, used, meta)
+            save_samples(spectrogram_view(images), out, used, meta, nrow=nrow)
         else:
             save_audio_samples(waves, out, mel.sample_rate, used, record, images)
         if opts.spectrograms:
-            save_samples(spectrogram_view(images), opts.spectrograms, used, meta)
+            save_samples(spectrogram_view(images), opts.spectrograms, used, meta, nrow=nrow)
 
     if opts.save_individual:
         with staged_dir(opts.save_individual) as stage:
