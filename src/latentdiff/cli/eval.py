@@ -97,6 +97,7 @@ def _model_samples(opts, device):
     if bar:
         bar.close()
     record = {k: v for k, v in request.to_dict().items() if k != "labels"}  # every class in turn
+    record["sampling_precision"] = record.pop("precision")  # not to overwrite the metric `precision`
     extra = {"model": str(opts.model), **record, "sample_seconds": round(time.perf_counter() - t0, 2)}
     source = (f"{opts.model} ({request.sampler}, {request.steps} {request.spacing} steps, "
               f"guidance {request.guidance}, seed {request.seed})")
