@@ -9,8 +9,8 @@ import struct
 import numpy as np
 import pytest
 import torch
-
 from conftest import assert_one_line_error, run_cli
+
 from latentdiff.codecs.mel import (
     MelConfig,
     MelFrontEnd,
@@ -182,7 +182,7 @@ def test_generator_is_deterministic_whatever_the_worker_count(tmp_path):
     two = sd.generate(tmp_path / "b", n=20, seed=5, workers=2)
     for split in ("train", "test"):
         assert (one / f"{split}.npz").read_bytes() == (two / f"{split}.npz").read_bytes()
-    waves, labels = sd.load_waves(one, "train")
+    waves, _ = sd.load_waves(one, "train")
     assert waves.shape[1] == sd.CLIP_SAMPLES and 0.1 < np.abs(waves).max() <= 1
 
 
@@ -221,7 +221,7 @@ def test_tiny_audio_train_and_sample(tmp_path):
     assert run_cli("train-autoencoder", *common)[0] == 0
     assert run_cli("train", *common)[0] == 0
     model = run
-    code, out, err = run_cli("sample", "--model", model, "--n", 2, "--class", 1, "--out", tmp_path / "s.wav",
+    code, _, err = run_cli("sample", "--model", model, "--n", 2, "--class", 1, "--out", tmp_path / "s.wav",
                              "--save-individual", tmp_path / "each", "--spectrograms", tmp_path / "s.png",
                              "--griffin-lim-iters", 2, "--no-progress")
     assert code == 0, err
@@ -265,3 +265,15 @@ def test_lsd_and_mel_l1_measure_a_known_gain():
     assert log_spectral_distance(x, 2 * x, front, floor_db=-300) == pytest.approx(20 * math.log10(2), rel=1e-3)
     assert log_spectral_distance(0 * x, 0 * x + 1e-9, front) == 0                  # below the floor: silence
     assert mel_l1(x, 2 * x, front) == pytest.approx(20 * math.log10(2), rel=0.02)
+
+
+def test_shipped_audio_model_and_classifier_load():
+    from latentdiff.evaluation.features import get_extractor
+    from latentdiff.pipeline import LatentDiffusion
+
+    pipe = LatentDiffusion.load("pretrained:spoken-digits")
+    assert pipe.cfg.modality == "audio" and pipe.image_shape == (1, 64, 64) and pipe.num_classes == 10
+    images, labels = pipe.generate(2, labels=[3, 7], steps=2, seed=0)
+    assert images.shape == (2, 64, 64, 1) and list(labels) == [3, 7]
+    clf = get_extractor("spoken-digit-classifier")
+    assert clf.meta["test_accuracy"] >= 0.97 and clf.predict(images).shape == (2,)

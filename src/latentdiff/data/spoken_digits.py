@@ -157,7 +157,8 @@ def generate(dest: str | Path | None = None, n: int = 12_000, seed: int = 0, wor
             if progress is not None:
                 progress(len(out))
     waves = np.concatenate(clips)  # N×16000 int16
-    version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.split("  Data at")[0].strip()
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True, check=False).stdout
+    version = version.split("  Data at")[0].strip()  # the version, without the machine's data path
     test = np.array([j.variant in TEST_VARIANTS for j in jobs])
     dest.mkdir(parents=True, exist_ok=True)
     for split, mask in (("train", ~test), ("test", test)):

@@ -37,7 +37,8 @@ __all__ = ["EXTRACTOR_NAMES", "REFERENCES", "evaluate_autoencoder", "evaluate_sa
 REFERENCES = ("fashion-mnist", "bundled", "spoken-digits")
 
 
-EXTRACTOR_NAMES = ("fashion-mnist-classifier", "inception", "spoken-digit-classifier")  # the keys of features.EXTRACTORS (a test checks)
+# the keys of features.EXTRACTORS (a test checks)
+EXTRACTOR_NAMES = ("fashion-mnist-classifier", "inception", "spoken-digit-classifier")
 
 
 DEFAULT_EXTRACTOR = "fashion-mnist-classifier"
