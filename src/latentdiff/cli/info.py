@@ -44,7 +44,7 @@ def download(opts):
         from latentdiff.utils.progress import progress_bar
 
         espeak_binary()  # the one-line error before anything else
-        bar = progress_bar(opts.n, "synthesising", not opts.no_progress)
+        bar = progress_bar(opts.n, "synthesising", not opts.no_progress, unit="clip")
         try:
             path = generate(opts.dest, n=opts.n, seed=opts.seed, workers=opts.workers,
                             progress=bar.update if bar else None)
