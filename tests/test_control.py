@@ -416,7 +416,7 @@ def test_cli_interpolate_writes_strip_and_gif(model_dir, tmp_path, run):
     (["combine", "{a}", "{a}", "--weights", "1,-1"], "--weights: every weight must be a positive"),
     (["combine", "{a}", "{a}", "--weights", "1,2,3"], "--weights has 3 values for 2 images"),
     (["combine", "{a}"], "at least two images"),
-    (["inpaint", "{a}"], "one of the arguments --mask --rect is required"),
+    (["inpaint", "{a}"], "one of the arguments --mask --rect --span is required"),
     (["inpaint", "{a}", "--rect", "0,0,40,5"], "reaches outside the 28×28 image"),
     (["inpaint", "{a}", "--rect", "5,5,2,9"], "need 0 <= x0 < x1"),
     (["inpaint", "{a}", "--mask", "{small}"], "must be the same size"),

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from latentdiff.cli.inputs import load_image, load_mask, rect_mask
+from latentdiff.cli.inputs import load_image, load_mask, rect_mask, span_mask
 from latentdiff.cli.options import (
     NONNEG_INT,
     SEED,
@@ -60,6 +60,16 @@ def _rect(text: str) -> tuple[int, int, int, int]:
     return x0, y0, x1, y1
 
 
+def _span(text: str) -> tuple[float, float]:
+    try:
+        start, end = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"expected two numbers START,END in seconds, got {text!r}") from None
+    if not (np.isfinite(start) and np.isfinite(end) and 0 <= start < end):
+        raise ValueError(f"need 0 <= START < END, got {text}")
+    return start, end
+
+
 def _classes(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(","))
@@ -106,7 +116,7 @@ def _load_pipe(opts):
 def _check_out(opts, suffix=".png") -> Path:
     from latentdiff.utils.files import check_output
 
-    return check_output(opts.out, (suffix,))
+    return check_output(opts.out, (suffix, ".wav") if suffix == ".png" else (suffix,))
 
 
 def _request(opts, pipe, n: int, **fields):
@@ -126,10 +136,22 @@ def _meta(opts, pipe, name: str, inputs, request, **extra) -> dict:
                          watermark_note="not applied: this operation starts from an input image, not from z_T")
 
 
-def _save(img: np.ndarray, out: Path, meta: dict, opts):
+def _save(img: np.ndarray, out: Path, meta: dict, opts, pipe=None):
+    """A PNG through the provenance writer (for an audio model: the spectrogram, low frequencies at the
+    bottom), or a WAV from an audio model (the record in its RIFF comment chunk)."""
     from latentdiff.cli.outputs import write_file
 
-    write_file(out, img, meta, opts)
+    audio = pipe is not None and pipe.cfg.modality == "audio"
+    if out.suffix.lower() == ".wav":
+        if not audio:
+            raise ConfigError(f"--out {out}: a .wav output needs an audio model")
+        from latentdiff.codecs.mel import uint8_to_waves
+        from latentdiff.utils.audio import write_wav
+
+        wave = uint8_to_waves(img[None], pipe.cfg.mel, seed=meta.get("seed") or 0)[0]
+        write_wav(out, wave, pipe.cfg.mel.sample_rate, meta)
+    else:
+        write_file(out, img[::-1] if audio else img, meta, opts)
     print(f"wrote {out}")
 
 
@@ -151,16 +173,19 @@ def edit(opts):
     image, _ = load_image(opts.image, pipe)
     request = _request(opts, pipe, len(image))
     result = img2img(pipe, image, opts.strength, request)
-    _save(result[0], out, _meta(opts, pipe, "edit", [opts.image], request, strength=opts.strength), opts)
+    _save(result[0], out, _meta(opts, pipe, "edit", [opts.image], request, strength=opts.strength), opts, pipe)
 
 
 @command("inpaint", help="Regenerate the pixels under a mask (RePaint, Lugmayr et al. 2022): at every step the known "
                          "region is replaced by the input noised to the current level. Pixels outside the mask are "
-                         "copied from the input unchanged. Give --mask or --rect.")
+                         "copied from the input unchanged. Give --mask or --rect (audio models: --span, or a "
+                         "mask over the spectrogram).")
 @argument("image", metavar="IMAGE", help=IMAGE_HELP)
 @click.option("--mask", metavar="MASK.png", help="mask image of the input's size; white (>= 128) = regenerate")
 @click.option("--rect", type=Parsed("rect", _rect), metavar="x0,y0,x1,y1",
               help="regenerate this rectangle (input pixels, x1 and y1 exclusive)")
+@click.option("--span", type=Parsed("span", _span), metavar="START,END",
+              help="audio models: regenerate this time span, in seconds (e.g. 0.2,0.5)")
 @click.option("--resample", type=RESAMPLE, default=0, metavar="N",
               help="RePaint resampling: redo each step N more times for a better fit (default: 0)")
 @common_options("inpainted.png")
@@ -168,18 +193,23 @@ def edit(opts):
 def inpaint(opts):
     from latentdiff.pipeline.inpaint import inpaint as run
 
-    exclusive(click.get_current_context(), "--mask", "--rect")
+    exclusive(click.get_current_context(), "--mask", "--rect", "--span")
     out = _check_out(opts)
     pipe = _load_pipe(opts)
     image, size = load_image(opts.image, pipe)
     hw = pipe.image_shape[1:]
-    mask = load_mask(opts.mask, size, hw) if opts.mask else rect_mask(opts.rect, size, hw)
+    if opts.span is not None:
+        if pipe.cfg.modality != "audio":
+            raise ConfigError("--span needs an audio model; use --rect or --mask for images")
+        mask = span_mask(opts.span, pipe)
+    else:
+        mask = load_mask(opts.mask, size, hw) if opts.mask else rect_mask(opts.rect, size, hw)
     if not mask.any():
         raise DataError("the mask is empty: nothing to inpaint (white pixels, >= 128, mark what to regenerate)")
     request = _request(opts, pipe, len(image))
     result = run(pipe, image, mask, request, resample=opts.resample)
     _save(result[0], out, _meta(opts, pipe, "inpaint", [opts.image] + ([opts.mask] if opts.mask else []), request,
-                                rect=opts.rect, resample=opts.resample), opts)
+                                rect=opts.rect, span=opts.span, resample=opts.resample), opts, pipe)
 
 
 @command("repair", help="Detect damaged pixels (isolated black/white specks, thin bright or dark lines) unless --mask "

@@ -84,6 +84,8 @@ def _model_samples(opts, device):
     n = opts.n or 10_000
     _check_count(n, EXTRACTORS[opts.extractor], "images")  # before spending minutes on sampling
     pipe = LatentDiffusion.load(opts.model, device)
+    if pipe.cfg.modality == "audio" and opts.extractor == DEFAULT_EXTRACTOR:  # the SC09 protocol by default
+        opts.extractor, opts.reference = "spoken-digit-classifier", "spoken-digits"
     c, h, w = pipe.image_shape
     preflight(n, opts.extractor, opts.reference, opts.data_dir, (h, w, c))  # before minutes of sampling
     labels = np.arange(n) % pipe.num_classes if pipe.num_classes else None
@@ -95,6 +97,7 @@ def _model_samples(opts, device):
     if bar:
         bar.close()
     record = {k: v for k, v in request.to_dict().items() if k != "labels"}  # every class in turn
+    record["sampling_precision"] = record.pop("precision")  # not to overwrite the metric `precision`
     extra = {"model": str(opts.model), **record, "sample_seconds": round(time.perf_counter() - t0, 2)}
     source = (f"{opts.model} ({request.sampler}, {request.steps} {request.spacing} steps, "
               f"guidance {request.guidance}, seed {request.seed})")
@@ -247,6 +250,9 @@ def evaluate(opts) -> None:
             (f"recall (k={result['k']})", result["recall"], None)]
     if "cond_acc" in result:
         rows.append(("class accuracy", result["cond_acc"], result.get("cond_acc_real")))
+    if "is" in result:
+        rows += [("Inception Score (digit classifier)", result["is"], result["is_real"]),
+                 ("modified IS", result["mis"], result["mis_real"])]
     _print_table(f"{result['n']} samples from {source} vs {result['reference']} ({result['n_reference']} images); "
                  f"real data: FD of {result['n_floor']} real training images (the floor), class accuracy of the "
                  "reference's test images", rows, result, opts.as_json)

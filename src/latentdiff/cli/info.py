@@ -1,4 +1,5 @@
-"""Commands about models and data on disk: info (describe a model), download (the full Fashion-MNIST, the emoji set)."""
+"""Commands about models and data on disk: info (describe a model), download (the full Fashion-MNIST, the emoji
+set, or the synthesised spoken digits)."""
 
 from __future__ import annotations
 
@@ -34,13 +35,18 @@ def file_integrity(directory) -> dict[str, str]:
             for p in sorted(directory.glob("*.safetensors"))}
 
 
-@command("download", help="Download a data set into DEST (default: the latentdiff cache directory). fashion-mnist: "
+@command("download", help="Get a data set into DEST (default: the latentdiff cache directory). fashion-mnist: "
                            "the four official IDX files, MD5-verified. emoji: the 3,786 Noto emoji images of npm "
                            "emoji-datasource-google 16.0.0 via `npm pack` (SHA-256-verified), or, without npm, rendered "
-                           "from Debian's fonts-noto-color-emoji; prepared with captions and a fixed held-out split.")
-@argument("dataset", type=OneOf(("fashion-mnist", "emoji")), metavar="DATASET",
-          help="data set to download: fashion-mnist or emoji")
+                           "from Debian's fonts-noto-color-emoji; prepared with captions and a fixed held-out split. spoken-digits: "
+                          "synthesised with espeak-ng (deterministic from --seed; held-out test voices).")
+@argument("dataset", type=OneOf(("fashion-mnist", "emoji", "spoken-digits")), metavar="DATASET",
+          help="data set: fashion-mnist, emoji or spoken-digits")
 @click.option("--dest", metavar="DIR", help="target directory (default: cache directory)")
+@click.option("--n", type=click.IntRange(20, 1_000_000), default=12_000, metavar="N",
+              help="spoken-digits: number of clips (default: 12000)")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, help="spoken-digits: seed (default: 0)")
+@click.option("--workers", type=click.IntRange(1, 256), default=2, help="spoken-digits: processes (default: 2)")
 @no_progress_option("no progress bar")
 @with_namespace
 def download(opts):
@@ -49,6 +55,19 @@ def download(opts):
 
         path = download_emoji(opts.dest, progress=not opts.no_progress)
         print(f"the emoji set is in {path}")
+    if opts.dataset == "spoken-digits":
+        from latentdiff.data.spoken_digits import espeak_binary, generate
+        from latentdiff.utils.progress import progress_bar
+
+        espeak_binary()  # the one-line error before anything else
+        bar = progress_bar(opts.n, "synthesising", not opts.no_progress, unit="clip")
+        try:
+            path = generate(opts.dest, n=opts.n, seed=opts.seed, workers=opts.workers,
+                            progress=bar.update if bar else None)
+        finally:
+            if bar:
+                bar.close()
+        print(f"spoken digits ({opts.n} clips, seed {opts.seed}) are in {path}")
         return
     from latentdiff.data import download_fashion_mnist
 

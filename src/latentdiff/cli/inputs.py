@@ -32,6 +32,8 @@ def load_image(path: str | Path, pipe) -> tuple[np.ndarray, tuple[int, int]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"image file not found: {path}")
+    if pipe.cfg.modality == "audio":
+        return load_sound(path, pipe)
     c, h, w = pipe.image_shape
     im = as_mode(open_image(path), c)
     size = im.size
@@ -42,6 +44,33 @@ def load_image(path: str | Path, pipe) -> tuple[np.ndarray, tuple[int, int]]:
         _warn(f"resized {path.name} from {size[0]}×{size[1]} to {w}×{h}")
         im = im.resize((w, h), Image.Resampling.LANCZOS)
     return np.array(im, dtype=np.uint8).reshape(1, h, w, c), size  # a writable copy for torch
+
+
+def load_sound(path: Path, pipe) -> tuple[np.ndarray, tuple[int, int]]:
+    """A WAV file -> (its uint8 1×n_mels×frames×1 log-mel image, (frames, n_mels)) for an audio model: resampled
+    to the model's rate, cut or zero-padded to one clip."""
+    from latentdiff.codecs.mel import waves_to_uint8
+    from latentdiff.data.audio_data import fit_clip
+    from latentdiff.utils.audio import read_wav
+
+    if path.suffix.lower() != ".wav":
+        raise DataError(f"{path}: an audio model takes .wav inputs")
+    wave, rate, _ = read_wav(path)
+    image = waves_to_uint8(fit_clip(wave, rate, pipe.cfg.mel)[None], pipe.cfg.mel)  # 1×M×N×1
+    return image, (image.shape[2], image.shape[1])
+
+
+def span_mask(span: tuple[float, float], pipe) -> np.ndarray:
+    """START,END seconds -> bool n_mels×frames mask of the STFT frames whose centres fall in the span."""
+    mel = pipe.cfg.mel
+    start, end = span
+    length = mel.clip_samples / mel.sample_rate
+    if not 0 <= start < end <= length:
+        raise ConfigError(f"--span {start:g},{end:g} must satisfy 0 <= START < END <= {length:g} s")
+    centres = np.arange(mel.frames) * mel.hop / mel.sample_rate  # frame t is centred at t·hop
+    mask = np.zeros((mel.n_mels, mel.frames), dtype=bool)
+    mask[:, (centres >= start) & (centres < end)] = True
+    return mask
 
 
 def load_mask(path: str | Path, image_size: tuple[int, int], model_hw: tuple[int, int]) -> np.ndarray:

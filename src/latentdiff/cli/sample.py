@@ -1,4 +1,5 @@
-"""`latentdiff sample`: generate images from a trained model into a PNG grid or an .npz archive."""
+"""`latentdiff sample`: generate images (a PNG grid or an .npz archive) or, from an audio model, sounds (WAV, an
+.npz of waveforms, and spectrogram grids)."""
 
 from __future__ import annotations
 
@@ -37,11 +38,13 @@ MAX_GRID = 10_000  # images in one PNG grid; more go to an .npz
 def _check_outputs(opts):
     from latentdiff.utils.files import check_output, check_output_dir
 
-    out = check_output(opts.out, (".png", ".npz"))
+    out = check_output(opts.out, (".png", ".npz", ".wav"))
     if out.suffix.lower() == ".png" and opts.n > MAX_GRID:
         raise ConfigError(f"--out {out}: a PNG grid holds at most {MAX_GRID} images; write --n {opts.n} to an .npz")
     if opts.save_individual:
         check_output_dir(opts.save_individual, option="--save-individual")
+    if opts.spectrograms:
+        check_output(opts.spectrograms, (".png",), option="--spectrograms")
     return out
 
 
@@ -72,8 +75,8 @@ def _request(opts, pipe, labels):
     from latentdiff.pipeline.request import SampleRequest
 
     return pipe.request(SampleRequest.build(
-        opts.n, labels=labels, prompt=opts.prompt, negative_prompt=opts.negative_prompt, sampler=opts.sampler, steps=opts.steps, spacing=opts.spacing, seed=opts.seed,
-        guidance=opts.guidance, classifier_scale=opts.classifier_scale, eta=opts.eta, batch_size=opts.batch_size,
+        opts.n, labels=labels, prompt=opts.prompt, negative_prompt=opts.negative_prompt, sampler=opts.sampler,
+        steps=opts.steps, spacing=opts.spacing, seed=opts.seed, guidance=opts.guidance, classifier_scale=opts.classifier_scale, eta=opts.eta, batch_size=opts.batch_size,
         compile=opts.compile, precision=opts.precision))
 
 
@@ -116,7 +119,11 @@ def _generate(pipe, request, show_progress: bool, watermark=None):
 @click.option("--classifier", metavar="PATH",
               help="classifier file for --classifier-scale (default: MODEL_DIR/classifier.safetensors)")
 @out_option("samples.png", ".png grid or .npz archive (default: samples.png)")
-@click.option("--save-individual", metavar="DIR", help="also write one PNG per image into DIR")
+@click.option("--save-individual", metavar="DIR", help="also write one PNG per image (one WAV per sound) into DIR")
+@click.option("--spectrograms", metavar="FILE.png", help="audio models: also write a grid of the log-mel "
+              "spectrograms (low frequencies at the bottom)")
+@click.option("--griffin-lim-iters", type=NONNEG_INT, metavar="N",
+              help="audio models: phase-reconstruction iterations (default: the model's)")
 @batch_size_option()
 @device_option()
 @runtime_options()
@@ -129,12 +136,18 @@ def sample(opts):
 
     out = _check_outputs(opts)
     pipe = load_model(opts)
+    audio = pipe.cfg.modality == "audio"
+    if not audio and (out.suffix.lower() == ".wav" or opts.spectrograms or opts.griffin_lim_iters is not None):
+        raise ConfigError(f"{opts.model} is an image model: .wav output, --spectrograms and --griffin-lim-iters "
+                          "need an audio model")
     num_classes = _num_classes(opts, pipe)
     request = _request(opts, pipe, _labels(opts, num_classes))
     key = output_key(opts, pipe)
     images, used, seconds = _generate(pipe, request, not opts.no_progress, key)
     record = output_record(opts, pipe, request.to_dict(), key)
     nrow = num_classes if (used is not None and opts.class_ is None and opts.n % num_classes == 0) else None
+    if audio:
+        return _write_audio(opts, pipe, out, images, used, record, seconds, nrow)
     if opts.save_individual:  # the PNGs and the grid arrive together or not at all
         with staged_dir(opts.save_individual) as stage:
             for i, img in enumerate(images):
@@ -143,3 +156,36 @@ def sample(opts):
     else:
         save_any(images, out, used, record, opts, nrow)
     print(f"wrote {len(images)} images to {out} ({len(images) / seconds:.1f} images/s on {pipe.device})")
+
+
+def _write_audio(opts, pipe, out, images, used, record, seconds, nrow=None):
+    """Audio outputs: WAV/.npz (and the spectrogram grid when --out is .png or --spectrograms), one set. WAVs carry
+    the record in their RIFF comment chunk; spectrogram PNGs go through the provenance writer like any image."""
+    from pathlib import Path
+
+    from latentdiff.codecs.mel import uint8_to_waves
+    from latentdiff.utils.audio import save_audio_samples, spectrogram_view, write_wavs
+    from latentdiff.utils.files import staged_dir
+
+    mel = pipe.cfg.mel
+    iters = opts.griffin_lim_iters if opts.griffin_lim_iters is not None else mel.griffin_lim_iters
+    record = {**record, "griffin_lim_iters": iters}
+    waves = uint8_to_waves(images, mel, iters, seed=opts.seed or 0)
+
+    def write(stage=None):
+        if stage is not None:
+            write_wavs(waves, stage, mel.sample_rate, record)
+        if out.suffix.lower() == ".png":
+            save_any(spectrogram_view(images), out, used, record, opts, nrow)
+        else:
+            save_audio_samples(waves, out, mel.sample_rate, used, record, images)
+        if opts.spectrograms:
+            save_any(spectrogram_view(images), Path(opts.spectrograms), used, record, opts, nrow)
+
+    if opts.save_individual:
+        with staged_dir(opts.save_individual) as stage:
+            write(stage)
+    else:
+        write()
+    print(f"wrote {len(waves)} sounds to {out} ({len(waves) / seconds:.2f} sounds/s on {pipe.device}, "
+          f"{iters} Griffin-Lim iterations)")

@@ -24,7 +24,7 @@ from latentdiff.data.image_data import ImageData
 from latentdiff.data.limits import check_image_size, check_loaded_bytes
 from latentdiff.errors import DataError
 
-SOURCES = ("bundled", "fashion-mnist", "emoji")  # plus: a path to a folder of images
+SOURCES = ("bundled", "fashion-mnist", "emoji", "spoken-digits")  # plus: a path to a folder of images or WAV files
 
 
 SPLITS = ("train", "test", "heldout")  # "heldout" is the emoji set's name for its test split
@@ -147,6 +147,9 @@ def load_dataset(
         return _load_emoji(split, data_dir, image_size, channels, limit)
     if split == "heldout":
         raise DataError(f"split 'heldout' is the emoji set's; {source!r} has train and test")
+    if source == "spoken-digits":  # audio as log-mel images (data/audio_data.py)
+        from latentdiff.data.audio_data import load_spoken_digits
+        return load_spoken_digits(split, data_dir, limit)
     if source in SOURCES:
         return _load_fashion(source, split, data_dir, image_size, channels, limit)
 
@@ -157,6 +160,11 @@ def load_dataset(
     if not root.is_dir():
         raise DataError(f"data source {root} is a file; expected {', '.join(SOURCES)} "
                         "or a folder of images")
+    from latentdiff.data.audio_data import is_wav_folder, load_wav_folder
+    if (root / split).is_dir() and is_wav_folder(root / split):
+        return load_wav_folder(root / split, limit)
+    if is_wav_folder(root):
+        return load_wav_folder(root, limit)
     options = {"image_size": image_size, "channels": channels, "limit": limit}
     if (root / "train").is_dir() and (root / "test").is_dir():
         data = load_image_folder(root / split, **options)

@@ -34,10 +34,11 @@ __all__ = ["EXTRACTOR_NAMES", "REFERENCES", "evaluate_autoencoder", "evaluate_sa
            "reconstruct"]
 
 
-REFERENCES = ("fashion-mnist", "bundled")
+REFERENCES = ("fashion-mnist", "bundled", "spoken-digits")
 
 
-EXTRACTOR_NAMES = ("fashion-mnist-classifier", "inception", "emoji-classifier")  # the keys of features.EXTRACTORS (a test checks)
+# the keys of features.EXTRACTORS (a test checks)
+EXTRACTOR_NAMES = ("fashion-mnist-classifier", "inception", "emoji-classifier", "spoken-digit-classifier")
 
 
 DEFAULT_EXTRACTOR = "fashion-mnist-classifier"
@@ -255,6 +256,11 @@ def evaluate_samples(images, labels=None, *, reference: str = "fashion-mnist",
         clf.check_size(images)
         result["cond_acc"] = classification_accuracy(clf.predict(images, batch_size=batch_size), labels)
         result["cond_acc_real"] = _real_accuracy(clf, reference, data_dir, batch_size)
+    if ext.name == "spoken-digit-classifier":  # the SC09 protocol also reports IS and modified IS
+        from latentdiff.evaluation.audio_features import inception_score
+
+        result["is"], result["mis"] = inception_score(ext.logits(images, batch_size=batch_size))
+        result["is_real"], result["mis_real"] = inception_score(ext.logits(test.images, batch_size=batch_size))
     if "notes" in result:
         result = {**result, "notes": result.pop("notes")}  # last, after the numbers
     return result

@@ -5,6 +5,8 @@
   activations; its logits score the class accuracy of conditional samples.
 * ``emoji-classifier`` (for 64×64 RGB emoji): a small CNN trained on the emoji training split
   (``scripts/train_emoji_eval_models.py``), shipped in ``assets/``; 128-d features, emoji categories.
+* ``spoken-digit-classifier`` (audio models): a small CNN on 64×64 log-mel images of the spoken digits
+  (``scripts/train_audio_classifier.py``, audio_features.py), shipped in ``assets/``: the SC09 protocol.
 * ``inception``: Inception-v3 in the layout of the standard FID network (pytorch-fid's
   ``FIDInceptionA/C/E`` blocks, 2048-d pool3 features). Its weights are never downloaded: the user
   supplies the file (e.g. pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``, or the same
@@ -26,6 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentdiff.errors import ConfigError, DataError, ModelError
+from latentdiff.evaluation.audio_features import (
+    DIGIT_CLASSIFIER_ARCH_VERSION,
+    DIGIT_CLASSIFIER_ASSET,
+    MEL_SHAPE,
+    DigitClassifier,
+)
 from latentdiff.evaluation.inception import FIDInceptionV3
 from latentdiff.evaluation.metrics import check_images
 from latentdiff.utils.state import load_into, load_state
@@ -280,8 +288,50 @@ class EmojiClassifierExtractor(Extractor):
         return self._batches(images, batch_size, lambda x: self.net(x * 2 - 1)[0]).argmax(1).astype(np.int64)
 
 
+class DigitExtractor(Extractor):
+    """The spoken-digit classifier (audio_features.py) on 64×64 log-mel images: 128-d features, 10 logits."""
+
+    name = "spoken-digit-classifier"
+    dim = 128
+
+    def __init__(self, weights: str | Path | None = None, device="cpu"):
+        if weights is None:
+            ref = resources.files("latentdiff") / "assets" / DIGIT_CLASSIFIER_ASSET
+            with resources.as_file(ref) as path:
+                self.weights_path = Path(path)
+        else:
+            self.weights_path = Path(weights).expanduser()
+        if not self.weights_path.is_file():
+            raise ModelError(f"spoken-digit classifier weights not found: {self.weights_path}; train them with "
+                             "scripts/train_audio_classifier.py")
+        tensors, meta = load_state(self.weights_path)
+        if meta.get("architecture_version") != DIGIT_CLASSIFIER_ARCH_VERSION:
+            raise ModelError(f"{self.weights_path} holds digit-classifier architecture version "
+                             f"{meta.get('architecture_version')!r}, expected {DIGIT_CLASSIFIER_ARCH_VERSION}")
+        self.key = f"{self.name}:{_file_id(self.weights_path)}"
+        net = DigitClassifier()
+        _load_into(net, {k: v.float() for k, v in tensors.items()}, self.weights_path)
+        self.meta = meta
+        super().__init__(net, device)
+
+    def check_size(self, images) -> None:
+        shape = tuple(np.shape(images))[1:]
+        if shape not in (MEL_SHAPE, (*MEL_SHAPE, 1)):
+            raise DataError(f"the spoken-digit classifier takes 64×64 log-mel images (1 channel), got "
+                            f"{'×'.join(map(str, shape))}")
+
+    def _forward(self, x):
+        return self.net.features(x * 2 - 1)
+
+    def logits(self, images, batch_size: int = 256) -> np.ndarray:
+        return self._batches(images, batch_size, lambda x: self.net(x * 2 - 1))
+
+    def predict(self, images, batch_size: int = 256) -> np.ndarray:
+        return self.logits(images, batch_size).argmax(axis=1).astype(np.int64)
+
+
 EXTRACTORS = {"fashion-mnist-classifier": ClassifierExtractor, "inception": InceptionExtractor,
-              "emoji-classifier": EmojiClassifierExtractor}
+              "emoji-classifier": EmojiClassifierExtractor, "spoken-digit-classifier": DigitExtractor}
 
 
 def get_extractor(name: str, *, weights: str | Path | None = None, device="cpu") -> Extractor:

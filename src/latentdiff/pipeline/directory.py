@@ -190,6 +190,12 @@ def default_card(meta: dict) -> str:
         f"{meta.get('autoencoder_steps', '?')} autoencoder steps",
     ]
     lines += [f"- {k}: {v}" for k, v in metrics.items()]
+    if cfg.get("modality") == "audio":
+        mel = cfg["mel"]
+        lines += [f"- audio: the images are log-mel spectrograms ({mel['n_mels']} mels × {mel['frames']} frames, "
+                  f"{mel['clip_samples'] / mel['sample_rate']:g} s at {mel['sample_rate']} Hz); waveforms come "
+                  f"from fast Griffin-Lim ({mel['griffin_lim_iters']} iterations); generated WAVs carry the "
+                  "provenance record in a RIFF LIST/INFO comment"]
     lines += ["", "## Intended use", "",
               "Research and teaching: sampling, editing and evaluating small latent diffusion models. "
               "Generated images are synthetic and carry provenance metadata in their PNG text chunks.", ""]
