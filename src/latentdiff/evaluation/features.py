@@ -310,7 +310,7 @@ class DigitExtractor(Extractor):
                              f"{meta.get('architecture_version')!r}, expected {DIGIT_CLASSIFIER_ARCH_VERSION}")
         self.key = f"{self.name}:{_file_id(self.weights_path)}"
         net = DigitClassifier()
-        _load_into(net, {k: v.float() for k, v in tensors.items()}, self.weights_path)
+        _load_into(net, {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, self.weights_path)
         self.meta = meta
         super().__init__(net, device)
 
