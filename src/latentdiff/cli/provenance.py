@@ -6,7 +6,7 @@ import json
 
 import click
 
-from latentdiff.cli.options import argument, command, with_namespace
+from latentdiff.cli.options import Command, argument, command, with_namespace
 
 
 def _model_finder(opts):
@@ -99,12 +99,12 @@ def verify(opts):
         raise click.exceptions.Exit(code)
 
 
-@click.group("keys", help="Provenance keys of this installation (watermark secret, C2PA signing certificate).")
+@click.group("keys", context_settings={"help_option_names": ["-h", "--help"]}, help="Provenance keys of this installation (watermark secret, C2PA signing certificate).")
 def keys():
     pass
 
 
-@keys.command("init", help="Make a watermark secret and an ES256 root + leaf certificate chain for C2PA signing "
+@keys.command("init", cls=Command, help="Make a watermark secret and an ES256 root + leaf certificate chain for C2PA signing "
                            "in the config folder ($LATENTDIFF_CONFIG_DIR, else ~/.config/latentdiff).")
 @click.option("--subject", default="latentdiff local signer", show_default=True, help="the signer's common name")
 @click.option("--force", is_flag=True, help="replace existing keys (older outputs then no longer verify by watermark)")
@@ -121,7 +121,7 @@ def keys_init(subject, force):
     click.echo("keep watermark.key and signing-key.pem secret; give signing-root.pem to anyone who verifies")
 
 
-@keys.command("show", help="Which keys outputs are marked and signed with now.")
+@keys.command("show", cls=Command, help="Which keys outputs are marked and signed with now.")
 def keys_show():
     from latentdiff.pipeline.keys import config_dir, signing_identity, watermark_key
 
