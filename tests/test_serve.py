@@ -66,7 +66,7 @@ def test_generate_job_reproduces_the_seed_and_records_provenance(tmp_path, pipe)
         r = client.post("/v1/jobs", json={"kind": "generate", "n": 3, "seed": 5, "class": 1, "steps": 2})
         assert r.status_code == 202 and r.json()["status"] == "queued"
         job = wait(client, r.json()["id"])
-        assert job["status"] == "done" and len(job["images"]) == 3
+        assert job["status"] == "done" and len(job["images"]) == 3 and "audio" not in job  # an image model
         expected, _ = pipe.generate(3, labels=1, seed=5, steps=2, watermark=watermark_key())  # marked in z_T
         for k, path in enumerate(job["images"]):
             img, text = read_png(client, path)
@@ -321,3 +321,42 @@ def test_two_models_each_job_runs_on_its_own(tmp_path, pipe, slow_pipe):
             img, text = read_png(client, job["images"][0])
             assert json.loads(text["latentdiff"])["model"]["name"] == job["model"]
             assert np.array_equal(img, p.generate(1, seed=4, steps=2, watermark=watermark_key())[0][0, ..., 0])
+
+
+def test_audio_model_job_lists_wavs_with_the_pngs_record(tmp_path):
+    """An audio model's generate job: the PNG is the spectrogram (low frequencies at the bottom) and a WAV
+    with the same provenance record sits beside it, served from /v1/audio as audio/wav."""
+    from latentdiff.codecs.mel import uint8_to_waves
+    from latentdiff.utils.audio import read_wav, to_int16
+
+    digits = LatentDiffusion.load("pretrained:spoken-digits")
+    with TestClient(create_app({"digits": digits}, tmp_path / "out")) as client:
+        assert client.get("/v1/models").json()["models"][0]["modality"] == "audio"
+        job = wait(client, client.post("/v1/jobs", json={"n": 1, "seed": 3, "class": 7, "steps": 2}).json()["id"],
+                   timeout=120)
+        assert job["status"] == "done" and len(job["images"]) == len(job["audio"]) == 1
+        assert job["audio"][0] == job["images"][0].replace("/v1/images/", "/v1/audio/").replace(".png", ".wav")
+        expected, _ = digits.generate(1, labels=7, seed=3, steps=2, watermark=watermark_key())
+        img, text = read_png(client, job["images"][0])
+        assert np.array_equal(img, expected[0, ::-1, :, 0])  # row 0 (lowest mel band) is at the bottom
+        r = client.get(job["audio"][0])
+        assert r.status_code == 200 and r.headers["content-type"] == "audio/wav"
+        (tmp_path / "got.wav").write_bytes(r.content)
+        wave, rate, record = read_wav(tmp_path / "got.wav")
+        assert rate == digits.cfg.mel.sample_rate and record == json.loads(text["latentdiff"])
+        assert record["seed"] == 3 and record["griffin_lim_iters"] == digits.cfg.mel.griffin_lim_iters
+        want = to_int16(uint8_to_waves(expected, digits.cfg.mel, seed=3)[0]) / 32768.0
+        assert wave.shape == want.shape and np.abs(wave - want).max() <= 2 / 32768 and np.abs(want).max() > 0.01
+        name = job["audio"][0].rsplit("/", 1)[1]
+        for bad in (name.replace(".wav", ".png"), "x" + name, "..%2Fjobs%2F" + name):
+            assert client.get(f"/v1/audio/{bad}").status_code == 404
+
+
+def test_preview_of_a_spectrogram_is_flipped_like_the_saved_png(pipe):
+    import torch
+
+    from latentdiff.serve.worker import preview_png
+
+    x0 = torch.randn(1, *pipe.autoencoder.latent_shape, generator=torch.Generator().manual_seed(0))
+    up, down = (np.asarray(Image.open(io.BytesIO(base64.b64decode(preview_png(pipe, x0, f))))) for f in (False, True))
+    assert up.std() > 0 and not np.array_equal(up, down) and np.array_equal(up[::-1], down)

@@ -137,3 +137,32 @@ def test_img2img_upload_and_interpolation_animation(page, tmp_path):
     anim = page.locator("#anim")
     first = anim.get_attribute("src")
     page.wait_for_function(f"document.querySelector('#anim').src !== {first!r}", timeout=5_000)  # it plays
+
+
+@pytest.fixture(scope="module")
+def audio_server(tmp_path_factory):
+    with running_server("pretrained:spoken-digits", tmp_path_factory.mktemp("ui-audio-out")) as (url, _):
+        yield url
+
+
+def test_audio_model_plays_in_the_browser(browser, audio_server, tmp_path):
+    page = browser.new_page()
+    page.requests = []
+    page.on("request", lambda r: page.requests.append(r.url))
+    page.goto(audio_server + "/")
+    page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+    assert page.evaluate("document.body.dataset.modality") == "audio"
+    page.fill("#n", "2")
+    page.fill("#steps", "2")
+    page.click("#submit")
+    page.wait_for_function("document.querySelectorAll('#result figure.sound audio').length === 2", timeout=120_000)
+    assert page.locator("#result figure.sound img").count() == 2  # each sound with its spectrogram
+    durations = page.evaluate("""Promise.all([...document.querySelectorAll('#result audio')].map((a) =>
+        new Promise((ok) => { if (a.readyState >= 1) ok(a.duration);
+                              else a.addEventListener('loadedmetadata', () => ok(a.duration)); })))""")
+    assert durations == [pytest.approx(1.0, abs=0.01)] * 2  # 16000 samples at 16 kHz
+    assert all(page.locator("#result audio").nth(i).get_attribute("controls") is not None for i in range(2))
+    page.screenshot(path=str(tmp_path / "audio.png"))
+    outside = [u for u in page.requests if not u.startswith((audio_server + "/", "data:", "blob:"))]
+    assert not outside and sum("/v1/audio/" in u for u in page.requests) == 2
+    page.close()

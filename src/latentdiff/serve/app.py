@@ -2,7 +2,7 @@
 
 Routes (OpenAPI document at /docs, served from the package, no CDN): ``POST /v1/jobs``, ``GET /v1/jobs``,
 ``GET /v1/jobs/{id}``, ``GET /v1/jobs/{id}/events`` (server-sent events), ``POST /v1/jobs/{id}/cancel``,
-``GET /v1/images/{name}``, ``GET /v1/models``, ``GET /healthz``, and the UI at ``/``. Every error is a JSON
+``GET /v1/images/{name}``, ``GET /v1/audio/{name}`` (an audio model's WAVs), ``GET /v1/models``, ``GET /healthz``, and the UI at ``/``. Every error is a JSON
 body ``{"error": message}`` with a 4xx status; a bug is a 500 with no traceback in the body.
 
 With a token every route needs ``Authorization: Bearer TOKEN`` except /healthz and the UI's static files
@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
 
 from latentdiff.serve import schema, uploads
-from latentdiff.serve.jobs import FINISHED, IMAGE_NAME, JobQueue, JobStore
+from latentdiff.serve.jobs import AUDIO_NAME, FINISHED, IMAGE_NAME, JobQueue, JobStore
 from latentdiff.serve.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def model_info(name: str, pipe) -> dict:
     from latentdiff.sampling.samplers import SAMPLERS
 
     s = pipe.cfg.sample
-    return {"name": name, "image_shape": list(pipe.image_shape), "classes": list(pipe.class_names),
+    return {"name": name, "modality": pipe.cfg.modality, "image_shape": list(pipe.image_shape), "classes": list(pipe.class_names),
             "conditioning": "class" if pipe.num_classes else "none",
             "defaults": {"sampler": s.sampler, "steps": s.steps, "guidance": s.guidance},
             "samplers": list(SAMPLERS), "kinds": list(schema.KINDS)}
@@ -202,6 +202,13 @@ def _api_routes(app: FastAPI, models: dict, queue: JobQueue):
         if not IMAGE_NAME.match(name) or not path.is_file():
             raise schema.ApiError(404, f"no image {name!r}")
         return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=86400"})
+
+    @app.get("/v1/audio/{name}")
+    def audio(name: str):
+        path = queue.store.images_dir / name
+        if not AUDIO_NAME.match(name) or not path.is_file():
+            raise schema.ApiError(404, f"no audio {name!r}")
+        return FileResponse(path, media_type="audio/wav", headers={"Cache-Control": "private, max-age=86400"})
 
 
 async def _event_stream(queue: JobQueue, job, request: Request):

@@ -28,6 +28,7 @@ STATUSES = ("queued", "running", "done", "failed", "cancelled")
 FINISHED = ("done", "failed", "cancelled")
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 IMAGE_NAME = re.compile(r"^[0-9a-f]{32}-\d{3}\.png$")
+AUDIO_NAME = re.compile(r"^[0-9a-f]{32}-\d{3}\.wav$")
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Job:
     finished: float | None = None
     error: str | None = None
     images: list[str] = field(default_factory=list)   # file names in OUT/images
+    audio: list[str] = field(default_factory=list)    # WAV file names in OUT/images (audio models' generate jobs)
     spec: JobSpec | None = None        # in memory only: what the worker runs
     step: int = 0
     total: int = 0
@@ -55,6 +57,8 @@ class Job:
                "images": [f"/v1/images/{name}" for name in self.images], "request": self.record,
                "step": self.step, "total": self.total, "created": self.created, "started": self.started,
                "finished": self.finished}
+        if self.audio:
+            out["audio"] = [f"/v1/audio/{name}" for name in self.audio]
         if self.error:
             out["error"] = self.error
         if position is not None:
@@ -63,7 +67,7 @@ class Job:
 
     def stored(self) -> dict:
         return {k: getattr(self, k) for k in ("id", "kind", "model", "record", "status", "created", "started",
-                                              "finished", "error", "images")}
+                                              "finished", "error", "images", "audio")}
 
 
 class JobStore:
@@ -86,7 +90,8 @@ class JobStore:
             try:
                 d = json.loads(path.read_text())
                 job = Job(**{k: d[k] for k in ("id", "kind", "model", "record", "status", "created", "started",
-                                               "finished", "error", "images")})
+                                               "finished", "error", "images")},
+                          audio=d.get("audio", []))
             except (OSError, ValueError, KeyError, TypeError) as e:
                 log.warning("skipping unreadable job file %s (%s)", path.name, e)
                 continue
@@ -177,10 +182,13 @@ class JobQueue:
                 self.queue.appendleft(job.id)
             self.cond.notify_all()
 
-    def finish(self, job: Job, status: str, error: str | None = None, images: list[str] | None = None) -> None:
+    def finish(self, job: Job, status: str, error: str | None = None, images: list[str] | None = None,
+               audio: list[str] | None = None) -> None:
         job.status, job.error, job.finished = status, error, time.time()
         if images is not None:
             job.images = images
+        if audio is not None:
+            job.audio = audio
         job.spec = None  # free the inputs
         job.version += 1
         self.store.save(job)

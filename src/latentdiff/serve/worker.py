@@ -12,6 +12,7 @@ import base64
 import io
 import logging
 import threading
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,21 +37,34 @@ NOT_FROM_NOISE = "not applied: this operation starts from an input image or an i
 
 
 def save_image(img: np.ndarray, path, pipe, model: str, record: dict, watermark: WatermarkKey | None,
-               sign: bool = True) -> None:
+               sign: bool = True, audio: bool = False) -> Path | None:
     """THE one place a served image is written: atomically, through the provenance writer (the record in the
     PNG, a C2PA signature when the `provenance` extra is installed), like every CLI output. `watermark`: the key
-    that generated it (it is in the pixels already), or None when the operation does not start from z_T."""
+    that generated it (it is in the pixels already), or None when the operation does not start from z_T.
+    With `audio` (an audio model's log-mel image) the PNG is the spectrogram with low frequencies at the
+    bottom, and a WAV (Griffin-Lim) with the same record is written beside it; returns the WAV's path."""
     note = None if watermark is not None else NOT_FROM_NOISE
-    write_output(path, img, generation_record(pipe, model, record, watermark, sign=sign, watermark_note=note),
-                 sign=sign)
+    extra = {"griffin_lim_iters": pipe.cfg.mel.griffin_lim_iters} if audio else {}
+    full = generation_record(pipe, model, record, watermark, sign=sign, watermark_note=note, **extra)
+    write_output(path, img[::-1] if audio else img, full, sign=sign)
+    if not audio:
+        return None
+    from latentdiff.codecs.mel import uint8_to_waves
+    from latentdiff.utils.audio import write_wav
+
+    wav = Path(path).with_suffix(".wav")
+    wave = uint8_to_waves(img[None], pipe.cfg.mel, seed=record.get("seed") or 0)[0]
+    write_wav(wav, wave, pipe.cfg.mel.sample_rate, full)
+    return wav
 
 
-def preview_png(pipe, x0_hat: torch.Tensor) -> str:
-    """A normalised latent estimate (1, c, h, w) -> base64 PNG of its decoding."""
+def preview_png(pipe, x0_hat: torch.Tensor, flip: bool = False) -> str:
+    """A normalised latent estimate (1, c, h, w) -> base64 PNG of its decoding (`flip`: upside down, as an
+    audio model's spectrograms are shown)."""
     with torch.no_grad():
         img = to_uint8(pipe.autoencoder.from_latent(x0_hat.float().nan_to_num()).clamp(-1, 1))[0]
     buf = io.BytesIO()
-    to_pil(img).save(buf, format="PNG")
+    to_pil(np.ascontiguousarray(img[::-1]) if flip else img).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
 
 
@@ -105,21 +119,26 @@ class Worker(threading.Thread):
             self._write(job, images)
 
     def _write(self, job: Job, images: np.ndarray) -> None:
-        names = []
+        names, sounds = [], []
+        pipe = self.models[job.model]
+        audio = job.kind == "generate" and pipe.cfg.modality == "audio"
         try:
             for i, img in enumerate(images):
                 name = f"{job.id}-{i:03d}.png"
                 key = self.watermark if job.kind == "generate" else None
-                save_image(img, self.queue.store.images_dir / name, self.models[job.model], job.model, job.record,
-                           key)
+                wav = save_image(img, self.queue.store.images_dir / name, pipe, job.model, job.record, key,
+                                 audio=audio)
                 names.append(name)
+                if wav is not None:
+                    sounds.append(wav.name)
         except LatentDiffError as e:  # e.g. the disk is full: the written images stay listed
-            self.queue.finish(job, "failed", str(e), names)
+            self.queue.finish(job, "failed", str(e), names, sounds)
             return
-        self.queue.finish(job, "done", images=names)
+        self.queue.finish(job, "done", images=names, audio=sounds)
 
     def _callback(self, pipe, jobs: list[Job]):
         rows = np.cumsum([0] + [j.spec.request.n if j.kind == "generate" else 1 for j in jobs])
+        flip = jobs[0].kind == "generate" and pipe.cfg.modality == "audio"  # as save_image writes them
 
         def callback(i: int, n: int, x0_hat: torch.Tensor):
             # A stopping server puts its running jobs back as queued: the next start reports them as interrupted.
@@ -129,7 +148,7 @@ class Worker(threading.Thread):
             for job, row in zip(jobs, rows[:-1]):
                 job.step, job.total = i + 1, n
                 if i == 0 or (i + 1) % every == 0 or i + 1 == n:
-                    job.preview = preview_png(pipe, x0_hat[row:row + 1])
+                    job.preview = preview_png(pipe, x0_hat[row:row + 1], flip)
                 job.version += 1
 
         return callback

@@ -55,6 +55,7 @@ function updateVisibility() {
   const k = kind(), cond = current ? current.conditioning : "none";
   document.querySelectorAll("[data-kind]").forEach((el) => { el.hidden = !el.dataset.kind.split(" ").includes(k); });
   document.querySelectorAll("[data-cond]").forEach((el) => { el.hidden = el.dataset.cond !== cond; });
+  document.body.dataset.modality = current ? current.modality : "image";
   $("submit").textContent = { generate: "Generate", edit: "Edit", inpaint: "Inpaint", interpolate: "Interpolate" }[k];
 }
 
@@ -148,15 +149,26 @@ async function onEnd(job) {
   if (job.status !== "done") return;
   $("progress").value = $("progress").max;
   $("result").innerHTML = "";
-  const frames = [];
-  for (const path of job.images) {
+  const frames = [], sounds = job.audio || [];
+  for (const [i, path] of job.images.entries()) {
     const { url, buffer } = await imageURL(path);
     frames.push(url);
-    const img = addThumb($("result"), url, buffer, path);
+    const parent = sounds[i] ? document.createElement("figure") : $("result");
+    const img = addThumb(parent, url, buffer, path);
     img.className = "result";
+    if (sounds[i]) { parent.className = "sound"; parent.append(await audioElement(sounds[i])); $("result").append(parent); }
     addThumb($("gallery"), url, buffer, path, true);
   }
   if (job.kind === "interpolate") animate(frames);
+}
+
+async function audioElement(path) {  // the WAV fetched with the token header, played from a blob: URL
+  const el = document.createElement("audio");
+  el.controls = true;
+  el.preload = "metadata";
+  el.title = path;
+  el.src = (await imageURL(path)).url;
+  return el;
 }
 
 function animate(frames) {
