@@ -55,6 +55,7 @@ def download(opts):
 
         path = download_emoji(opts.dest, progress=not opts.no_progress)
         print(f"the emoji set is in {path}")
+        return
     if opts.dataset == "spoken-digits":
         from latentdiff.data.spoken_digits import espeak_binary, generate
         from latentdiff.utils.progress import progress_bar

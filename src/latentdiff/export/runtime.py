@@ -81,7 +81,12 @@ class OrtUNet(OrtModule):
         super().__init__(session, (np.float32, np.float32, np.int64)[:3 if conditional else 2])
         self.cfg = cfg
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
+                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The exported U-Net with UNet.forward's signature (the fields of a Cond); text context is not exported."""
+        if context is not None:
+            raise ModelError("the ONNX runtime runs class-conditional and unconditional models; text-conditioned "
+                             "models are not exported yet: use --runtime torch")
         if x.shape[1] != self.cfg.in_channels:
             raise ConfigError(f"U-Net expects {self.cfg.in_channels} input channels, got {x.shape[1]}")
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])  # a scalar t counts for the batch

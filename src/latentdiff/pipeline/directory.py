@@ -135,16 +135,14 @@ def check_codec(directory: Path, codec_sha256: str, denoiser_meta: dict) -> None
 def load_weights(directory: Path, autoencoder: nn.Module, denoiser_net: nn.Module) -> None:
     """Fill the two networks from the directory's safetensors files (float32), refusing mismatches, NaNs and a
     denoiser trained on another codec."""
-    codec_sha256 = None
+    digests, denoiser_meta = [], {}
     for module, name in ((autoencoder, "autoencoder"), (denoiser_net, "denoiser")):
         path = directory / f"{name}.safetensors"
         tensors, meta = load_state(path)
         if not is_verified(path):
             log.warning(f"{path} carries no latentdiff checksum: its contents could not be verified")
-        if codec_sha256 is None:
-            codec_sha256 = state_digest(tensors)
-        else:
-            check_codec(directory, codec_sha256, meta)
+        digests.append(state_digest(tensors))
+        denoiser_meta = meta
         if hasattr(module, "upgrade_state"):
             tensors = module.upgrade_state(tensors)
         load_into(module, tensors, path, "config.json")
@@ -153,6 +151,7 @@ def load_weights(directory: Path, autoencoder: nn.Module, denoiser_net: nn.Modul
     if not bool((autoencoder.latent_scale > 0).all()):
         raise ModelError(f"{directory / 'autoencoder.safetensors'} holds a latent scale <= 0 (its latent "
                          "statistics are unusable)")
+    check_codec(directory, digests[0], denoiser_meta)  # each file is sound: now, do they belong together?
 
 
 def _stats_text(meta: dict) -> str:
