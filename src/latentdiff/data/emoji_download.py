@@ -11,7 +11,6 @@ the folder is written as a unit (:func:`~latentdiff.utils.files.staged_dir`): ``
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -38,6 +37,7 @@ from latentdiff.data.emoji import (
 )
 from latentdiff.data.fashion_mnist import cache_dir
 from latentdiff.errors import DataError
+from latentdiff.utils.files import sha256_file
 
 NPM_PACKAGE = "emoji-datasource-google@16.0.0"
 
@@ -64,14 +64,6 @@ def composite_on_white(im: Image.Image) -> np.ndarray:
     return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def npm_pack(workdir: Path, npm: str, *, progress: bool = True) -> Path:
     """``npm pack`` the package into ``workdir``; the tarball's path after its SHA-256 was checked."""
     if progress:
@@ -86,7 +78,7 @@ def npm_pack(workdir: Path, npm: str, *, progress: bool = True) -> Path:
         last = (run.stderr.strip().splitlines() or ["no output"])[-1]
         raise DataError(f"`npm pack {NPM_PACKAGE}` failed (exit {run.returncode}): {last}; "
                         "check the network or the npm registry setting")
-    actual = _sha256(tarballs[0])
+    actual = sha256_file(tarballs[0])
     if actual != EMOJI_TARBALL_SHA256:
         raise DataError(f"checksum mismatch for {tarballs[0].name}: expected SHA-256 {EMOJI_TARBALL_SHA256}, "
                         f"got {actual}; the download was discarded")

@@ -17,7 +17,6 @@ same count. DataLoader workers split a rank's items by shard.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, get_w
 
 from latentdiff.data.captioned import dist_info
 from latentdiff.errors import DataError
-from latentdiff.utils.files import atomic_path, write_text_atomic
+from latentdiff.utils.files import atomic_path, sha256_file, write_text_atomic
 
 INDEX = "index.json"
 
@@ -44,14 +43,6 @@ def codec_encoder(autoencoder) -> Callable[[torch.Tensor], tuple[torch.Tensor, t
         post = autoencoder.encode(x)
         return post.mean, post.std
     return encode
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_index(directory: Path) -> dict | None:
@@ -105,7 +96,7 @@ def build_latent_cache(dataset: Dataset, directory: str | os.PathLike, *,
         raise DataError(f"latent cache {directory} was built with {index['fingerprint']}, not {fingerprint}; "
                         "use another folder or delete it")
     for shard in index["shards"]:  # a resumed build trusts only shards that still hash right
-        if _sha256(directory / shard["file"]) != shard["sha256"]:
+        if sha256_file(directory / shard["file"]) != shard["sha256"]:
             raise DataError(f"latent cache shard {directory / shard['file']} is corrupt; delete {directory}")
     done = len(index["shards"])
     start = done * shard_size
@@ -138,7 +129,7 @@ def build_latent_cache(dataset: Dataset, directory: str | os.PathLike, *,
 def _flush(directory: Path, index: dict, parts: dict, captions: list[str], text_dtype) -> None:
     name = f"shard-{len(index['shards']):05d}.safetensors"
     _write_shard(directory / name, parts, captions, text_dtype)
-    index["shards"].append({"file": name, "count": len(captions), "sha256": _sha256(directory / name)})
+    index["shards"].append({"file": name, "count": len(captions), "sha256": sha256_file(directory / name)})
     write_text_atomic(directory / INDEX, json.dumps(index, indent=1))
 
 
@@ -164,7 +155,7 @@ class LatentCache:
         """Shard i's tensors (mean, std, index[, text, text_mask]) and captions."""
         entry = self.index["shards"][i]
         path = self.directory / entry["file"]
-        if self.verify and (not path.is_file() or _sha256(path) != entry["sha256"]):
+        if self.verify and (not path.is_file() or sha256_file(path) != entry["sha256"]):
             raise DataError(f"latent cache shard {path} is missing or corrupt; rebuild the cache")
         with safe_open(str(path), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}

@@ -5,6 +5,7 @@ checks that an output path can be written before any work is done.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import tempfile
 from contextlib import contextmanager
@@ -39,6 +40,15 @@ def describe_os_error(err: OSError) -> str:
     where = " and ".join(repr(str(f)) for f in (err.filename, err.filename2) if f is not None)
     what = _OS_ADVICE.get(err.errno) or (err.strerror or str(err)).lower()
     return f"{where}: {what}" if where else what
+
+
+def sha256_file(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks (downloads, cache shards)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def fsync_dir(directory: Path) -> None:
