@@ -148,21 +148,22 @@ class Extractor:
         raise ConfigError(f"the {self.name} extractor has no classifier head; use fashion-mnist-classifier")
 
 
+def _weights_path(weights: str | Path | None, asset: str) -> Path:
+    """The user's weight file, or the one shipped in the package's assets (a plain file in an installed package)."""
+    if weights is not None:
+        return Path(weights).expanduser()
+    with resources.as_file(resources.files("latentdiff") / "assets" / asset) as path:
+        return Path(path)
+
+
 class ClassifierExtractor(Extractor):
     name = "fashion-mnist-classifier"
     dim = 128
 
     def __init__(self, weights: str | Path | None = None, device="cpu"):
-        if weights is None:
-            ref = resources.files("latentdiff") / "assets" / CLASSIFIER_ASSET
-            with resources.as_file(ref) as path:
-                self.weights_path = Path(path)
-                tensors, meta = load_state(path)
-                self.key = f"{self.name}:{_file_id(self.weights_path)}"
-        else:
-            self.weights_path = Path(weights).expanduser()
-            tensors, meta = load_state(self.weights_path)
-            self.key = f"{self.name}:{_file_id(self.weights_path)}"
+        self.weights_path = _weights_path(weights, CLASSIFIER_ASSET)
+        tensors, meta = load_state(self.weights_path)
+        self.key = f"{self.name}:{_file_id(self.weights_path)}"
         if meta.get("architecture_version") != CLASSIFIER_ARCH_VERSION:
             raise ModelError(f"{self.weights_path} holds classifier architecture version "
                              f"{meta.get('architecture_version')!r}, this latentdiff expects "
@@ -295,12 +296,7 @@ class DigitExtractor(Extractor):
     dim = 128
 
     def __init__(self, weights: str | Path | None = None, device="cpu"):
-        if weights is None:
-            ref = resources.files("latentdiff") / "assets" / DIGIT_CLASSIFIER_ASSET
-            with resources.as_file(ref) as path:
-                self.weights_path = Path(path)
-        else:
-            self.weights_path = Path(weights).expanduser()
+        self.weights_path = _weights_path(weights, DIGIT_CLASSIFIER_ASSET)
         if not self.weights_path.is_file():
             raise ModelError(f"spoken-digit classifier weights not found: {self.weights_path}; train them with "
                              "scripts/train_audio_classifier.py")

@@ -196,19 +196,20 @@ def _api_routes(app: FastAPI, models: dict, queue: JobQueue):
 
         return EventSourceResponse(_event_stream(queue, queue.get(job_id), request), ping=10)
 
+    def output_file(name: str, pattern, media_type: str, what: str) -> FileResponse:
+        """A finished output from the output folder; only names of our own pattern, so no path can escape it."""
+        path = queue.store.images_dir / name
+        if not pattern.match(name) or not path.is_file():
+            raise schema.ApiError(404, f"no {what} {name!r}")
+        return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=86400"})
+
     @app.get("/v1/images/{name}")
     def image(name: str):
-        path = queue.store.images_dir / name
-        if not IMAGE_NAME.match(name) or not path.is_file():
-            raise schema.ApiError(404, f"no image {name!r}")
-        return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=86400"})
+        return output_file(name, IMAGE_NAME, "image/png", "image")
 
     @app.get("/v1/audio/{name}")
     def audio(name: str):
-        path = queue.store.images_dir / name
-        if not AUDIO_NAME.match(name) or not path.is_file():
-            raise schema.ApiError(404, f"no audio {name!r}")
-        return FileResponse(path, media_type="audio/wav", headers={"Cache-Control": "private, max-age=86400"})
+        return output_file(name, AUDIO_NAME, "audio/wav", "audio")
 
 
 async def _event_stream(queue: JobQueue, job, request: Request):
