@@ -162,3 +162,26 @@ def test_checkpoint_state_round_trip_and_latest_intact(tmp_path):
     assert meta["step"] == 1 and path.name == "s-00000001.safetensors"
     assert torch.equal(tensors["a"], t["a"]) and warnings
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_scale_shift_embedding_reaches_single_channel_groups():
+    """At width 32, GroupNorm has one channel per group: an added embedding is subtracted again by the norm
+    (the block cannot see the timestep), while adaptive GroupNorm's scale and shift survive it."""
+    from latentdiff.nn.layers import ResBlock
+
+    torch.manual_seed(0)
+    x, e1, e2 = torch.randn(2, 32, 8, 8), torch.randn(2, 16), torch.randn(2, 16)
+    for scale_shift, sees_embedding in ((False, False), (True, True)):
+        block = ResBlock(32, 32, emb_dim=16, scale_shift=scale_shift)
+        torch.nn.init.normal_(block.conv2.weight)  # conv2 starts at zero (identity block): make h visible
+        changed = (block(x, e1) - block(x, e2)).abs().max().item()
+        assert (changed > 1e-3) is sees_embedding, (scale_shift, changed)
+    with pytest.raises(ConfigError, match="unet.embedding"):
+        UNet(UNetConfig(embedding="film"))
+
+
+def test_scale_shift_unet_keeps_the_state_dict_keys():
+    base = dict(in_channels=4, base_channels=32, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(1,))
+    add, ada = UNet(UNetConfig(**base)), UNet(UNetConfig(**base, embedding="scale-shift"))
+    assert set(add.state_dict()) == set(ada.state_dict())  # same tensors, the embedding projections twice as wide
+    assert ada.state_dict()["mid.0.emb.weight"].shape[0] == 2 * add.state_dict()["mid.0.emb.weight"].shape[0]

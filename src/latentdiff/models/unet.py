@@ -36,6 +36,8 @@ class UNetConfig:
     cross_attention_levels: tuple[int, ...] = ()  # levels with cross-attention to the text (the middle always has it)
     token_layers: int = 0          # > 0: the context is byte token ids, embedded by a trainable encoder of this
                                    # many transformer layers of width context_dim inside the U-Net; 0: given states
+    embedding: str = "add"         # how ResBlocks take the time/label embedding: "add" before the GroupNorm, or
+                                   # "scale-shift" (adaptive GroupNorm), which narrow levels need (see ResBlock)
 
     def validate(self):
         # Upper bounds refuse absurd sizes (e.g. from an untrusted config.json) before anything is allocated.
@@ -55,6 +57,8 @@ class UNetConfig:
             raise ConfigError("unet: context_dim must be in 0…4096 and token_layers in 0…12")
         if any(not 0 <= a < len(self.channel_mults) for a in self.cross_attention_levels):
             raise ConfigError(f"unet.cross_attention_levels must index levels 0…{len(self.channel_mults) - 1}")
+        if self.embedding not in ("add", "scale-shift"):
+            raise ConfigError(f"unet.embedding must be 'add' or 'scale-shift', got {self.embedding!r}")
         if self.token_layers and self.context_dim % 32:
             raise ConfigError("unet.context_dim must be a multiple of 32 with a built-in token encoder")
 
@@ -108,8 +112,7 @@ class UNet(nn.Module):
                                      lambda cin, cout, lvl: self._block(cin, cout, emb, lvl))
         cur = skips[-1]
 
-        self.mid = nn.ModuleList([ResBlock(cur, cur, emb, cfg.dropout), Attention(cur, cfg.head_dim),
-                                  ResBlock(cur, cur, emb, cfg.dropout)])
+        self.mid = nn.ModuleList([self._res(cur, cur, emb), Attention(cur, cfg.head_dim), self._res(cur, cur, emb)])
         # Separate attributes (not list entries), so that class-only models keep their state-dict keys.
         self.mid_cross = CrossAttention(cur, cfg.context_dim, cfg.head_dim) if cfg.context_dim else None
         self.token_encoder = TokenEncoder(cfg.context_dim, cfg.token_layers) if cfg.token_layers else None
@@ -127,9 +130,12 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
+    def _res(self, cin, cout, emb):
+        return ResBlock(cin, cout, emb, self.cfg.dropout, scale_shift=self.cfg.embedding == "scale-shift")
+
     def _block(self, cin, cout, emb, lvl):
         cfg = self.cfg
-        mods = [ResBlock(cin, cout, emb, cfg.dropout)]
+        mods = [self._res(cin, cout, emb)]
         if lvl in cfg.attention_levels:
             mods.append(Attention(cout, cfg.head_dim))
         if cfg.context_dim and lvl in cfg.cross_attention_levels:

@@ -16,12 +16,19 @@ def group_norm(channels: int) -> nn.GroupNorm:
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv ×2 with a residual; optional additive embedding (time/class) in between."""
+    """GroupNorm-SiLU-conv ×2 with a residual, and optionally a time/class embedding in between.
 
-    def __init__(self, cin: int, cout: int, emb_dim: int = 0, dropout: float = 0.0):
+    ``scale_shift=False`` adds the embedding to the features before the second GroupNorm (Ho et al. 2020).
+    Where a group holds a single channel (widths up to 32), that norm subtracts the added constant again and
+    the block never sees the embedding. ``scale_shift=True`` is adaptive GroupNorm (Dhariwal & Nichol 2021,
+    §3): the embedding gives a per-channel scale and shift applied after the norm, so it always survives.
+    """
+
+    def __init__(self, cin: int, cout: int, emb_dim: int = 0, dropout: float = 0.0, scale_shift: bool = False):
         super().__init__()
         self.norm1, self.conv1 = group_norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, cout) if emb_dim else None
+        self.scale_shift = bool(emb_dim) and scale_shift
+        self.emb = nn.Linear(emb_dim, 2 * cout if self.scale_shift else cout) if emb_dim else None
         self.norm2, self.conv2 = group_norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
         self.dropout = nn.Dropout(dropout)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
@@ -30,9 +37,14 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        if self.emb is not None:
-            h = h + self.emb(F.silu(emb))[:, :, None, None]  # (B, C) -> (B, C, 1, 1)
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        if self.emb is None:
+            h = self.norm2(h)
+        elif self.scale_shift:
+            scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)  # each (B, C, 1, 1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + self.emb(F.silu(emb))[:, :, None, None])
+        h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
 
