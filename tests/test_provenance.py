@@ -7,14 +7,13 @@ import pytest
 import torch
 from conftest import run_cli
 from PIL import Image
-from scipy.stats import binom
 
 from latentdiff.data.datasets import _bundled_arrays
 from latentdiff.pipeline import LatentDiffusion
 from latentdiff.pipeline import keys as K
 from latentdiff.pipeline.provenance import c2pa_available, generation_record, read_c2pa, read_record, write_output
 from latentdiff.pipeline.verify import exit_code, tiles, verify_file
-from latentdiff.pipeline.watermark import WatermarkKey, agreements, keyed_noise, p_value
+from latentdiff.pipeline.watermark import WatermarkKey, keyed_noise, p_value, score_threshold, scores
 from latentdiff.utils.images import make_grid
 
 KEY = WatermarkKey(b"test secret 0123456789abcdef", "test")
@@ -61,27 +60,36 @@ def test_same_seed_same_key_same_image_and_golden_path_untouched(model):
     assert not np.array_equal(a, plain)  # the key changed z_T: the watermark is really in generation
 
 
-def test_p_value_is_the_binomial_tail():
-    assert p_value(98, 196) == pytest.approx(binom.sf(97, 196, 0.5))
-    assert p_value(196, 196) == pytest.approx(0.5 ** 196)
-    assert p_value(0, 196) == pytest.approx(1.0)
-    assert p_value(130, 196) < p_value(120, 196) < p_value(100, 196)  # more agreement, smaller p
+def test_p_value_bounds_the_tail_of_a_rademacher_sum():
+    """P(Σ a_i s_i ≥ t) over random signs s, for fixed unequal weights with Σ a_i² = 1, never exceeds the stated
+    p-value, and the bound is not loose by more than Pinelis' constant over the Gaussian tail."""
+    from scipy.stats import norm
+
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(196, generator=g, dtype=torch.float64).abs() + 0.1
+    a = a / a.norm()
+    s = torch.randint(0, 2, (400_000, 196), generator=g, dtype=torch.int8).to(torch.float64) * 2 - 1
+    t_all = s @ a
+    for t in (1.0, 2.0, 3.0, 3.5):
+        tail = float((t_all >= t).double().mean())
+        assert tail <= p_value(t) + 4 * (p_value(t) / len(t_all)) ** 0.5, (t, tail, p_value(t))
+        assert p_value(t) <= 4.47 * norm.sf(t) + 1e-12
+    assert p_value(0.0) == 1.0 and p_value(-2.0) == 1.0
+    assert p_value(5.0) < p_value(4.0) < p_value(3.0)  # a stronger correlation, a smaller p
+    assert p_value(score_threshold(1e-3)) <= 1e-3 < p_value(score_threshold(1e-3) - 1e-3)
 
 
 def test_false_positive_rate_matches_stated_p_value_on_random_inputs():
-    """Random latents (no watermark) are flagged at p ≤ α at the binomial's exact rate, never above α."""
+    """Random latents (no watermark) are flagged at p ≤ α no more often than α, and not far less often either
+    (the bound is at most about 4.5× conservative: a statistic with a sign or scale error fails one side)."""
     g = torch.Generator().manual_seed(1)
     z = torch.randn(40_000, 4, 7, 7, generator=g)
-    k = agreements(z, KEY).numpy()
+    t = scores(z, KEY).numpy()
+    assert abs(t.mean()) < 0.03 and abs(t.std() - 1) < 0.03  # the null statistic is standardised
     for alpha in (0.05, 0.01, 0.001):
-        p = np.array([p_value(int(v), 196) for v in np.unique(k)])
-        flagged_k = np.unique(k)[p <= alpha]
-        rate = np.isin(k, flagged_k).mean()
-        k_star = int(binom.isf(alpha, 196, 0.5)) + 1
-        exact = binom.sf(k_star - 1, 196, 0.5)  # the attainable level just below α
-        assert exact <= alpha
-        se = (exact * (1 - exact) / len(k)) ** 0.5
-        assert abs(rate - exact) < 4 * se + 1e-4, (alpha, rate, exact)
+        rate = float(np.mean(t >= score_threshold(alpha)))
+        se = (alpha * (1 - alpha) / len(t)) ** 0.5
+        assert alpha / 10 < rate <= alpha + 3 * se, (alpha, rate)
 
 
 def test_detects_marked_samples_not_unmarked_or_real(model, marked):
@@ -90,7 +98,7 @@ def test_detects_marked_samples_not_unmarked_or_real(model, marked):
     wm, plain = marked
     real = np.array(_bundled_arrays()["test_images"][:4])[..., None]
     hit = detect_pooled(model, wm, [KEY])
-    assert hit["p_value"] < 1e-6 and hit["score"] > 0.6 and hit["bits"] == 4 * 196
+    assert hit["p_value"] < 1e-6 and hit["score"] > 5 and hit["bits"] == 4 * 196
     assert detect_pooled(model, plain, [KEY])["p_value"] > 1e-3
     assert detect_pooled(model, real, [KEY])["p_value"] > 1e-3
 

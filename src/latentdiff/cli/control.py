@@ -125,15 +125,21 @@ def _request(opts, pipe, n: int, **fields):
                         seed=opts.seed, **fields)
 
 
-def _meta(opts, pipe, name: str, inputs, request, **extra) -> dict:
+def _key(opts, pipe):
+    from latentdiff.cli.outputs import output_key
+
+    return output_key(opts, pipe)
+
+
+def _meta(opts, pipe, name: str, inputs, request, key, note: str | None = None, **extra) -> dict:
     """The provenance record: the command, its inputs, the resolved request and the operation's own settings.
-    The z_T watermark does not apply: these results start from an input image's latent, not from keyed noise
-    (see docs/responsible-generation.md); they are signed and carry the record."""
+    `key`: the watermark key that went into the noise the operation added (SDEdit, inpainting: see
+    docs/responsible-generation.md), or None with `note` saying why there is none."""
     from latentdiff.cli.outputs import output_record
 
     return output_record(opts, pipe, {"command": name, "inputs": [Path(str(p)).name for p in inputs],
-                                      **request.to_dict(), **extra}, None,
-                         watermark_note="not applied: this operation starts from an input image, not from z_T")
+                                      **request.to_dict(), **extra}, key,
+                         **({"watermark_note": note} if key is None and note else {}))
 
 
 def _save(img: np.ndarray, out: Path, meta: dict, opts, pipe=None):
@@ -171,9 +177,9 @@ def edit(opts):
     out = _check_out(opts)
     pipe = _load_pipe(opts)
     image, _ = load_image(opts.image, pipe)
-    request = _request(opts, pipe, len(image))
-    result = img2img(pipe, image, opts.strength, request)
-    _save(result[0], out, _meta(opts, pipe, "edit", [opts.image], request, strength=opts.strength), opts, pipe)
+    request, key = _request(opts, pipe, len(image)), _key(opts, pipe)
+    result = img2img(pipe, image, opts.strength, request, watermark=key)
+    _save(result[0], out, _meta(opts, pipe, "edit", [opts.image], request, key, strength=opts.strength), opts, pipe)
 
 
 @command("inpaint", help="Regenerate the pixels under a mask (RePaint, Lugmayr et al. 2022): at every step the known "
@@ -206,10 +212,10 @@ def inpaint(opts):
         mask = load_mask(opts.mask, size, hw) if opts.mask else rect_mask(opts.rect, size, hw)
     if not mask.any():
         raise DataError("the mask is empty: nothing to inpaint (white pixels, >= 128, mark what to regenerate)")
-    request = _request(opts, pipe, len(image))
-    result = run(pipe, image, mask, request, resample=opts.resample)
+    request, key = _request(opts, pipe, len(image)), _key(opts, pipe)
+    result = run(pipe, image, mask, request, resample=opts.resample, watermark=key)
     _save(result[0], out, _meta(opts, pipe, "inpaint", [opts.image] + ([opts.mask] if opts.mask else []), request,
-                                rect=opts.rect, span=opts.span, resample=opts.resample), opts, pipe)
+                                key, rect=opts.rect, span=opts.span, resample=opts.resample), opts, pipe)
 
 
 @command("repair", help="Detect damaged pixels (isolated black/white specks, thin bright or dark lines) unless --mask "
@@ -226,10 +232,10 @@ def repair(opts):
     pipe = _load_pipe(opts)
     image, size = load_image(opts.image, pipe)
     mask = load_mask(opts.mask, size, pipe.image_shape[1:]) if opts.mask else None
-    request = _request(opts, pipe, len(image))
-    result, used = run(pipe, image, mask, request, resample=opts.resample)
+    request, key = _request(opts, pipe, len(image)), _key(opts, pipe)
+    result, used = run(pipe, image, mask, request, resample=opts.resample, watermark=key)
     _save(result[0], out, _meta(opts, pipe, "repair", [opts.image] + ([opts.mask] if opts.mask else []), request,
-                                resample=opts.resample, damaged_pixels=int(used.sum())), opts)
+                                key, resample=opts.resample, damaged_pixels=int(used.sum())), opts)
     print(f"repaired {int(used.sum())} pixels ({'given mask' if opts.mask else 'detected damage'})")
 
 
@@ -255,11 +261,11 @@ def combine(opts):
         raise ConfigError(f"--weights has {len(weights)} values for {len(opts.images)} images")
     pipe = _load_pipe(opts)
     images = np.concatenate([load_image(p, pipe)[0] for p in opts.images])
-    request = _request(opts, pipe, 1)
-    result = run(pipe, images, weights, opts.strength, request)
+    request, key = _request(opts, pipe, 1), _key(opts, pipe)
+    result = run(pipe, images, weights, opts.strength, request, watermark=key)
     total = sum(weights)
-    _save(result[0], out, _meta(opts, pipe, "combine", opts.images, request, weights=[w / total for w in weights],
-                                strength=opts.strength), opts)
+    _save(result[0], out, _meta(opts, pipe, "combine", opts.images, request, key,
+                                weights=[w / total for w in weights], strength=opts.strength), opts)
 
 
 # --- interpolate ---------------------------------------------------------------------------------
@@ -282,12 +288,13 @@ def _check_endpoints(*ends: str) -> None:
             raise DataError(f"image file not found: {end}")
 
 
-def _endpoint(text: str, pipe, steps, label, prompt=None):
-    """`seed:K` -> that seed's starting noise; an image file -> its DDIM inversion. Returns (noise, is_image)."""
+def _endpoint(text: str, pipe, steps, label, prompt=None, key=None):
+    """`seed:K` -> that seed's starting noise (keyed with `key`); an image file -> its DDIM inversion.
+    Returns (noise, is_image)."""
     from latentdiff.pipeline.control import invert, seed_noise
 
     if text.startswith("seed:"):
-        return seed_noise(pipe, _seed_of(text)), False
+        return seed_noise(pipe, _seed_of(text), key), False
     image, _ = load_image(text, pipe)
     return invert(pipe, image, steps=steps, labels=label, guidance=1.0,
                   **({"prompt": prompt} if prompt is not None else {})), True
@@ -333,17 +340,20 @@ def interpolate(opts):
     prompts = None
     if opts.prompt is not None or opts.prompt_b is not None:
         prompts = (opts.prompt or "", opts.prompt_b if opts.prompt_b is not None else opts.prompt)
+    # Two seeds: both ends keyed, so every frame is (slerp keeps shared signs); an image end brings its own noise.
+    key = _key(opts, pipe) if opts.a.startswith("seed:") and opts.b.startswith("seed:") else None
     na, img_a = _endpoint(opts.a, pipe, opts.steps, None if classes is None else classes[0],
-                          None if prompts is None else prompts[0])
+                          None if prompts is None else prompts[0], key)
     nb, img_b = _endpoint(opts.b, pipe, opts.steps, None if classes is None else classes[1],
-                          None if prompts is None else prompts[1])
+                          None if prompts is None else prompts[1], key)
     # An inverted image is only reproduced by the unguided model it was inverted with.
     guidance = 1.0 if (img_a or img_b) else opts.guidance
     if guidance is None:
         guidance = pipe.cfg.sample.guidance
     request = pipe.request(opts.frames, guidance=guidance, steps=opts.steps, seed=opts.seed)
     frames = interpolate_noise(pipe, na, nb, opts.frames, classes=classes, prompts=prompts, request=request)
-    meta = _meta(opts, pipe, "interpolate", [p for p in (opts.a, opts.b) if not p.startswith("seed:")], request,
+    meta = _meta(opts, pipe, "interpolate", [p for p in (opts.a, opts.b) if not p.startswith("seed:")], request, key,
+                 "not applied: frames between inverted images reproduce those images' own noise",
                  endpoints=[Path(p).name for p in (opts.a, opts.b)], frames=opts.frames,
                  classes=None if classes is None else list(classes),
                  **({"prompts": list(prompts)} if prompts is not None else {}))

@@ -56,8 +56,8 @@ def _text(r: dict) -> str:
     else:
         lines.append(f"  C2PA: {c['status']}" + (f" ({c['detail']})" if c.get("detail") else ""))
     if wm.get("p_value") is not None:
-        lines.append(f"  watermark: {'detected' if wm['detected'] else 'not detected'}, score {wm['score']:.3f} "
-                     f"({wm['agree']}/{wm['bits']} key signs over {wm['tiles']} tile(s)), p-value {wm['p_value']:.3g} "
+        lines.append(f"  watermark: {'detected' if wm['detected'] else 'not detected'}, correlation {wm['score']:.2f} "
+                     f"({wm['agree']}/{wm['bits']} key signs over {wm['tiles']} tile(s)), p-value ≤ {wm['p_value']:.3g} "
                      f"(false-positive rate; threshold {wm['threshold_p']:g}), key: {wm['key']}")
     else:
         lines.append(f"  watermark: not tested ({wm.get('detail')})")

@@ -25,6 +25,7 @@ from latentdiff.diffusion.denoiser import DenoiserFn
 from latentdiff.errors import ConfigError, DataError
 from latentdiff.guidance.cfg import blend
 from latentdiff.pipeline.request import SampleRequest
+from latentdiff.pipeline.watermark import WatermarkKey, keyed_noise
 from latentdiff.sampling.grids import timesteps
 from latentdiff.sampling.samplers import SAMPLERS, ddim, ddim_invert
 from latentdiff.utils.images import to_tensor
@@ -117,7 +118,7 @@ def _check_strength(strength: float):
 
 
 def sdedit_latent(pipe, z0: torch.Tensor, strength: float, fn: DenoiserFn, req: SampleRequest,
-                  callback=None) -> torch.Tensor:
+                  callback=None, watermark: WatermarkKey | None = None) -> torch.Tensor:
     """SDEdit in latent space (Meng et al. 2022, §4): z_t = add_noise(z0, ε, t), then sample t -> 0.
 
     The sampler runs over the part of the request's grid that lies below strength·T, so strength 1 is
@@ -133,23 +134,25 @@ def sdedit_latent(pipe, z0: torch.Tensor, strength: float, fn: DenoiserFn, req: 
         return z0
     gen = generator(pipe, req.seed)
     eps = torch.randn(z0.shape, generator=gen, device=z0.device, dtype=z0.dtype)
+    if watermark is not None:
+        eps = keyed_noise(eps, watermark)
     zt = schedule.add_noise(z0, eps, ts[:1].expand(len(z0)))
     options = {"eta": req.eta} if req.sampler == "ddim" else {}
     return SAMPLERS[req.sampler](fn, zt, schedule, ts, generator=gen, callback=callback, **options)
 
 
 def img2img(pipe, images, strength: float, request: SampleRequest | None = None, *, callback=None,
-            **fields) -> np.ndarray:
+            watermark: WatermarkKey | None = None, **fields) -> np.ndarray:
     """Edit images by SDEdit: keep their layout, re-imagine the details (more with higher strength).
 
     `callback(i, n, x0_hat)` is the sampler's per-step callback (an exception raised there stops at once)."""
     z0 = encode_images(pipe, images)
     req = resolve(pipe, request, len(z0), **fields)
-    return decode_latents(pipe, sdedit_latent(pipe, z0, strength, bound_denoiser(pipe, req), req, callback))
+    return decode_latents(pipe, sdedit_latent(pipe, z0, strength, bound_denoiser(pipe, req), req, callback, watermark))
 
 
 def combine(pipe, images, weights, strength: float = 0.5, request: SampleRequest | None = None, *, callback=None,
-            input_classes: bool = True, **fields) -> np.ndarray:
+            input_classes: bool = True, watermark: WatermarkKey | None = None, **fields) -> np.ndarray:
     """One image from several: z = Σ w_i z_i (weights normalised to sum 1), then SDEdit at `strength`.
 
     A linear mix of latents is blurry and off the data manifold (it has less variance than a real
@@ -172,7 +175,7 @@ def combine(pipe, images, weights, strength: float = 0.5, request: SampleRequest
     fn = bound_denoiser(pipe, req)
     if input_classes and pipe.num_classes and req.labels is None:
         fn = _class_mixture(pipe, req, predict_classes(pipe, z, req.seed), w)
-    return decode_latents(pipe, sdedit_latent(pipe, mix, strength, fn, req, callback))
+    return decode_latents(pipe, sdedit_latent(pipe, mix, strength, fn, req, callback, watermark))
 
 
 def _class_mixture(pipe, req: SampleRequest, classes: list[int], weights: np.ndarray) -> DenoiserFn:
@@ -224,9 +227,10 @@ def invert(pipe, images, request: SampleRequest | None = None, **fields) -> torc
     return ddim_invert(bound_denoiser(pipe, req), z0, pipe.denoiser.schedule, grid(pipe, req))
 
 
-def seed_noise(pipe, seed: int) -> torch.Tensor:
-    """The starting noise `generate(1, seed=seed)` uses, (1, c, h, w)."""
-    return torch.randn((1, *pipe.autoencoder.latent_shape), generator=generator(pipe, seed), device=pipe.device)
+def seed_noise(pipe, seed: int, watermark: WatermarkKey | None = None) -> torch.Tensor:
+    """The starting noise `generate(1, seed=seed, watermark=watermark)` uses, (1, c, h, w)."""
+    noise = torch.randn((1, *pipe.autoencoder.latent_shape), generator=generator(pipe, seed), device=pipe.device)
+    return noise if watermark is None else keyed_noise(noise, watermark)
 
 
 def _frame_weights(frames: int, device) -> torch.Tensor:
@@ -269,12 +273,16 @@ def interpolate_noise(pipe, noise_a: torch.Tensor, noise_b: torch.Tensor, frames
 
 
 def interpolate_seeds(pipe, seed_a: int, seed_b: int, frames: int, *, classes=None,
-                      request: SampleRequest | None = None, callback=None, **fields) -> np.ndarray:
-    """Frames between the DDIM samples of two seeds (the ends equal ``generate(1, seed=..., sampler='ddim')``)."""
+                      request: SampleRequest | None = None, callback=None, watermark: WatermarkKey | None = None,
+                      **fields) -> np.ndarray:
+    """Frames between the DDIM samples of two seeds (the ends equal ``generate(1, seed=..., sampler='ddim')``).
+
+    With a `watermark` key both ends carry the key's signs, and so does every frame: slerp weights are
+    non-negative, so a coordinate with the same sign at both ends keeps it."""
     if request is None:
         fields.setdefault("guidance", pipe.cfg.sample.guidance)
-    return interpolate_noise(pipe, seed_noise(pipe, seed_a), seed_noise(pipe, seed_b), frames, classes=classes,
-                             request=request, callback=callback, **fields)
+    return interpolate_noise(pipe, seed_noise(pipe, seed_a, watermark), seed_noise(pipe, seed_b, watermark), frames,
+                             classes=classes, request=request, callback=callback, **fields)
 
 
 def interpolate_images(pipe, img_a, img_b, frames: int, *, classes=None, request: SampleRequest | None = None,
@@ -310,7 +318,8 @@ def class_means(pipe, n_per_class: int = 64, request: SampleRequest | None = Non
 
 
 def class_arithmetic(pipe, images, add_class: int, sub_class: int, *, amount: float = 1.0, strength: float = 0.0,
-                     means: torch.Tensor | None = None, request: SampleRequest | None = None, **fields) -> np.ndarray:
+                     means: torch.Tensor | None = None, request: SampleRequest | None = None,
+                     watermark: WatermarkKey | None = None, **fields) -> np.ndarray:
     """z' = z + amount · (mean_{add_class} - mean_{sub_class}), decoded (after SDEdit if strength > 0).
 
     Honest caveat: class means of a small latent space blur shape differences, so the raw result
@@ -326,5 +335,5 @@ def class_arithmetic(pipe, images, add_class: int, sub_class: int, *, amount: fl
     z = encode_images(pipe, images) + amount * (means[add_class] - means[sub_class])
     if strength > 0:
         req = resolve(pipe, request, len(z), **{**fields, "labels": add_class})
-        z = sdedit_latent(pipe, z, strength, bound_denoiser(pipe, req), req)
+        z = sdedit_latent(pipe, z, strength, bound_denoiser(pipe, req), req, watermark=watermark)
     return decode_latents(pipe, z)

@@ -3,12 +3,11 @@
 Verdicts: "tampered" (a C2PA manifest whose signature or hashes do not match: exit 3), "generated"
 (a valid signature or a detected watermark: exit 0), "not detected" (exit 1). A PNG grid of samples is cut
 back into its tiles (layout from the record, else guessed from the size) and the watermark test pools the
-key agreements of all tiles: Binomial(tiles·d, 1/2) under H0, so the stated p-value stays exact.
+noise estimates of all tiles into one correlation (``watermark.pooled``), whose p-value bound still holds.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,14 +16,7 @@ from PIL import Image
 
 from latentdiff.errors import DataError
 from latentdiff.pipeline.provenance import read_c2pa, read_record
-from latentdiff.pipeline.watermark import (
-    DEFAULT_P_VALUE,
-    DETECT_STEPS,
-    WatermarkKey,
-    agreements,
-    invert_to_noise,
-    p_value,
-)
+from latentdiff.pipeline.watermark import DEFAULT_P_VALUE, DETECT_STEPS, WatermarkKey, noise_estimate, pooled
 
 GRID_PAD = 2  # utils.images.make_grid's default padding
 
@@ -67,15 +59,14 @@ def tiles(img: np.ndarray, tile_hw: tuple[int, int]) -> np.ndarray | None:
 def detect_pooled(model, cells: np.ndarray, keys: list[WatermarkKey], steps: int = DETECT_STEPS) -> dict:
     """The best key's pooled detection over `cells`; the p-value is multiplied by the number of keys tried
     (Bonferroni), so trying the development key too never raises the false-positive rate."""
-    z = invert_to_noise(model, cells, steps)
-    bits = math.prod(z.shape[1:]) * len(cells)
+    e = noise_estimate(model, cells, steps)
     best = None
     for key in keys:
-        k = int(agreements(z, key).sum())
-        p = min(1.0, p_value(k, bits) * len(keys))
+        det = pooled(e, key)
+        p = min(1.0, det.p_value * len(keys))
         if best is None or p < best["p_value"]:
-            best = {"key": key.label, "key_id": key.fingerprint, "agree": k, "bits": bits, "score": round(k / bits, 4),
-                    "p_value": p, "tiles": len(cells)}
+            best = {"key": key.label, "key_id": key.fingerprint, "score": round(det.score, 3), "agree": det.agree,
+                    "bits": det.bits, "p_value": p, "tiles": len(cells)}
     return best
 
 

@@ -33,14 +33,15 @@ class Cancelled(Exception):
     """Raised from the per-step callback to stop a batch in which a job was cancelled."""
 
 
-NOT_FROM_NOISE = "not applied: this operation starts from an input image or an inversion, not from keyed z_T"
+NOT_FROM_NOISE = "not applied: frames between inverted images reproduce those images' own noise"
 
 
 def save_image(img: np.ndarray, path, pipe, model: str, record: dict, watermark: WatermarkKey | None,
                sign: bool = True, audio: bool = False) -> Path | None:
     """THE one place a served image is written: atomically, through the provenance writer (the record in the
     PNG, a C2PA signature when the `provenance` extra is installed), like every CLI output. `watermark`: the key
-    that generated it (it is in the pixels already), or None when the operation does not start from z_T.
+    that went into the noise it was made from (it is in the pixels already), or None for an interpolation
+    between images (which starts from their inversions).
     With `audio` (an audio model's log-mel image) the PNG is the spectrogram with low frequencies at the
     bottom, and a WAV (Griffin-Lim) with the same record is written beside it; returns the WAV's path."""
     note = None if watermark is not None else NOT_FROM_NOISE
@@ -125,7 +126,7 @@ class Worker(threading.Thread):
         try:
             for i, img in enumerate(images):
                 name = f"{job.id}-{i:03d}.png"
-                key = self.watermark if job.kind == "generate" else None
+                key = self.watermark if self._keyed(job) else None
                 wav = save_image(img, self.queue.store.images_dir / name, pipe, job.model, job.record, key,
                                  audio=audio)
                 names.append(name)
@@ -135,6 +136,11 @@ class Worker(threading.Thread):
             self.queue.finish(job, "failed", str(e), names, sounds)
             return
         self.queue.finish(job, "done", images=names, audio=sounds)
+
+    @staticmethod
+    def _keyed(job: Job) -> bool:
+        """Every job adds keyed noise except an interpolation between two images."""
+        return job.kind != "interpolate" or "seeds" in job.spec.options
 
     def _callback(self, pipe, jobs: list[Job]):
         rows = np.cumsum([0] + [j.spec.request.n if j.kind == "generate" else 1 for j in jobs])
@@ -158,20 +164,23 @@ class Worker(threading.Thread):
         from latentdiff.pipeline import control, inpaint
 
         spec = jobs[0].spec
-        req, opt = spec.request, spec.options
+        req, opt, key = spec.request, spec.options, self.watermark
         if spec.kind == "generate":
             if len(jobs) > 1 or batch_key(req) is not None:
-                return generate_batch(pipe, [j.spec.request for j in jobs], callback, watermark=self.watermark)
-            return [pipe.generate(req, callback=lambda s, i, n, x0: callback(i, n, x0), watermark=self.watermark)[0]]
+                return generate_batch(pipe, [j.spec.request for j in jobs], callback, watermark=key)
+            return [pipe.generate(req, callback=lambda s, i, n, x0: callback(i, n, x0), watermark=key)[0]]
         if spec.kind == "edit":
-            return [control.img2img(pipe, spec.images, opt["strength"], req, callback=callback)]
+            return [control.img2img(pipe, spec.images, opt["strength"], req, callback=callback, watermark=key)]
         if spec.kind == "inpaint":
-            return [inpaint.inpaint(pipe, spec.images, spec.mask, req, resample=opt["resample"], callback=callback)]
+            return [inpaint.inpaint(pipe, spec.images, spec.mask, req, resample=opt["resample"], callback=callback,
+                                    watermark=key)]
         if spec.kind == "combine":
-            return [control.combine(pipe, spec.images, opt["weights"], opt["strength"], req, callback=callback)]
+            return [control.combine(pipe, spec.images, opt["weights"], opt["strength"], req, callback=callback,
+                                    watermark=key)]
         if "seeds" in opt:
             a, b = opt["seeds"]
-            return [control.interpolate_seeds(pipe, a, b, opt["frames"], request=req, callback=callback)]
+            return [control.interpolate_seeds(pipe, a, b, opt["frames"], request=req, callback=callback,
+                                              watermark=key)]
         one = req.replace(n=1, guidance=1.0, labels=None if req.labels is None else req.labels[0])
         ends = [control.invert(pipe, spec.images[k:k + 1], one) for k in (0, 1)]
         return [control.interpolate_noise(pipe, *ends, opt["frames"], request=req, callback=callback)]
