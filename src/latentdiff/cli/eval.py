@@ -173,8 +173,19 @@ def _likelihood(opts, device) -> None:
         print(json.dumps(result, default=float))
 
 
+def _bias_scales(opts, default: str | None) -> list:
+    text = opts.bias_guidance if opts.bias_guidance is not None else default
+    if text is None:
+        return [None]  # the model's own guidance
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--bias-guidance must be numbers separated by commas, got {text!r}") from None
+
+
 def _bias(opts, device) -> None:
-    """`eval --bias`: the class-histogram table (docs/responsible-generation.md), or --json."""
+    """`eval --bias`: the class-histogram table (docs/responsible-generation.md), or --json; text-to-image
+    models: the emoji category and skin-tone tables."""
     from latentdiff.data import load_dataset
     from latentdiff.evaluation.bias import bias_report, format_bias_table
     from latentdiff.evaluation.features import ClassifierExtractor
@@ -182,16 +193,31 @@ def _bias(opts, device) -> None:
 
     if opts.model is None:
         raise ConfigError("--bias needs --model: the report is about the model's samples")
-    try:
-        scales = [float(v) for v in opts.bias_guidance.split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"--bias-guidance must be numbers separated by commas, got {opts.bias_guidance!r}") from None
+    scales = _bias_scales(opts, None)
     pipe = LatentDiffusion.load(opts.model, device)
+    if pipe.has_text:
+        return _text_bias(opts, pipe, scales)
+    scales = _bias_scales(opts, "1,2,4")
     n = opts.n or 1000
     train = load_dataset(opts.reference, "train", data_dir=opts.data_dir, limit=max(n, 2000)).images
     report = bias_report(pipe, ClassifierExtractor(device=device), train, n, scales, steps=opts.steps,
                          seed=opts.seed, batch_size=opts.batch_size)
     print(json.dumps(report) if opts.as_json else format_bias_table(report))
+
+
+def _text_bias(opts, pipe, scales) -> None:
+    from latentdiff.data.emoji import load_emoji
+    from latentdiff.evaluation.bias import format_text_bias_table, text_bias_report
+    from latentdiff.evaluation.text_to_image import EmojiJudges
+
+    c, h, w = pipe.image_shape
+    if c != 3 or h != w:
+        raise ConfigError(f"the emoji bias report needs square RGB images; this model makes {c}×{h}×{w}")
+    train = load_emoji("train", root=opts.emoji_dir, size=h)
+    heldout = load_emoji("heldout", root=opts.emoji_dir, size=h)
+    report = text_bias_report(pipe, EmojiJudges.load(), train, opts.n or 1000, scales, steps=opts.steps,
+                              seed=opts.seed, batch_size=opts.batch_size, heldout=heldout)
+    print(json.dumps({"model": str(opts.model), **report}) if opts.as_json else format_text_bias_table(report))
 
 
 @command("eval", help="Score generated images against the test split of the reference data: Fréchet distance (FD) "
@@ -221,9 +247,11 @@ def _bias(opts, device) -> None:
               "$LATENTDIFF_EMOJI_DIR, the cache, else the bundled subset)")
 @likelihood_options()
 @click.option("--bias", is_flag=True, help="with --model: the bias report instead: class histograms of N samples "
-              "(default: 1000) unconditional and at each --bias-guidance scale vs the training data's")
-@click.option("--bias-guidance", default="1,2,4", metavar="G1,G2,...",
-              help="with --bias: guidance scales (default: 1,2,4)")
+              "(default: 1000) unconditional and at each --bias-guidance scale vs the training data's; text-to-image "
+              "models: emoji-category histograms (empty prompt, random training captions) and the skin tones of "
+              "person prompts that name no tone, vs the training data's")
+@click.option("--bias-guidance", default=None, metavar="G1,G2,...",
+              help="with --bias: guidance scales (default: 1,2,4; text-to-image models: the model's own)")
 @scoring_options()
 @with_namespace
 def evaluate(opts) -> None:
