@@ -3,12 +3,13 @@
     nice -n 15 python bench/watermark.py --model pretrained:fashion-mnist --real 2000 --samples 400 \
         --json docs/bench/watermark.json --md docs/bench/watermark.md
 
-Sets: `--samples` watermarked samples (key W), two sets of `--samples` unwatermarked samples (seeds A, B),
-`--real` real test images (the full clean set; `--real-attacked` of them under each attack). Every
-class in turn, the model's default guidance, `--steps` DDIM steps. Attacks: none, JPEG quality 75,
-0.5× downscale + upscale (bilinear), Gaussian noise σ = 2/255 (clipped, rounded). For each attack: TPR at
-the stated p-value threshold (1e-3) and the measured FPR of that threshold on real images and on
-unwatermarked samples, plus the empirical TPR at the largest threshold whose measured FPR ≤ 0.1%.
+Sets: `--samples` watermarked samples (key W), `--edits` real test images edited with the key (SDEdit at
+strength 0.5, the `edit` command's path), `--negatives` unwatermarked samples (seed A; its first `--samples`
+and a second set, seed B, give the FD spread), `--real` real test images (not the edited ones). Every class in
+turn, the model's default guidance, `--steps` DDIM steps. Attacks: none, JPEG quality 75, 0.5× downscale +
+upscale (bilinear), Gaussian noise σ = 2/255 (clipped, rounded), each applied to every set. For each attack:
+TPR at the stated p-value threshold (1e-3) and the measured FPR of that threshold on real images and on
+unwatermarked samples, plus the empirical TPR at the lowest threshold whose measured FPR ≤ 0.1%.
 FD (shipped classifier features) of each sample set against the real images: the watermarked set's FD
 should sit within the A-vs-B seed-to-seed spread.
 """
@@ -29,7 +30,8 @@ from latentdiff.data.fashion_mnist import find_fashion_mnist, load_fashion_mnist
 from latentdiff.evaluation.features import ClassifierExtractor
 from latentdiff.evaluation.metrics import fd_from_features
 from latentdiff.pipeline import LatentDiffusion
-from latentdiff.pipeline.watermark import DEFAULT_P_VALUE, WatermarkKey, agreements, invert_to_noise
+from latentdiff.pipeline.control import img2img
+from latentdiff.pipeline.watermark import DEFAULT_P_VALUE, WatermarkKey, noise_estimate, score_threshold, scores
 from latentdiff.utils.files import write_text_atomic
 
 
@@ -60,17 +62,35 @@ def gaussian(images: np.ndarray, sigma: float = 2 / 255, seed: int = 0) -> np.nd
 ATTACKS = {"clean": lambda x: x, "jpeg75": jpeg, "resize0.5": resize_half, "noise2/255": gaussian}
 
 
-def k_threshold(bits: int, alpha: float) -> int:
-    """The smallest k with P(Binomial(bits, 1/2) ≥ k) ≤ alpha."""
-    from scipy.stats import binom
+def load_real(model, n_real: int, n_edit: int):
+    """(real images, images to edit, their condition: labels or captions, the FD extractor) for the model."""
+    if model.has_text:  # emoji: all 3,786 images (train and held-out), in a fixed shuffled order
+        from latentdiff.data.emoji import load_emoji
+        from latentdiff.evaluation.features import get_extractor
 
-    return int(binom.isf(alpha, bits, 0.5)) + 1
+        data = load_emoji("all", bundled=False)
+        order = np.random.default_rng(0).permutation(len(data.images))
+        images, captions = data.images[order], [data.captions[i] for i in order]
+        edit = slice(n_real, n_real + n_edit)
+        return images[:n_real], images[edit], {"prompt": captions[edit]}, get_extractor("emoji-classifier")
+    images, labels = load_fashion_mnist(find_fashion_mnist(), "test")
+    edit = slice(n_real, n_real + n_edit)
+    return images[:n_real, ..., None], images[edit, ..., None], {"labels": list(labels[edit])}, ClassifierExtractor()
+
+
+def conditions(model, n: int) -> dict:
+    """Every class in turn, or the training captions in turn (text models)."""
+    if model.has_text:
+        from latentdiff.data.emoji import load_emoji
+
+        captions = load_emoji("train", bundled=False).captions
+        return {"prompt": [captions[i % len(captions)] for i in range(n)]}
+    return {"labels": list(np.arange(n) % model.num_classes)} if model.num_classes else {}
 
 
 def generate(model, n: int, steps: int, seed: int, key=None) -> np.ndarray:
-    labels = list(np.arange(n) % model.num_classes) if model.num_classes else None
-    images, _ = model.generate(n, labels=labels, steps=steps, sampler="ddim", seed=seed, batch_size=100,
-                               watermark=key)
+    images, _ = model.generate(n, steps=steps, sampler="ddim", seed=seed, batch_size=100, watermark=key,
+                               **conditions(model, n))
     return images
 
 
@@ -78,8 +98,9 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="pretrained:fashion-mnist")
     ap.add_argument("--real", type=int, default=2000)
-    ap.add_argument("--real-attacked", type=int, default=500)
-    ap.add_argument("--samples", type=int, default=400)
+    ap.add_argument("--samples", type=int, default=1000)
+    ap.add_argument("--edits", type=int, default=500)
+    ap.add_argument("--negatives", type=int, default=2000)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--json")
     ap.add_argument("--md")
@@ -88,36 +109,34 @@ def main(argv=None) -> dict:
     t_start = time.time()
     model = LatentDiffusion.load(args.model)
     key = WatermarkKey(b"benchmark key: a stand-in for an installation secret", "bench")
-    real = load_fashion_mnist(find_fashion_mnist(), "test")[0][:args.real][..., None]
+    real, to_edit, edit_cond, ext = load_real(model, args.real, args.edits)
     sets = {"wm": generate(model, args.samples, args.steps, 3, key),
-            "A": generate(model, args.samples, args.steps, 1), "B": generate(model, args.samples, args.steps, 2)}
+            "edit": img2img(model, to_edit, 0.5, steps=args.steps, sampler="ddim", seed=4, watermark=key, **edit_cond),
+            "A": generate(model, args.negatives, args.steps, 1), "B": generate(model, args.samples, args.steps, 2)}
     print(f"generated in {time.time() - t_start:.0f} s", flush=True)
-    ext = ClassifierExtractor()
     f_real = ext.features(real)
-    # FD needs more samples than feature dimensions (129 for the 128-d classifier)
-    fd = ({name: fd_from_features(f_real, ext.features(imgs)) for name, imgs in sets.items()}
+    # FD needs more samples than feature dimensions (129 for the 128-d classifier); equal set sizes
+    fd = ({name: fd_from_features(f_real, ext.features(sets[name][:args.samples])) for name in ("wm", "A", "B")}
           if args.samples > ext.dim else None)
-    bits = math.prod(model.autoencoder.latent_shape)
-    k_star = k_threshold(bits, DEFAULT_P_VALUE)
+    t_star = score_threshold(DEFAULT_P_VALUE)
     rows = []
     for attack, fn in ATTACKS.items():
-        r = real if attack == "clean" else real[:args.real_attacked]
-        scores = {name: agreements(invert_to_noise(model, fn(imgs)), key).numpy()
-                  for name, imgs in (("wm", sets["wm"]), ("samples", sets["A"]), ("real", r))}
-        neg = np.concatenate([scores["samples"], scores["real"]])
+        t = {name: scores(noise_estimate(model, fn(imgs)), key).numpy()
+             for name, imgs in (("wm", sets["wm"]), ("edit", sets["edit"]), ("samples", sets["A"]), ("real", real))}
+        neg = np.concatenate([t["samples"], t["real"]])
         # empirical: the lowest threshold whose measured FPR over all negatives is ≤ 0.1%
-        k_emp = int(np.sort(neg)[-max(1, int(len(neg) * 1e-3)) - 1] + 1) if len(neg) >= 1000 else None
-        row = {"attack": attack, "tpr": float((scores["wm"] >= k_star).mean()),
-               "fpr_real": float((scores["real"] >= k_star).mean()),
-               "fpr_samples": float((scores["samples"] >= k_star).mean()),
-               "n_wm": len(scores["wm"]), "n_real": len(scores["real"]), "n_samples": len(scores["samples"]),
-               "mean_score_wm": float(scores["wm"].mean() / bits), "mean_score_real": float(scores["real"].mean() / bits),
-               "mean_score_samples": float(scores["samples"].mean() / bits),
-               "tpr_at_measured_fpr_0.1%": float((scores["wm"] >= k_emp).mean()) if k_emp else None}
+        t_emp = float(np.sort(neg)[-max(1, int(len(neg) * 1e-3)) - 1]) if len(neg) >= 1000 else None
+        row = {"attack": attack, "tpr": float((t["wm"] >= t_star).mean()), "tpr_edit": float((t["edit"] >= t_star).mean()),
+               "fpr_real": float((t["real"] >= t_star).mean()), "fpr_samples": float((t["samples"] >= t_star).mean()),
+               "n_wm": len(t["wm"]), "n_edit": len(t["edit"]), "n_real": len(t["real"]), "n_samples": len(t["samples"]),
+               **{f"mean_score_{k}": float(v.mean()) for k, v in t.items()},
+               "max_score_negatives": float(neg.max()), "min_score_wm": float(t["wm"].min()),
+               "tpr_at_measured_fpr_0.1%": float((t["wm"] > t_emp).mean()) if t_emp is not None else None}
         rows.append(row)
         print(json.dumps(row), f"{time.time() - t_start:.0f} s", flush=True)
-    result = {"model": args.model, "bits": bits, "k_threshold": k_star, "p_threshold": DEFAULT_P_VALUE,
-              "steps": args.steps, "fd": fd, "rows": rows, "seconds": round(time.time() - t_start)}
+    result = {"model": args.model, "bits": math.prod(model.autoencoder.latent_shape), "score_threshold": t_star,
+              "p_threshold": DEFAULT_P_VALUE, "steps": args.steps, "fd": fd, "rows": rows,
+              "seconds": round(time.time() - t_start), "threads": torch.get_num_threads()}
     print(json.dumps(result))
     if args.json:
         write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
@@ -127,15 +146,18 @@ def main(argv=None) -> dict:
 
 
 def markdown(r: dict) -> str:
-    lines = [(f"Model `{r['model']}`: {r['bits']} key bits, detected when ≥ {r['k_threshold']} agree "
-             f"(p ≤ {r['p_threshold']:g}); samples with {r['steps']} DDIM steps."), "",
-             ("| attack | TPR at p ≤ 1e-3 | FPR real | FPR unwatermarked samples | TPR at measured FPR ≤ 0.1% | "
-             "mean score wm / real / samples |"), "|---|---|---|---|---|---|"]
+    lines = [(f"Model `{r['model']}`: {r['bits']} latent coordinates; detected when the correlation is ≥ "
+              f"{r['score_threshold']:.2f} (stated p ≤ {r['p_threshold']:g}); samples with {r['steps']} DDIM steps; "
+              "edits are SDEdit at strength 0.5 of real test images with the key."), "",
+             ("| attack | TPR samples, p ≤ 1e-3 | TPR edits, p ≤ 1e-3 | FPR real | FPR unwatermarked samples | "
+              "TPR at measured FPR ≤ 0.1% | mean correlation wm / edit / real / samples |"),
+             "|---|---|---|---|---|---|---|"]
     for w in r["rows"]:
         emp = "n/a" if w["tpr_at_measured_fpr_0.1%"] is None else f"{w['tpr_at_measured_fpr_0.1%']:.1%}"
-        lines.append(f"| {w['attack']} | {w['tpr']:.1%} (n={w['n_wm']}) | {w['fpr_real']:.2%} (n={w['n_real']}) | "
-                     f"{w['fpr_samples']:.2%} (n={w['n_samples']}) | {emp} | {w['mean_score_wm']:.3f} / "
-                     f"{w['mean_score_real']:.3f} / {w['mean_score_samples']:.3f} |")
+        lines.append(f"| {w['attack']} | {w['tpr']:.1%} (n={w['n_wm']}) | {w['tpr_edit']:.1%} (n={w['n_edit']}) | "
+                     f"{w['fpr_real']:.2%} (n={w['n_real']}) | {w['fpr_samples']:.2%} (n={w['n_samples']}) | {emp} | "
+                     f"{w['mean_score_wm']:.2f} / {w['mean_score_edit']:.2f} / {w['mean_score_real']:.2f} / "
+                     f"{w['mean_score_samples']:.2f} |")
     fd = r["fd"]
     lines += ["", "FD not measured (needs more than 128 samples per set)." if fd is None else
               f"FD vs real (classifier features): watermarked {fd['wm']:.2f}; unwatermarked seed A "

@@ -43,6 +43,10 @@ def main():
     images, _ = pipe.generate(16, prompt="a smiling cat face", seed=0)
     print(f"16 images, prompt encoded, {pipe.cfg.sample.steps} {pipe.cfg.sample.sampler} steps: "
           f"{time.perf_counter() - t0:.1f} s including loading the model and the text encoder")
+    for prompt in ("a red apple", "a green tree", "a smiling cat face"):  # warm: encoding, sampling, decoding
+        t0 = time.perf_counter()
+        pipe.generate(16, prompt=prompt, seed=1)
+        print(f"16 images of {prompt!r} with the model loaded: {time.perf_counter() - t0:.2f} s")
     rows = []
     for prompt, origin in PROMPTS:
         imgs, _ = pipe.generate(args.per_prompt, prompt=prompt, seed=0)

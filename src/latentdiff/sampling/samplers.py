@@ -94,12 +94,11 @@ def ddim(denoiser, x, schedule: NoiseSchedule, ts, *, eta: float = 0.0, generato
 
 
 @torch.no_grad()
-def ddim_invert(denoiser, x0, schedule: NoiseSchedule, ts, *, callback: Callback = None, trace: list | None = None):
+def ddim_invert(denoiser, x0, schedule: NoiseSchedule, ts, *, callback: Callback = None):
     """Deterministic DDIM run forwards (x_0 -> x_T) along the ascending reverse of ``ts``.
 
     Uses ε̂ evaluated at the current (lower) noise level, the usual first-order approximation
     (Mokady et al. 2023); ``ddim(..., eta=0)`` over the same ``ts`` approximately undoes it.
-    `trace`: a list that receives (t, ε̂) for every ε̂ evaluated, t the level it was evaluated at.
     """
     asc = ts.flip(0).tolist()
     x, t_cur = x0, -1
@@ -111,8 +110,6 @@ def ddim_invert(denoiser, x0, schedule: NoiseSchedule, ts, *, callback: Callback
         a_c, a_n = float(schedule.abar(t_cur)), float(schedule.abar(t))
         x0_hat = (x - (1 - a_c) ** 0.5 * eps) / a_c**0.5
         x = a_n**0.5 * x0_hat + (1 - a_n) ** 0.5 * eps
-        if trace is not None:
-            trace.append((max(t_cur, asc[0]), eps))
         t_cur = t
         if callback:
             callback(i, len(asc), x0_hat)
