@@ -360,3 +360,16 @@ def test_preview_of_a_spectrogram_is_flipped_like_the_saved_png(pipe):
     x0 = torch.randn(1, *pipe.autoencoder.latent_shape, generator=torch.Generator().manual_seed(0))
     up, down = (np.asarray(Image.open(io.BytesIO(base64.b64decode(preview_png(pipe, x0, f))))) for f in (False, True))
     assert up.std() > 0 and not np.array_equal(up, down) and np.array_equal(up[::-1], down)
+
+
+def test_model_info_names_text_conditioning_so_the_ui_shows_the_prompt_box():
+    from types import SimpleNamespace
+
+    from latentdiff.pipeline.config import load_config
+    from latentdiff.serve.app import model_info
+
+    cfg = load_config(preset="emoji")
+    pipe = SimpleNamespace(cfg=cfg, image_shape=(3, 64, 64), class_names=(), num_classes=0, has_text=True)
+    assert model_info("emoji", pipe)["conditioning"] == "text"
+    pipe.has_text, pipe.num_classes = False, 10
+    assert model_info("fm", pipe)["conditioning"] == "class"

@@ -101,7 +101,7 @@ def model_info(name: str, pipe) -> dict:
 
     s = pipe.cfg.sample
     return {"name": name, "modality": pipe.cfg.modality, "image_shape": list(pipe.image_shape), "classes": list(pipe.class_names),
-            "conditioning": "class" if pipe.num_classes else "none",
+            "conditioning": "text" if pipe.has_text else "class" if pipe.num_classes else "none",
             "defaults": {"sampler": s.sampler, "steps": s.steps, "guidance": s.guidance},
             "samplers": list(SAMPLERS), "kinds": list(schema.KINDS)}
 
