@@ -125,6 +125,11 @@ def _request(opts, pipe, n: int, **fields):
                         seed=opts.seed, **fields)
 
 
+# RePaint draws fresh noise at every step and keeps the known pixels, so a key in its start noise is not
+# detectable afterwards (measured: p ≈ 0.97 with half the image regenerated): the record says so instead.
+REPAINT_NOTE = "not applied: inpainting draws fresh noise at every step (RePaint), so a keyed start does not survive"
+
+
 def _key(opts, pipe):
     from latentdiff.cli.outputs import output_key
 
@@ -212,10 +217,10 @@ def inpaint(opts):
         mask = load_mask(opts.mask, size, hw) if opts.mask else rect_mask(opts.rect, size, hw)
     if not mask.any():
         raise DataError("the mask is empty: nothing to inpaint (white pixels, >= 128, mark what to regenerate)")
-    request, key = _request(opts, pipe, len(image)), _key(opts, pipe)
-    result = run(pipe, image, mask, request, resample=opts.resample, watermark=key)
+    request = _request(opts, pipe, len(image))
+    result = run(pipe, image, mask, request, resample=opts.resample)
     _save(result[0], out, _meta(opts, pipe, "inpaint", [opts.image] + ([opts.mask] if opts.mask else []), request,
-                                key, rect=opts.rect, span=opts.span, resample=opts.resample), opts, pipe)
+                                None, REPAINT_NOTE, rect=opts.rect, span=opts.span, resample=opts.resample), opts, pipe)
 
 
 @command("repair", help="Detect damaged pixels (isolated black/white specks, thin bright or dark lines) unless --mask "
@@ -232,10 +237,10 @@ def repair(opts):
     pipe = _load_pipe(opts)
     image, size = load_image(opts.image, pipe)
     mask = load_mask(opts.mask, size, pipe.image_shape[1:]) if opts.mask else None
-    request, key = _request(opts, pipe, len(image)), _key(opts, pipe)
-    result, used = run(pipe, image, mask, request, resample=opts.resample, watermark=key)
+    request = _request(opts, pipe, len(image))
+    result, used = run(pipe, image, mask, request, resample=opts.resample)
     _save(result[0], out, _meta(opts, pipe, "repair", [opts.image] + ([opts.mask] if opts.mask else []), request,
-                                key, resample=opts.resample, damaged_pixels=int(used.sum())), opts)
+                                None, REPAINT_NOTE, resample=opts.resample, damaged_pixels=int(used.sum())), opts)
     print(f"repaired {int(used.sum())} pixels ({'given mask' if opts.mask else 'detected damage'})")
 
 

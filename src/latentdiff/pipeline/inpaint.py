@@ -22,7 +22,6 @@ from latentdiff.pipeline.control import (
     resolve,
 )
 from latentdiff.pipeline.request import SampleRequest
-from latentdiff.pipeline.watermark import WatermarkKey, keyed_noise
 
 
 def check_mask(pipe, mask, n: int) -> np.ndarray:
@@ -51,15 +50,13 @@ def latent_mask(mask: np.ndarray, factor: int, latent_hw: tuple[int, int]) -> to
 
 @torch.no_grad()
 def inpaint_latent(schedule, fn: DenoiserFn, z_known: torch.Tensor, m: torch.Tensor, ts: torch.Tensor, *,
-                   resample: int = 0, generator=None, callback=None, watermark: WatermarkKey | None = None
-                   ) -> torch.Tensor:
+                   resample: int = 0, generator=None, callback=None) -> torch.Tensor:
     """RePaint (Lugmayr et al. 2022, Algorithm 1) on latents; m = 1 where to generate.
 
     At every step the unknown part comes from the reverse step p(x_{t'} | x_t) (the strided DDPM
     posterior) and the known part from q(x_{t'} | x_0) of the known latent; with `resample` = r,
     each step is redone r more times after going back up by q(x_t | x_{t'}), which lets the
     generated part harmonise with the known part. `callback(i, n, x0_hat)` is called after every step.
-    A `watermark` key goes into the starting noise of the unknown part, as in generation.
     """
     if resample < 0:
         raise ConfigError(f"resample must be >= 0, got {resample}")
@@ -70,8 +67,7 @@ def inpaint_latent(schedule, fn: DenoiserFn, z_known: torch.Tensor, m: torch.Ten
     def tt(t):
         return torch.full((len(z_known),), int(t), dtype=torch.long, device=z_known.device)
 
-    start = noise() if watermark is None else keyed_noise(noise(), watermark)
-    x = m * start + (1 - m) * schedule.add_noise(z_known, noise(), tt(ts[0]))  # x_T; known part from q(x_T|x_0)
+    x = m * noise() + (1 - m) * schedule.add_noise(z_known, noise(), tt(ts[0]))  # x_T; known part from q(x_T|x_0)
     for i, t in enumerate(ts.tolist()):
         t_prev = int(ts[i + 1]) if i + 1 < len(ts) else -1
         for u in range(resample + 1):
@@ -89,7 +85,7 @@ def inpaint_latent(schedule, fn: DenoiserFn, z_known: torch.Tensor, m: torch.Ten
 
 
 def inpaint(pipe, images, mask, request: SampleRequest | None = None, *, resample: int = 0, paste_back: bool = True,
-            callback=None, watermark: WatermarkKey | None = None, **fields) -> np.ndarray:
+            callback=None, **fields) -> np.ndarray:
     """Regenerate the pixels where `mask` is true, keep the rest.
 
     `mask`: H×W or N×H×W, true/1 = regenerate. With `paste_back` the known pixels of the result
@@ -102,8 +98,7 @@ def inpaint(pipe, images, mask, request: SampleRequest | None = None, *, resampl
     m = latent_mask(mask, pipe.autoencoder.cfg.factor, tuple(z0.shape[-2:])).to(z0.device, z0.dtype)
     req = resolve(pipe, request, len(z0), **fields)
     z = inpaint_latent(pipe.denoiser.schedule, bound_denoiser(pipe, req), z0, m, grid(pipe, req),
-                       resample=int(resample), generator=generator(pipe, req.seed), callback=callback,
-                       watermark=watermark)
+                       resample=int(resample), generator=generator(pipe, req.seed), callback=callback)
     out = decode_latents(pipe, z)
     if paste_back:
         out = np.where(mask[..., None], out, images)
@@ -145,10 +140,10 @@ def damage_mask(images, *, impulse_threshold: int = 50, scratch_threshold: int =
 
 
 def repair(pipe, images, mask=None, request: SampleRequest | None = None, *, resample: int = 2,
-           watermark: WatermarkKey | None = None, **fields) -> tuple[np.ndarray, np.ndarray]:
+           **fields) -> tuple[np.ndarray, np.ndarray]:
     """Inpaint the damaged pixels (`mask`, or :func:`damage_mask` when None); returns (images, mask used)."""
     images = check_images(pipe, images)
     mask = damage_mask(images) if mask is None else check_mask(pipe, mask, len(images))
     if not mask.any():
         return images.copy(), mask
-    return inpaint(pipe, images, mask, request, resample=resample, watermark=watermark, **fields), mask
+    return inpaint(pipe, images, mask, request, resample=resample, **fields), mask

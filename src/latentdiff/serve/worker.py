@@ -33,15 +33,16 @@ class Cancelled(Exception):
     """Raised from the per-step callback to stop a batch in which a job was cancelled."""
 
 
-NOT_FROM_NOISE = "not applied: frames between inverted images reproduce those images' own noise"
+NOT_FROM_NOISE = ("not applied: inpainting draws fresh noise at every step, and frames between inverted images "
+                  "reproduce those images' own noise")
 
 
 def save_image(img: np.ndarray, path, pipe, model: str, record: dict, watermark: WatermarkKey | None,
                sign: bool = True, audio: bool = False) -> Path | None:
     """THE one place a served image is written: atomically, through the provenance writer (the record in the
     PNG, a C2PA signature when the `provenance` extra is installed), like every CLI output. `watermark`: the key
-    that went into the noise it was made from (it is in the pixels already), or None for an interpolation
-    between images (which starts from their inversions).
+    that went into the noise it was made from (it is in the pixels already), or None for inpainting and for an
+    interpolation between images.
     With `audio` (an audio model's log-mel image) the PNG is the spectrogram with low frequencies at the
     bottom, and a WAV (Griffin-Lim) with the same record is written beside it; returns the WAV's path."""
     note = None if watermark is not None else NOT_FROM_NOISE
@@ -139,8 +140,8 @@ class Worker(threading.Thread):
 
     @staticmethod
     def _keyed(job: Job) -> bool:
-        """Every job adds keyed noise except an interpolation between two images."""
-        return job.kind != "interpolate" or "seeds" in job.spec.options
+        """Every job adds keyed noise except inpainting (RePaint) and an interpolation between two images."""
+        return job.kind not in ("inpaint", "interpolate") or "seeds" in job.spec.options
 
     def _callback(self, pipe, jobs: list[Job]):
         rows = np.cumsum([0] + [j.spec.request.n if j.kind == "generate" else 1 for j in jobs])
@@ -172,8 +173,7 @@ class Worker(threading.Thread):
         if spec.kind == "edit":
             return [control.img2img(pipe, spec.images, opt["strength"], req, callback=callback, watermark=key)]
         if spec.kind == "inpaint":
-            return [inpaint.inpaint(pipe, spec.images, spec.mask, req, resample=opt["resample"], callback=callback,
-                                    watermark=key)]
+            return [inpaint.inpaint(pipe, spec.images, spec.mask, req, resample=opt["resample"], callback=callback)]
         if spec.kind == "combine":
             return [control.combine(pipe, spec.images, opt["weights"], opt["strength"], req, callback=callback,
                                     watermark=key)]
