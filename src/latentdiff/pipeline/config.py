@@ -255,7 +255,7 @@ def _emoji() -> Config:
                         attention_levels=(1, 2), cross_attention_levels=(0, 1, 2), embedding="scale-shift"),
         text=TextConfig(encoder="minilm", max_tokens=32),
         diffusion=DiffusionConfig(schedule="cosine", prediction="v", min_snr_gamma=5.0, cond_drop_prob=0.1),
-        training=TrainConfig(steps=8000, batch_size=32, lr=1e-3, warmup_steps=200, ema_decay=0.999,
+        training=TrainConfig(steps=4000, batch_size=32, lr=1e-3, warmup_steps=200, ema_decay=0.999,
                              log_every=50, sample_every=1000, checkpoint_every=250),
         sample=SampleConfig(sampler="dpmpp-2m", steps=20, guidance=3.0),
         conditional=False,
