@@ -235,3 +235,17 @@ def test_packaged_bert_matches_transformers():
     ctx, mask = TextEncoder(TextConfig(encoder="minilm", max_tokens=24))(prompts)
     assert torch.equal(mask, batch["attention_mask"].bool())
     torch.testing.assert_close(ctx[mask], expected[mask], atol=2e-4, rtol=1e-4)  # padded positions are unused
+
+
+def test_watermark_detection_inverts_a_text_model_with_the_empty_prompt(text_model):
+    """Detection runs the unconditional model: on a text model that is the empty prompt's context (a text
+    U-Net refuses to run without one)."""
+    from latentdiff.pipeline import LatentDiffusion
+    from latentdiff.pipeline.verify import detect_pooled
+    from latentdiff.pipeline.watermark import WatermarkKey
+
+    pipe = LatentDiffusion.load(text_model)
+    key = WatermarkKey(b"text model test key 0123456789", "test")
+    images, _ = pipe.generate(4, prompt="a sneaker", seed=0, watermark=key)
+    det = detect_pooled(pipe, images, [key])
+    assert 0.0 <= det["p_value"] <= 1.0 and det["tiles"] == 4

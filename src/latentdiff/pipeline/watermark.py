@@ -106,12 +106,13 @@ def score_threshold(alpha: float = DEFAULT_P_VALUE) -> float:
 @torch.no_grad()
 def noise_estimate(model, images: np.ndarray, steps: int = DETECT_STEPS, batch_size: int = 256) -> torch.Tensor:
     """uint8 N×H×W×C images -> the estimate ê of the noise they were sampled from (N×latent_shape)."""
-    den = model.denoiser.bind(None)
     ts = timesteps(model.denoiser.schedule.num_steps, steps, "trailing").to(model.device)
     out = []
     for start in range(0, len(images), batch_size):
         x = to_tensor(np.ascontiguousarray(images[start:start + batch_size])).to(model.device)
         z0 = model.autoencoder.to_latent(x)  # posterior mean, normalised
+        # the unconditional model: no label, and on a text model the empty prompt (its null condition)
+        den = model.denoiser.bind(model.condition(None, [""] * len(x)) if model.has_text else None)
         out.append(ddim_invert(den, z0, model.denoiser.schedule, ts).cpu())
     return torch.cat(out)
 
