@@ -216,6 +216,13 @@ def test_cli_sample_then_verify(tmp_path):
     assert code == 1 and rep["record"]["watermark"]["disabled"] and rep["c2pa"]["status"] == "absent"
     code, _, err = run_cli("verify", tmp_path / "missing.png")
     assert code == 2 and "not found" in err
+    # A real 28×28 image with no record is tested with the shipped model of its size and colour (not the
+    # first shipped model, 64×64 emoji), and not flagged.
+    real = tmp_path / "real.png"
+    Image.fromarray(np.array(_bundled_arrays()["test_images"][0])).save(real)
+    code, stdout, _ = run_cli("verify", real, "--json")
+    rep = json.loads(stdout)[0]
+    assert code == 1 and rep["watermark"]["tiles"] == 1 and rep["watermark"]["p_value"] > 1e-3
 
 
 @needs_c2pa

@@ -27,19 +27,20 @@ def _model_finder(opts):
         return cache[name]
 
     def find(record, shape):
-        names = []
+        named = []  # the record's model and --model are used whatever the image's size
         if record and isinstance(record.get("model"), dict) and record["model"].get("name"):
-            names.append(record["model"]["name"])
+            named.append(record["model"]["name"])
         if opts.model:
-            names.append(opts.model)
+            named.append(opts.model)
         root = pretrained_dir("fashion-mnist").parent
-        names += [f"pretrained:{d.name}" for d in sorted(root.iterdir()) if (d / "config.json").is_file()]
-        for name in names:
+        shipped = [f"pretrained:{d.name}" for d in sorted(root.iterdir()) if (d / "config.json").is_file()]
+        for name in named + shipped:
             m = load(name)
             if m is None:
                 continue
-            _, h, _w = m.image_shape
-            if (shape[0] % h == 0 or (shape[0] - 2) % (h + 2) == 0 or name in names[:2]):
+            c, h, _w = m.image_shape
+            fits = (shape[0] % h == 0 or (shape[0] - 2) % (h + 2) == 0) and (len(shape) < 3 or shape[2] == c)
+            if name in named or fits:  # a shipped model only for images of its size (or a grid of it) and colour
                 return m
         return None
     return find
