@@ -108,7 +108,7 @@ def test_the_refusal_names_the_batch_size_that_fits(model):
 
 
 MEASURE = """
-import json, resource, shutil, sys, tempfile, torch
+import json, shutil, sys, tempfile, torch
 torch.set_num_threads(1)
 from latentdiff.pipeline import LatentDiffusion
 from latentdiff.pipeline.memory import request_bytes
@@ -116,9 +116,13 @@ d = tempfile.mkdtemp() + "/m"
 shutil.copytree(sys.argv[1], d)
 m = json.load(open(d + "/config.json")); m["image_size"] = [512, 512]; json.dump(m, open(d + "/config.json", "w"))
 pipe = LatentDiffusion.load(d)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def status(key):  # bytes of a /proc/self/status line such as VmRSS or VmHWM (the peak)
+    line = next(x for x in open("/proc/self/status") if x.startswith(key + ":"))
+    return int(line.split()[1]) * 1024
+open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM: the peak of generation alone, not of the load
+base = status("VmRSS")
 pipe.generate(1, labels=[1], steps=1, seed=0)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+peak = status("VmHWM") - base
 print(request_bytes(pipe.cfg, (512, 512), 1, True) / peak)
 """
 
