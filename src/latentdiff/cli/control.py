@@ -138,7 +138,7 @@ def _key(opts, pipe):
 
 def _meta(opts, pipe, name: str, inputs, request, key, note: str | None = None, **extra) -> dict:
     """The provenance record: the command, its inputs, the resolved request and the operation's own settings.
-    `key`: the watermark key that went into the noise the operation added (SDEdit, inpainting: see
+    `key`: the watermark key that went into the noise the operation added (SDEdit, seed interpolation: see
     docs/responsible-generation.md), or None with `note` saying why there is none."""
     from latentdiff.cli.outputs import output_record
 

@@ -6,7 +6,7 @@ made. Embedding: ε' = |ε| · s with ε ~ N(0, I) drawn from the request's gene
 sign pattern. For any fixed s, |ε|·s has the law of ε (the half-normal magnitude is independent of the
 sign), so every watermarked start is exactly N(0, I): the sample distribution is unchanged, and the same seed
 with the same key gives the same image. It marks z_T of generation, and the noise SDEdit adds to an input
-(edit, combine, class arithmetic) and inpainting starts from.
+(edit, combine, class arithmetic).
 
 Detection: encode the image (codec posterior mean) and run DDIM backwards to T (`ddim_invert`, unconditional,
 ``DETECT_STEPS`` steps): the estimate ê of the noise the image was made from. Along a deterministic DDIM
@@ -16,7 +16,7 @@ the normalised correlation T = Σ s_i ê_i / ‖ê‖ (soft decisions: coordinat
 beats counting sign agreements). Under H0 (an image made without this key) s is a uniformly random sign
 pattern independent of ê, so T is a Rademacher sum with unit weight norm and P(T ≥ t) is at most
 min(exp(-t²/2) (Hoeffding), (2e³/9)·Φ̄(t) (Pinelis 1994)): the p-value we state is that bound, so the true
-false-positive rate never exceeds it (at 1e-3 it is about 4× conservative on random inputs).
+false-positive rate never exceeds it (at 1e-3 it is about 4.5× conservative on random inputs).
 
 The pattern is HMAC-SHA256(secret, shape ‖ counter) bits: one image reveals at most a noisy copy of s,
 never the secret, and the secret is never written into any image.
@@ -118,7 +118,7 @@ def noise_estimate(model, images: np.ndarray, steps: int = DETECT_STEPS, batch_s
 
 
 def scores(estimate: torch.Tensor, key: WatermarkKey) -> torch.Tensor:
-    """T per image of an N×latent_shape estimate (or of one pooled set: pass estimate[None] flattened)."""
+    """T for each image of an N×latent_shape estimate."""
     s = key.signs(tuple(estimate.shape[1:]))
     flat = estimate.flatten(1)
     return (flat * s.flatten()).sum(1) / flat.norm(dim=1).clamp_min(1e-12)
