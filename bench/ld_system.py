@@ -24,7 +24,8 @@ from latentdiff.data import ImageData
 from latentdiff.pipeline import LatentDiffusion
 from latentdiff.pipeline.config import PRESETS, Config
 from latentdiff.training.autoencoder import autoencoder_stage
-from latentdiff.training.diffusion import denoiser_stage, encode_dataset
+from latentdiff.training.diffusion import denoiser_stage
+from latentdiff.training.latents import encode_dataset
 from latentdiff.training.loop import TrainLoop
 from latentdiff.utils.images import to_tensor
 

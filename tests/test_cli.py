@@ -13,7 +13,7 @@ from PIL import Image
 
 from latentdiff.cli import main as cli
 from latentdiff.cli.options import PRESET_NAMES, Bounded, Command
-from latentdiff.pipeline.config import PRESETS
+from latentdiff.pipeline.presets import PRESETS
 from latentdiff.utils.state import load_state
 
 ROOT = Path(__file__).resolve().parents[1]

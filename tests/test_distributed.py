@@ -1,5 +1,6 @@
 """DDP under torchrun: 2 gloo processes on the CPU give the weights of 1 process with the same global batch."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -174,3 +175,19 @@ def test_resume_under_ddp_is_exact(runs, image_folder):
     after = load_state(final)[0]
     assert sorted(after) == sorted(before) and all(torch.equal(before[k], after[k]) for k in before)
     assert [(r["step"], r["loss"]) for r in read_metrics(two / "denoiser_metrics.jsonl")] == losses_before
+
+
+def test_two_processes_from_the_latent_cache_match_one_process_in_memory(runs, image_folder, tmp_path):
+    """torchrun with data.latent_cache: each rank encodes every other shard, rank 0 writes the index, and
+    training from the memory-mapped cache gives the one-process in-memory numbers."""
+    one, _, _ = runs
+    three = tmp_path / "three"
+    three.mkdir()
+    shutil.copy(one / "autoencoder.safetensors", three / "autoencoder.safetensors")
+    out = latentdiff("train", "--run-dir", three, *common(image_folder), *DENOISER_LOGS, "--set",
+                     "data.latent_cache=auto", "--set", "data.workers=1", "--set", "data.cache_shard_size=16", nproc=2)
+    index = json.loads((three / "latent-cache" / "index.json").read_text())
+    assert index["complete"] and [s["count"] for s in index["shards"]] == [16] * 4
+    pipe1 = LatentDiffusion.load(one)
+    assert_same_training(one, three, "denoiser", [n for n, _ in pipe1.denoiser.net.named_parameters()])
+    assert out.count("model written to") == 1

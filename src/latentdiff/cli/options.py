@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import click
 
 DEVICES = ("auto", "cpu", "cuda")
-PRESET_NAMES = ("demo", "fashion-mnist", "emoji", "spoken-digits", "tiny", "default")  # pipeline.config.PRESETS (a test checks)
+PRESET_NAMES = ("demo", "fashion-mnist", "emoji", "spoken-digits", "tiny", "default")  # pipeline.presets.PRESETS (a test checks)
 MAX_SEED = 2**63 - 1
 MAX_COUNT = 1_000_000
 

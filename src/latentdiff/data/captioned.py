@@ -20,7 +20,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from latentdiff.data.folders import IMAGE_SUFFIXES, open_image, resize_crop
-from latentdiff.data.limits import check_image_size
+from latentdiff.data.image_data import DataInfo, ImageData
+from latentdiff.data.limits import check_image_size, check_loaded_bytes
 from latentdiff.errors import DataError
 
 METADATA = "metadata.jsonl"
@@ -71,15 +72,19 @@ def to_rgb_on_white(im: Image.Image) -> Image.Image:
 
 
 class CaptionedImages(Dataset):
-    """Item i: ``{"image": float 3×S×S in [-1, 1], "text": str, "index": int}``, decoded on demand."""
+    """Item i: ``{"image": float C×S×S in [-1, 1], "text": str, "index": int}``, decoded on demand
+    (C = ``channels``: 3 RGB, or 1 for the ITU-R 601 luma)."""
 
-    def __init__(self, root: str | os.PathLike, image_size: int, *, limit: int | None = None):
+    def __init__(self, root: str | os.PathLike, image_size: int, *, limit: int | None = None, channels: int = 3):
         check_image_size(image_size)
         if image_size is None:
-            raise DataError("a captioned folder needs an image size (its images may differ in size)")
+            raise DataError("a captioned folder needs an image size, as its images may differ in size: "
+                            "pass --image-size N (data.image_size)")
+        if channels not in (1, 3):
+            raise DataError(f"channels must be 1 or 3, got {channels}")
         self.root = Path(root).expanduser()
         self.records = read_captions(self.root)[:limit]
-        self.image_size = int(image_size)
+        self.image_size, self.channels = int(image_size), channels
 
     def __len__(self) -> int:
         return len(self.records)
@@ -88,25 +93,49 @@ class CaptionedImages(Dataset):
     def captions(self) -> list[str]:
         return [r["text"] for r in self.records]
 
+    @property
+    def info(self) -> DataInfo:
+        size = (self.image_size, self.image_size)
+        return DataInfo(f"captioned folder {self.root}", size, self.channels, None, 0, (), tuple(self.captions), len(self))
+
     def image(self, i: int) -> np.ndarray:
-        """Image i as uint8 S×S×3 (centre square, resized)."""
-        im = to_rgb_on_white(open_image(self.root / self.records[i]["file_name"]))
-        return np.asarray(resize_crop(im, self.image_size), dtype=np.uint8)
+        """Image i as uint8 S×S×C (centre square, resized)."""
+        im = resize_crop(to_rgb_on_white(open_image(self.root / self.records[i]["file_name"])), self.image_size)
+        return np.asarray(im if self.channels == 3 else im.convert("L"), dtype=np.uint8).reshape(
+            self.image_size, self.image_size, self.channels)
 
     def __getitem__(self, i: int) -> dict:
         x = torch.from_numpy(self.image(i).copy()).permute(2, 0, 1).float() / 127.5 - 1
         return {"image": x, "text": self.records[i]["text"], "index": i}
 
 
+def captioned_root(source: str | os.PathLike, split: str = "train") -> Path | None:
+    """The captioned folder a data source names, for a split: ``SOURCE/SPLIT`` when it has its own
+    metadata.jsonl, else ``SOURCE`` itself when it has one; None when the source is not captioned."""
+    root = Path(source).expanduser()
+    if (root / split / METADATA).is_file():
+        return root / split
+    return root if (root / METADATA).is_file() else None
+
+
+def load_captioned(root: Path, image_size: int | None, channels: int | None, limit: int | None) -> ImageData:
+    """A captioned folder in memory: uint8 images with their captions (no class labels)."""
+    data = CaptionedImages(root, image_size, limit=limit, channels=channels or 3)
+    check_loaded_bytes(len(data), data.image_size, data.image_size, data.channels, f"captioned folder {root}")
+    images = np.empty((len(data), data.image_size, data.image_size, data.channels), np.uint8)
+    for i in range(len(data)):
+        images[i] = data.image(i)
+    return ImageData(images, None, 0, (), f"captioned folder {root}", captions=tuple(data.captions))
+
+
 def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
     """(rank, world size): the arguments, else torch.distributed's when initialised, else torchrun's
     environment (RANK, WORLD_SIZE), else (0, 1)."""
-    if rank is not None and world_size is not None:
-        pass
-    elif torch.distributed.is_available() and torch.distributed.is_initialized():
-        rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    else:
-        rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if rank is None or world_size is None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        else:
+            rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world_size < 1 or not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is not in 0..{world_size - 1}")
     return rank, world_size

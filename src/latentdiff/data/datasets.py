@@ -1,6 +1,7 @@
 """Data sets by name: the bundled Fashion-MNIST subset, the full Fashion-MNIST IDX files, folders.
 
-Everything is returned as :class:`ImageData` holding uint8 ``N×H×W×C`` arrays;
+Everything is returned as :class:`ImageData` holding uint8 ``N×H×W×C`` arrays (or, for the latent cache, as
+a Dataset of items by :func:`item_dataset`, which streams captioned folders);
 :func:`latentdiff.utils.images.to_tensor` and ``to_uint8`` convert to and from the float
 ``N×C×H×W`` tensors in ``[-1, 1]`` that the models use. Every problem with the data itself raises
 :class:`~latentdiff.errors.DataError` with a message that names the offending file and says what to do.
@@ -15,8 +16,11 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+from torch.utils.data import Dataset
 
+from latentdiff.data.captioned import CaptionedImages, captioned_root, load_captioned
 from latentdiff.data.emoji import load_emoji
 from latentdiff.data.fashion_mnist import CLASS_NAMES, find_fashion_mnist, load_fashion_mnist
 from latentdiff.data.folders import load_image_folder
@@ -165,9 +169,44 @@ def load_dataset(
         return load_wav_folder(root / split, limit)
     if is_wav_folder(root):
         return load_wav_folder(root, limit)
+    captioned = captioned_root(root, split)
+    if captioned is not None:
+        return load_captioned(captioned, image_size, channels, limit)
     options = {"image_size": image_size, "channels": channels, "limit": limit}
     if (root / "train").is_dir() and (root / "test").is_dir():
         data = load_image_folder(root / split, **options)
         data.source = f"image folder {root} ({split})"
         return data
     return load_image_folder(root, **options)
+
+
+class ImageItems(Dataset):
+    """Items ``{"image": float C×H×W in [-1, 1], "text": caption or "", "index": i}`` of in-memory ImageData."""
+
+    def __init__(self, data: ImageData):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    @property
+    def info(self):
+        return self.data.info
+
+    def __getitem__(self, i: int) -> dict:
+        x = torch.from_numpy(self.data.images[i].copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+        return {"image": x, "text": self.data.captions[i] if self.data.captions else "", "index": i}
+
+
+def item_dataset(source: str, split: str = "train", *, data_dir=None, image_size: int | None = None,
+                 channels: int | None = None, limit: int | None = None) -> Dataset:
+    """The items ``{"image", "text", "index"}`` of a data source, for the latent cache. A captioned folder
+    streams (one image decoded per item, so it may be larger than memory); other sources are loaded with
+    :func:`load_dataset` first."""
+    _check_args(split, image_size, channels, limit)
+    if source not in SOURCES and Path(source).expanduser().is_dir():
+        root = captioned_root(source, split)
+        if root is not None:
+            return CaptionedImages(root, image_size, limit=limit, channels=channels or 3)
+    return ImageItems(load_dataset(source, split, data_dir=data_dir, image_size=image_size, channels=channels,
+                                   limit=limit))

@@ -10,6 +10,23 @@ from latentdiff.errors import DataError
 
 
 @dataclass
+class DataInfo:
+    """What training needs to know of a data set, without its pixels (which may stream from disk)."""
+
+    source: str
+    image_size: tuple[int, int]
+    channels: int
+    labels: np.ndarray | None
+    num_classes: int
+    class_names: tuple[str, ...]
+    captions: tuple[str, ...] | None
+    count: int
+
+    def __len__(self) -> int:
+        return self.count
+
+
+@dataclass
 class ImageData:
     """A set of images (uint8 ``N×H×W×C``, C = 1 or 3) with optional integer class labels."""
 
@@ -41,3 +58,8 @@ class ImageData:
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
+
+    @property
+    def info(self) -> DataInfo:
+        return DataInfo(self.source, self.image_size, self.channels, self.labels, self.num_classes, self.class_names,
+                        self.captions, len(self))

@@ -4,7 +4,7 @@ The network is the downsampling half of the U-Net, built by the same ``unet.down
 with the sinusoidal time embedding added in, no attention), then GroupNorm-SiLU, global average
 pooling and a linear head.
 It is trained like the denoiser: the data set is encoded once into cached posteriors
-(``training.diffusion.encode_dataset``), every step draws fresh z0 from them, t uniformly, and
+(``training.latents.encode_dataset``), every step draws fresh z0 from them, t uniformly, and
 z_t = schedule.add_noise(z0, ε, t); the loss is the cross-entropy of the labels. The loop is
 ``training.loop.TrainLoop`` (EMA, atomic checkpoints, exact resume).
 

@@ -1,4 +1,4 @@
-"""Typed configuration: dataclasses, named presets, YAML files that mirror them, dotted overrides.
+"""Typed configuration: dataclasses, YAML files that mirror them, dotted overrides (named presets: presets.py).
 
 Every field is documented where it is declared. A YAML config or ``--set a.b=value`` override is
 checked field by field (unknown names, wrong types, out-of-range values) before anything is built.
@@ -39,6 +39,9 @@ class DataConfig:
     image_size: int | None = None  # resize images to this square size (default: the data's own size)
     channels: int | None = None    # 1 grayscale or 3 RGB (default: the data's own)
     limit: int | None = None       # use only the first N training images
+    latent_cache: str | None = None  # stage 2's sharded latent cache folder ("auto": RUN_DIR/latent-cache), else in memory
+    workers: int = 0               # DataLoader workers decoding images while the latent cache is built
+    cache_shard_size: int = 1024   # items per latent cache shard
 
     def validate(self):
         if self.image_size is not None and not 8 <= self.image_size <= 1024:
@@ -47,6 +50,11 @@ class DataConfig:
             raise ConfigError(f"data.channels must be 1 or 3, got {self.channels}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"data.limit must be >= 1, got {self.limit}")
+        if self.latent_cache is not None and not str(self.latent_cache).strip():
+            raise ConfigError("data.latent_cache must be a folder path or 'auto'")
+        if not (0 <= self.workers <= 64 and 1 <= self.cache_shard_size <= 1_000_000):
+            raise ConfigError(f"data.workers must be in 0…64 and data.cache_shard_size in 1…1000000, got "
+                              f"{self.workers} and {self.cache_shard_size}")
 
 
 @dataclass
@@ -212,93 +220,6 @@ class Config:
 
 # --- presets: a dict of named configs, no registry --------------------------------------------
 
-def _demo() -> Config:
-    """Small enough to train end to end on 2 CPU cores in under 3 minutes."""
-    return Config(
-        autoencoder=AutoencoderConfig(latent_channels=4, factor=4, base_channels=16, num_res_blocks=1),
-        autoencoder_training=TrainConfig(steps=180, batch_size=64, lr=2e-3, warmup_steps=20, ema_decay=0.0,
-                                         log_every=20, checkpoint_every=100),
-        unet=UNetConfig(in_channels=4, base_channels=32, channel_mults=(1, 2), num_res_blocks=1,
-                        attention_levels=(1,), num_classes=10),
-        training=TrainConfig(steps=440, batch_size=128, lr=2e-3, warmup_steps=50, ema_decay=0.99,
-                             log_every=20, checkpoint_every=100),
-        sample=SampleConfig(sampler="ddim", steps=25, guidance=2.0),
-    )
-
-
-def _fashion_mnist() -> Config:
-    """The shipped pretrained model: full Fashion-MNIST, class-conditional, sized to train on a CPU in about an hour."""
-    return Config(
-        data=DataConfig(source="fashion-mnist"),
-        autoencoder=AutoencoderConfig(latent_channels=4, factor=4, base_channels=24, num_res_blocks=1),
-        autoencoder_training=TrainConfig(steps=2000, batch_size=64, lr=1e-3, warmup_steps=100, ema_decay=0.0,
-                                         log_every=50, checkpoint_every=500),
-        unet=UNetConfig(in_channels=4, base_channels=64, channel_mults=(1, 2), num_res_blocks=2,
-                        attention_levels=(1,), num_classes=10),
-        training=TrainConfig(steps=3000, batch_size=128, lr=1e-3, warmup_steps=200, ema_decay=0.999,
-                             log_every=50, sample_every=1000, checkpoint_every=500),
-        sample=SampleConfig(sampler="ddim", steps=50, guidance=2.0),
-    )
-
-
-def _emoji() -> Config:
-    """The shipped pretrained:emoji model: 64×64 RGB emoji -> 16×16×4 latents, text-to-image with the frozen
-    MiniLM sentence encoder, sized to train in about two hours on a 2-core CPU (see its model card)."""
-    return Config(
-        data=DataConfig(source="emoji"),
-        autoencoder=AutoencoderConfig(image_channels=3, latent_channels=4, factor=4, base_channels=16,
-                                      num_res_blocks=1),
-        autoencoder_training=TrainConfig(steps=1300, batch_size=32, lr=2e-3, warmup_steps=100, ema_decay=0.0,
-                                         log_every=50, checkpoint_every=100),
-        # Three levels (16×16, 8×8, 4×4); adaptive GroupNorm, since the 64-wide first level has 2-channel groups
-        unet=UNetConfig(in_channels=4, base_channels=64, channel_mults=(1, 2, 2), num_res_blocks=1,
-                        attention_levels=(1, 2), cross_attention_levels=(0, 1, 2), embedding="scale-shift"),
-        text=TextConfig(encoder="minilm", max_tokens=32),
-        diffusion=DiffusionConfig(schedule="cosine", prediction="v", min_snr_gamma=5.0, cond_drop_prob=0.1),
-        training=TrainConfig(steps=4000, batch_size=32, lr=1e-3, warmup_steps=200, ema_decay=0.999,
-                             log_every=50, sample_every=1000, checkpoint_every=250),
-        sample=SampleConfig(sampler="dpmpp-2m", steps=20, guidance=3.0),
-        conditional=False,
-    )
-
-
-def _tiny() -> Config:
-    """Seconds on CPU: for tests and smoke checks only."""
-    return Config(
-        data=DataConfig(limit=256),
-        autoencoder=AutoencoderConfig(latent_channels=2, factor=4, base_channels=8, num_res_blocks=1),
-        autoencoder_training=TrainConfig(steps=4, batch_size=16, lr=1e-3, warmup_steps=0, ema_decay=0.0,
-                                         log_every=2, checkpoint_every=2),
-        unet=UNetConfig(in_channels=2, base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
-                        attention_levels=(1,), num_classes=10),
-        training=TrainConfig(steps=6, batch_size=16, lr=1e-3, warmup_steps=0, ema_decay=0.9,
-                             log_every=2, checkpoint_every=3),
-        diffusion=DiffusionConfig(num_train_steps=100),
-        sample=SampleConfig(sampler="ddim", steps=5),
-    )
-
-
-def _spoken_digits() -> Config:
-    """Class-conditional audio: log-mel images (64 mels × 64 frames) of the synthesised spoken digits, sized to
-    train on a loaded 2-core CPU in under an hour (the shipped pretrained:spoken-digits)."""
-    return Config(
-        data=DataConfig(source="spoken-digits"),
-        modality="audio",
-        autoencoder=AutoencoderConfig(latent_channels=4, factor=4, base_channels=16, num_res_blocks=1),
-        autoencoder_training=TrainConfig(steps=160, batch_size=16, lr=2e-3, warmup_steps=20, ema_decay=0.0,
-                                         log_every=25, checkpoint_every=100),
-        unet=UNetConfig(in_channels=4, base_channels=32, channel_mults=(1, 2), num_res_blocks=1,
-                        attention_levels=(1,), num_classes=10),
-        training=TrainConfig(steps=800, batch_size=32, lr=2e-3, warmup_steps=50, ema_decay=0.99,
-                             log_every=25, sample_every=400, checkpoint_every=200),
-        sample=SampleConfig(sampler="ddim", steps=50, guidance=3.0),
-    )
-
-
-PRESETS = {"demo": _demo, "fashion-mnist": _fashion_mnist, "emoji": _emoji, "spoken-digits": _spoken_digits,
-           "tiny": _tiny, "default": Config}
-
-
 # --- loading and overriding -------------------------------------------------------------------
 
 def _convert(value, tp, where: str):
@@ -392,6 +313,8 @@ def load_config(path: str | Path | None = None, preset: str | None = None, overr
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
         preset = data.pop("preset", preset)
     name = preset or "default"
+    from latentdiff.pipeline.presets import PRESETS
+
     if not isinstance(name, str) or name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     cfg = PRESETS[name]()

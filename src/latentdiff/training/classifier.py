@@ -19,7 +19,7 @@ from latentdiff.errors import DataError
 from latentdiff.models.classifier import ClassifierConfig, NoisyClassifier, save_classifier
 from latentdiff.pipeline.config import TrainConfig
 from latentdiff.training import rundir
-from latentdiff.training.diffusion import Posteriors, encode_dataset, posterior_means, sample_posterior
+from latentdiff.training.latents import Posteriors, encode_dataset, posterior_means, sample_posterior
 from latentdiff.training.loop import Stage, TrainLoop
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,6 @@
-"""Stage 2: the latent denoiser. The data set is encoded once into cached posteriors (mean,
-log-variance); every step trains the U-Net on fresh latent samples from them.
+"""Stage 2: the latent denoiser. The data set is encoded once into posteriors (mean, log-variance), in
+memory or, with data.latent_cache, in a sharded cache on disk (``training/latents.py``); every step trains
+the U-Net on fresh latent samples from them.
 
 The latent normalisation belongs to the codec (``Autoencoder.sample_latent`` / ``normalize``).
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from latentdiff.codecs.autoencoder import Autoencoder, DiagonalGaussian
+from latentdiff.data.datasets import ImageItems
 from latentdiff.diffusion.cond import Cond
 from latentdiff.diffusion.denoiser import Denoiser
 from latentdiff.diffusion.loss import diffusion_loss, drop_cond
@@ -23,6 +24,13 @@ from latentdiff.pipeline import LatentDiffusion, resolve_device
 from latentdiff.pipeline.config import Config
 from latentdiff.training import distributed, rundir
 from latentdiff.training.autoencoder import load_train_data, load_trained_autoencoder
+from latentdiff.training.latents import (
+    CachedLatents,
+    Posteriors,
+    cached_latents,
+    encode_dataset,
+    training_items,
+)
 from latentdiff.training.loop import Stage, TrainLoop
 from latentdiff.utils.files import write_text_atomic
 from latentdiff.utils.images import make_grid
@@ -31,58 +39,29 @@ from latentdiff.utils.state import state_digest
 log = logging.getLogger(__name__)
 
 
-class Posteriors:
-    """The codec's posterior q(z | x) of every image, computed once, on the device, with the codec that
-    normalises samples of it (the codec owns the normalisation; nothing here knows its constants)."""
-
-    def __init__(self, codec: Autoencoder, post: DiagonalGaussian):
-        self.codec, self.post = codec, post
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.post.mean
-
-    def __len__(self) -> int:
-        return len(self.post.mean)
-
-
-def encode_dataset(ae: Autoencoder, images: np.ndarray, device, batch_size: int = 500) -> Posteriors:
-    """Posterior of every uint8 image (N, H, W, C), in batches of `batch_size`."""
-    return Posteriors(ae, ae.encode_dataset(images, batch_size, device))
-
-
-def sample_posterior(post: Posteriors, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """A fresh normalised sample of the cached posteriors of items `idx` (ε drawn from `gen`)."""
-    q = DiagonalGaussian(post.post.mean[idx], post.post.logvar[idx])
-    noise = torch.randn(q.mean.shape, generator=gen, device=q.mean.device)
-    return post.codec.sample_latent(q, noise=noise)
-
-
-def posterior_means(post: Posteriors) -> torch.Tensor:
-    """The normalised posterior means (a deterministic encoding, for evaluation)."""
-    return post.codec.normalize(post.post.mean)
-
-
-def denoiser_stage(cfg: Config, den: Denoiser, post: Posteriors, labels: torch.Tensor | None,
+def denoiser_stage(cfg: Config, den: Denoiser, latents: Posteriors | CachedLatents, labels: torch.Tensor | None,
                    on_sample=None, text: tuple[torch.Tensor, torch.Tensor] | None = None) -> Stage:
-    """The denoiser's loss on cached posteriors; `labels` (N,) on their device, or None (unconditional);
-    `text`: every caption's (context (N, L, ...), mask (N, L)), encoded once, or None."""
+    """The denoiser's loss on the training latents (in memory or in the cache, with their text when the
+    model has text); `labels` (N,) on the device, or None (unconditional); `text`: every caption's (context
+    (N, L, ...), mask (N, L)) for in-memory Posteriors that do not hold it yet."""
     drop, gamma = cfg.diffusion.cond_drop_prob, cfg.diffusion.min_snr_gamma
+    if text is not None:
+        latents = Posteriors(latents.codec, latents.post, text)
 
     def loss(idx, gen, rows):
         # Every random draw covers the whole global batch (cheap next to the network), so that each
         # process's rows get exactly the numbers a single process would; the U-Net sees only `rows`.
-        idx = idx.to(post.mean.device)
-        z0 = sample_posterior(post, idx, gen)
+        z0, context = latents.draw(idx, gen)
         cond = None
-        if labels is not None or text is not None:
-            cond = Cond(labels=labels[idx] if labels is not None else None,
-                        context=text[0][idx] if text is not None else None,
-                        context_mask=text[1][idx] if text is not None else None)
-            cond = drop_cond(cond, den.null_cond(len(idx), idx.device), drop, gen)
+        if labels is not None or context is not None:
+            at = idx.to(z0.device)
+            cond = Cond(labels=labels[at] if labels is not None else None,
+                        context=context[0] if context is not None else None,
+                        context_mask=context[1] if context is not None else None)
+            cond = drop_cond(cond, den.null_cond(len(idx), z0.device), drop, gen)
         return diffusion_loss(den, z0, cond, gen, gamma, rows), {}
 
-    return Stage("denoiser", den.net, loss, len(post), cfg.training, on_sample)
+    return Stage("denoiser", den.net, loss, len(latents), cfg.training, on_sample)
 
 
 # "codec": the trained autoencoder's weights (their sha256), so that checkpoints of a denoiser trained on an
@@ -106,7 +85,9 @@ def _train_diffusion(cfg: Config, run_dir: Path, device, resume: bool, overwrite
     main = distributed.is_main()
     ae, ae_meta = load_trained_autoencoder(run_dir, device)
     cfg.autoencoder = ae.cfg  # the trained codec is authoritative
-    data = load_train_data(cfg)
+    # the cache streams a captioned folder; in memory, the data set is loaded whole
+    items = training_items(cfg, ae) if cfg.data.latent_cache else ImageItems(load_train_data(cfg))
+    data = items.info
     if data.image_size != ae.image_size or data.channels != ae.cfg.image_channels:
         raise ConfigError(f"the data ({data.channels}×{data.image_size}) does not match the trained autoencoder "
                           f"({ae.cfg.image_channels}×{ae.image_size})")
@@ -122,10 +103,9 @@ def _train_diffusion(cfg: Config, run_dir: Path, device, resume: bool, overwrite
         pipe = LatentDiffusion.build(cfg, ae.image_size, data.class_names if conditional else ())
     pipe.autoencoder = ae
     den = pipe.denoiser.to(device)
-    text = encode_captions(pipe, captions) if captions is not None else None
     log.info(f"denoiser: {sum(p.numel() for p in den.parameters()) / 1e6:.2f}M parameters, latent {ae.latent_shape}, "
              f"{_condition_name(cfg, conditional, data.num_classes)}")
-    post = encode_dataset(ae, data.images, device)
+    latents = _training_latents(cfg, pipe, items, captions, run_dir, device)
     labels = torch.as_tensor(data.labels, device=device) if conditional else None
 
     def on_sample(step, net):
@@ -134,7 +114,7 @@ def _train_diffusion(cfg: Config, run_dir: Path, device, resume: bool, overwrite
         write_sample_grid(snapshot, run_dir / "samples" / f"step-{step:08d}.png", prompts=grid_prompts(captions))
 
     t0 = time.perf_counter()
-    loop = TrainLoop(denoiser_stage(cfg, den, post, labels, on_sample, text), run_dir, device, precision=cfg.precision,
+    loop = TrainLoop(denoiser_stage(cfg, den, latents, labels, on_sample), run_dir, device, precision=cfg.precision,
                      config={**cfg.to_dict(), "codec": {"sha256": state_digest(ae.state_dict())}}, progress=progress,
                      sections=DENOISER_SECTIONS, overwrite=overwrite)
     net = loop.run(resume)
@@ -147,6 +127,20 @@ def _train_diffusion(cfg: Config, run_dir: Path, device, resume: bool, overwrite
                  f"{grid_path or run_dir / 'samples.png'}")
     distributed.barrier()  # the other processes wait until rank 0 has written the model
     return final
+
+
+def _training_latents(cfg: Config, pipe: LatentDiffusion, items, captions: list[str] | None, run_dir: Path,
+                      device) -> Posteriors | CachedLatents:
+    """The latents (and text) to train on: from the latent cache when data.latent_cache is set, else
+    encoded once into memory."""
+    if not cfg.data.latent_cache:
+        post = encode_dataset(pipe.autoencoder, items.data.images, device)
+        post.text = encode_captions(pipe, captions) if captions is not None else None
+        return post
+    if captions is not None:
+        pipe.encode_prompts([""])  # fixes the null condition even when the cache already exists
+    return cached_latents(cfg, pipe.autoencoder, items, pipe.encode_prompts if captions is not None else None,
+                          run_dir, device)
 
 
 def _condition_name(cfg: Config, conditional: bool, num_classes: int) -> str:
