@@ -113,7 +113,7 @@ OVERRIDES = ["text.encoder=bytes", "text.width=64", "text.layers=1", "text.max_t
 
 
 def test_train_from_the_cache_streams_the_folder_and_matches_training_in_memory(folder, tmp_path, monkeypatch):
-    from latentdiff.data import datasets
+    from latentdiff.data import datasets, limits
     from latentdiff.pipeline import LatentDiffusion
     from latentdiff.pipeline.config import load_config
     from latentdiff.training import autoencoder as A
@@ -126,6 +126,10 @@ def test_train_from_the_cache_streams_the_folder_and_matches_training_in_memory(
     shutil.copy(memory / "autoencoder.safetensors", cached / "autoencoder.safetensors")
     D.train_diffusion(load_config(preset="tiny", overrides=OVERRIDES + [f"data.source={folder}"]), memory,
                       progress=False)
+
+    monkeypatch.setattr(limits, "MAX_LOADED_BYTES", 24 * 16 * 16 * 3 - 1)  # the folder no longer fits in memory
+    with pytest.raises(DataError, match="latent_cache=auto"):
+        datasets.load_dataset(str(folder), image_size=16)
 
     def refuse(*args, **kwargs):
         raise AssertionError("the cached run loaded the whole folder into memory")

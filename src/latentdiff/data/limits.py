@@ -47,7 +47,8 @@ def check_loaded_bytes(n: int, height: int, width: int, channels: int, what: str
     if total > MAX_LOADED_BYTES:
         raise DataError(f"{what}: {n} images of {height}×{width}×{channels} would take {_gib(total)} in memory, "
                         f"beyond latentdiff's limit of {_gib(MAX_LOADED_BYTES)}; use fewer images (--limit) "
-                        "or a smaller --image-size")
+                        "or a smaller --image-size, or for stage 2 a captioned folder (metadata.jsonl) with "
+                        "--set data.latent_cache=auto, which streams it from disk")
 
 
 def check_image_header(path, width: int, height: int) -> None:
