@@ -494,3 +494,22 @@ def test_dropout_runs_are_reproducible_and_resume_equals_them(stage1, tmp_path):
     final = {k: ld_state.load_state(v / "denoiser.safetensors")[0] for k, v in runs.items()}
     for other in ("b", "c"):
         assert all(torch.equal(final["a"][k], final[other][k]) for k in final["a"]), other
+
+
+def test_resume_check_reads_a_missing_field_as_its_default():
+    """A checkpoint written before a config field existed resumes when the field keeps its default; the data
+    reading knobs (workers, cache shard size) may change; anything else is still refused."""
+    from latentdiff.pipeline.config import Config
+    from latentdiff.training.rundir import resume_check
+
+    cfg = Config().to_dict()
+    old = json.loads(json.dumps(cfg))
+    del old["data"]["latent_cache"], old["data"]["workers"]  # an earlier version's checkpoint
+    meta = {"stage": "denoiser", "step": 3, "optimizer": {}, "config": old}
+    check = resume_check("denoiser", cfg)
+    check({"rng.data": torch.zeros(1)}, meta)
+    check_more = resume_check("denoiser", {**cfg, "data": {**cfg["data"], "workers": 4, "cache_shard_size": 64}})
+    check_more({"rng.data": torch.zeros(1)}, meta)
+    changed = resume_check("denoiser", {**cfg, "data": {**cfg["data"], "latent_cache": "auto"}})
+    with pytest.raises(ConfigError, match=r"data.latent_cache \(None -> 'auto'\)"):
+        changed({"rng.data": torch.zeros(1)}, meta)

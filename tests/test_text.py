@@ -249,3 +249,29 @@ def test_watermark_detection_inverts_a_text_model_with_the_empty_prompt(text_mod
     images, _ = pipe.generate(4, prompt="a sneaker", seed=0, watermark=key)
     det = detect_pooled(pipe, images, [key])
     assert 0.0 <= det["p_value"] <= 1.0 and det["tiles"] == 4
+
+
+def test_a_text_model_exports_to_onnx_and_samples_the_same_images(text_model, tmp_path):
+    """The U-Net graph takes the prompt's tokens and padding mask with a dynamic token count; the runtime encodes
+    prompts with the model's own encoder, so prompts, negative prompts and CFG give PyTorch's images."""
+    pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    from latentdiff.export import export_onnx, load_onnx
+    from latentdiff.pipeline import LatentDiffusion
+
+    pipe = LatentDiffusion.load(text_model)
+    summary = export_onnx(pipe, tmp_path / "onnx")
+    assert len(summary["max_abs_error"]) == 3 and summary["max_abs_error"]["unet"] <= 1e-4
+    graph = onnx.load(str(tmp_path / "onnx" / "unet.onnx")).graph
+    assert [i.name for i in graph.input] == ["sample", "timestep", "encoder_hidden_states", "encoder_attention_mask"]
+    tokens = graph.input[2].type.tensor_type.shape.dim[1]
+    assert tokens.dim_param and not tokens.dim_value  # any prompt length
+    rt = load_onnx(tmp_path / "onnx", threads=1)
+    for kwargs in ({"prompt": ["a sneaker", "a bag", "a shirt with long sleeves"], "guidance": 2.0},
+                   {"prompt": "a bag", "negative_prompt": "a shirt", "guidance": 3.0, "sampler": "ddim"}):
+        ours, _ = pipe.generate(3, steps=4, seed=5, **kwargs)
+        got, _ = rt.generate(3, steps=4, seed=5, **kwargs)
+        assert np.abs(got.astype(int) - ours.astype(int)).max() <= 1  # float32 kernels, rounding to uint8
+    with pytest.raises(ConfigError, match="needs a text context"):
+        rt.denoiser.net(torch.zeros(1, *rt.autoencoder.latent_shape), torch.zeros(1))

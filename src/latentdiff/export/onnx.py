@@ -1,10 +1,12 @@
 """Export a LatentDiffusion's networks to ONNX (torch.onnx's dynamo exporter) and check them against PyTorch.
 
-OUT/ holds ``unet.onnx`` (x_t, t[, class labels] -> the network output), ``decoder.onnx`` (unscaled latent ->
+OUT/ holds ``unet.onnx`` (x_t, t[, class labels][, text context and its padding mask] -> the network output), ``decoder.onnx`` (unscaled latent ->
 image in [-1, 1], not clamped), ``encoder.onnx`` (image -> posterior mean and log-variance stacked on channels) and
 ``config.json``: the model's own config.json plus an "onnx" entry describing each graph's inputs and outputs, the
 noise schedule (ᾱ_t for every t, so a runtime without latentdiff can sample) and the parity measured at export.
-Every graph has a dynamic batch dimension; the image size is fixed, as it is for the model.
+Every graph has a dynamic batch dimension, and a text model's context a dynamic token count; the image size is
+fixed, as it is for the model. The text encoder is not in the graphs: the runtime encodes prompts with the model's
+own encoder (frozen MiniLM states, or byte token ids that the U-Net's own token encoder, inside the graph, embeds).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import nn
 
 from latentdiff.errors import ConfigError, ModelError
 from latentdiff.export.runtime import ONNX_FORMAT, ONNX_FORMAT_VERSION, open_session
+from latentdiff.models.unet import UNet
 from latentdiff.pipeline.model import LatentDiffusion
 from latentdiff.utils.files import write_text_atomic
 
@@ -31,6 +34,7 @@ OPSET = 18
 # output scale. The check is max |onnx - torch| <= tolerance · max(1, max |torch|), per graph.
 DEFAULT_TOLERANCE = 1e-4
 PARITY_BATCH = 3  # differs from the export example's batch (2), so the check also exercises the dynamic batch
+EXPORT_TOKENS, PARITY_TOKENS = 5, 9  # likewise for a text model's token count
 
 
 class _Decode(nn.Module):
@@ -54,6 +58,8 @@ def _graphs(pipe: LatentDiffusion) -> dict[str, tuple[nn.Module, list[dict], dic
     if pipe.num_classes:
         unet_in.append({"name": "class_labels", "shape": ["batch"], "dtype": "int64",
                         "meaning": f"class 0…{pipe.num_classes - 1}, or {pipe.num_classes} for none (null label)"})
+    if pipe.has_text:
+        unet_in += _text_inputs(pipe.cfg)
     unet_out = {"name": "out", "shape": ["batch", c, h, w], "dtype": "float32",
                 "meaning": f"{pipe.cfg.diffusion.prediction}-prediction"}
     dec_in = [{"name": "latent", "shape": ["batch", c, h, w], "dtype": "float32",
@@ -66,18 +72,51 @@ def _graphs(pipe: LatentDiffusion) -> dict[str, tuple[nn.Module, list[dict], dic
             "encoder": (pipe.autoencoder.encoder, enc_in, enc_out)}
 
 
-def _example(specs: list[dict], batch: int, num_classes: int, T: int, generator: torch.Generator) -> tuple:
-    """Random inputs following `specs`: normal floats, timesteps in 0…T-1, labels including the null label."""
+def _text_inputs(cfg) -> list[dict]:
+    """The U-Net's text inputs: MiniLM states (float) or byte token ids (int64), and the padding mask."""
+    from latentdiff.models.text import BYTE_VOCAB
+
+    states = cfg.text.token_layers == 0
+    context = ({"name": "encoder_hidden_states", "shape": ["batch", "tokens", cfg.unet.context_dim], "dtype": "float32",
+                "meaning": f"the prompt's {cfg.text.encoder} token states (the empty prompt's for none)"} if states else
+               {"name": "encoder_hidden_states", "shape": ["batch", "tokens"], "dtype": "int64",
+                "meaning": f"byte token ids 0…{BYTE_VOCAB - 1} (0 padding, 1 start, 2 + byte) of the prompt"})
+    mask = {"name": "encoder_attention_mask", "shape": ["batch", "tokens"], "dtype": "bool",
+            "meaning": "True for real tokens, False for padding"}
+    return [context, mask]
+
+
+def _example(specs: list[dict], batch: int, num_classes: int, T: int, generator: torch.Generator,
+             tokens: int = EXPORT_TOKENS) -> tuple:
+    """Random inputs following `specs`: normal floats, timesteps in 0…T-1, labels including the null label, and for
+    text a context whose first row is partly padding."""
     out = []
     for s in specs:
-        shape = [batch if d == "batch" else d for d in s["shape"]]
+        shape = [batch if d == "batch" else tokens if d == "tokens" else d for d in s["shape"]]
         if s["name"] == "timestep":
             out.append(torch.randint(0, T, shape, generator=generator).float())
         elif s["name"] == "class_labels":
             out.append(torch.randint(0, num_classes + 1, shape, generator=generator))
+        elif s["name"] == "encoder_attention_mask":
+            mask = torch.ones(shape, dtype=torch.bool)
+            mask[0, max(1, tokens // 2):] = False
+            out.append(mask)
+        elif s["dtype"] == "int64":  # byte token ids
+            out.append(torch.randint(1, 258, shape, generator=generator))
         else:
             out.append(torch.randn(shape, generator=generator))
     return tuple(out)
+
+
+def _forward_args(module: nn.Module, specs: list[dict], args: tuple) -> dict:
+    """The graph inputs as keyword arguments of `module.forward` (the U-Net's are named after UNet.forward's)."""
+    names = {"sample": "x", "timestep": "t", "class_labels": "labels", "encoder_hidden_states": "context",
+             "encoder_attention_mask": "context_mask"}
+    if isinstance(module, UNet):
+        return {names[s["name"]]: a for s, a in zip(specs, args)}
+    import inspect
+
+    return dict(zip(inspect.signature(module.forward).parameters, args))
 
 
 @contextlib.contextmanager
@@ -97,15 +136,13 @@ def _quiet_exporter():
 
 
 def _export_graph(module: nn.Module, args: tuple, specs: list[dict], out: dict, path: Path):
-    import inspect
-
-    params = list(inspect.signature(module.forward).parameters)[:len(args)]
-    batch = torch.export.Dim("batch")
-    dynamic = {p: {0: batch} for p in params}
+    kwargs = _forward_args(module, specs, args)
+    dims = {"batch": torch.export.Dim("batch"), "tokens": torch.export.Dim("tokens", min=1, max=512)}
+    dynamic = {p: {i: dims[d] for i, d in enumerate(s["shape"]) if d in dims} for p, s in zip(kwargs, specs)}
     tmp = path.with_name(path.name + ".tmp")
     try:
         with _quiet_exporter():
-            torch.onnx.export(module, args, str(tmp), dynamo=True, opset_version=OPSET, external_data=False,
+            torch.onnx.export(module, (), str(tmp), kwargs=kwargs, dynamo=True, opset_version=OPSET, external_data=False,
                               input_names=[s["name"] for s in specs], output_names=[out["name"]],
                               dynamic_shapes=dynamic, verbose=False)
         tmp.replace(path)  # atomic: a half-written graph never carries the final name
@@ -186,9 +223,9 @@ def check_parity(pipe: LatentDiffusion, out_dir: str | Path, *, tolerance: float
     gen = torch.Generator().manual_seed(1)
     errors = {}
     for name, (module, specs, _) in _graphs(pipe.to("cpu").eval()).items():
-        args = _example(specs, PARITY_BATCH, pipe.num_classes, pipe.denoiser.schedule.num_steps, gen)
+        args = _example(specs, PARITY_BATCH, pipe.num_classes, pipe.denoiser.schedule.num_steps, gen, PARITY_TOKENS)
         with torch.no_grad():
-            ref = module(*args).float().numpy()
+            ref = module(**_forward_args(module, specs, args)).float().numpy()
         session = open_session(out_dir / f"{name}.onnx", threads)
         feed = {s["name"]: a.numpy().astype(s["dtype"]) for s, a in zip(specs, args)}
         got = session.run(None, feed)[0]

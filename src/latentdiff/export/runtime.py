@@ -20,7 +20,7 @@ from latentdiff.pipeline.directory import read_metadata
 from latentdiff.pipeline.model import LatentDiffusion, build_schedule
 
 ONNX_FORMAT = "latentdiff-onnx"
-ONNX_FORMAT_VERSION = 1
+ONNX_FORMAT_VERSION = 2  # 2: text models (the U-Net takes encoder_hidden_states and encoder_attention_mask)
 EXTRA_HINT = "install the optional extra: pip install 'latentdiff[onnx]'"
 
 
@@ -74,27 +74,37 @@ class OrtModule(nn.Module):
 
 
 class OrtUNet(OrtModule):
-    """The U-Net contract ``net(x_t, t, labels=None) -> output`` over an ONNX graph; ``cfg`` is the UNetConfig."""
+    """The U-Net contract ``net(x_t, t, labels=None, context=None, context_mask=None) -> output`` over an ONNX graph;
+    ``cfg`` is the UNetConfig."""
 
     def __init__(self, session, cfg):
-        conditional = bool(cfg.num_classes)
-        super().__init__(session, (np.float32, np.float32, np.int64)[:3 if conditional else 2])
+        self.conditional, self.text = bool(cfg.num_classes), bool(cfg.context_dim)
+        dtypes = [np.float32, np.float32] + [np.int64] * self.conditional
+        if self.text:  # states (frozen encoder) or byte token ids (the graph holds the token encoder)
+            dtypes += [np.int64 if cfg.token_layers else np.float32, np.bool_]
+        super().__init__(session, tuple(dtypes))
         self.cfg = cfg
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The exported U-Net with UNet.forward's signature (the fields of a Cond); text context is not exported."""
-        if context is not None:
-            raise ModelError("the ONNX runtime runs class-conditional and unconditional models; text-conditioned "
-                             "models are not exported yet: use --runtime torch")
+        """The exported U-Net with UNet.forward's signature (the fields of a Cond) and its checks."""
         if x.shape[1] != self.cfg.in_channels:
             raise ConfigError(f"U-Net expects {self.cfg.in_channels} input channels, got {x.shape[1]}")
+        if context is not None and not self.text:
+            raise ConfigError("this model takes no text (it was trained without a text encoder)")
+        if context is None and self.text:
+            raise ConfigError("this text-conditioned U-Net needs a text context (the empty prompt's for none)")
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])  # a scalar t counts for the batch
-        if not self.cfg.num_classes:
-            return self.run(x, t)
-        if labels is None:  # unconditional request on a conditional model: the null label, as in UNet.forward
-            labels = torch.full((x.shape[0],), self.cfg.num_classes, dtype=torch.long, device=x.device)
-        return self.run(x, t, labels)
+        inputs = [x, t]
+        if self.conditional:
+            if labels is None:  # unconditional request on a conditional model: the null label, as in UNet.forward
+                labels = torch.full((x.shape[0],), self.cfg.num_classes, dtype=torch.long, device=x.device)
+            inputs.append(labels)
+        if self.text:
+            if context_mask is None:
+                context_mask = torch.ones(context.shape[:2], dtype=torch.bool, device=x.device)
+            inputs += [context, context_mask]
+        return self.run(*inputs)
 
 
 class OrtDecoder(OrtModule):

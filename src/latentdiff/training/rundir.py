@@ -9,7 +9,8 @@ and a resume that continues exactly the run it names.
   deletes them); otherwise the rotation would mix two runs and a later ``--resume`` would
   continue whichever has the highest step.
 - **Resume.** Only the fields in :data:`MAY_CHANGE_ON_RESUME` may differ from the config stored in
-  the checkpoint; any other difference is refused, naming the fields.
+  the checkpoint; any other difference is refused, naming the fields. A field that a checkpoint of an
+  earlier version lacks counts as its default.
 - **Temporaries.** Our own ``.NAME.*.tmp`` files (left by a process killed mid-write) are removed
   at start, under the lock.
 """
@@ -33,8 +34,8 @@ log = logging.getLogger(__name__)
 # Fields (dotted, under any training section) that only say how long to run and how often to
 # report or save: changing them on resume keeps the run the same run.
 MAY_CHANGE_ON_RESUME = ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "tensorboard")
-# Top-level fields that name where things are, not what is trained.
-MAY_CHANGE_TOP = ("data.data_dir", "device")
+# Top-level fields that name where things are, or how data is read, not what is trained.
+MAY_CHANGE_TOP = ("data.data_dir", "device", "data.workers", "data.cache_shard_size")
 
 _TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")  # utils.files.atomic_path's mkstemp names
 
@@ -118,7 +119,7 @@ def resume_check(stage: str, config: dict, sections: tuple[str, ...] | None = No
         if not isinstance(saved, dict):
             raise ModelError("no stored config")
         keep = (lambda k: k.split(".", 1)[0] in sections) if sections else (lambda k: True)
-        old, new = _flatten(saved), _flatten(config)
+        old, new = {**_defaults(), **_flatten(saved)}, _flatten(config)
         differ = sorted(k for k in old.keys() | new.keys()
                         if keep(k) and not _may_change(k) and _norm(old.get(k)) != _norm(new.get(k)))
         if differ:
@@ -129,6 +130,13 @@ def resume_check(stage: str, config: dict, sections: tuple[str, ...] | None = No
                               "(start over with --overwrite, or use another --run-dir)")
 
     return check
+
+
+def _defaults() -> dict:
+    """Every config field's default, flattened: what an earlier version's checkpoint meant by a missing field."""
+    from latentdiff.pipeline.config import Config
+
+    return _flatten(Config().to_dict())
 
 
 def _norm(v):
