@@ -275,3 +275,8 @@ def test_a_text_model_exports_to_onnx_and_samples_the_same_images(text_model, tm
         assert np.abs(got.astype(int) - ours.astype(int)).max() <= 1  # float32 kernels, rounding to uint8
     with pytest.raises(ConfigError, match="needs a text context"):
         rt.denoiser.net(torch.zeros(1, *rt.autoencoder.latent_shape), torch.zeros(1))
+    from latentdiff.errors import ModelError
+    from latentdiff.export.diffusers import export_diffusers
+
+    with pytest.raises(ModelError, match="text-conditioned .* export it with `latentdiff export onnx`"):
+        export_diffusers(pipe, tmp_path / "diffusers")

@@ -135,6 +135,9 @@ def unet_blockers(pipe: LatentDiffusion) -> list[str]:
     widths = {m.out.out_channels for m in net.modules() if isinstance(m, Attention)}
     if any(c % cfg.head_dim for c in widths):  # UNet2DModel: heads = C // attention_head_dim, inner dim heads·dim
         found.append(f"attention widths {sorted(widths)} are not multiples of head_dim {cfg.head_dim}")
+    if cfg.context_dim:
+        found.append("it is text-conditioned (cross-attention), which UNet2DModel lacks and the mapping to "
+                     "UNet2DConditionModel is not written; export it with `latentdiff export onnx` instead")
     return found
 
 
