@@ -22,7 +22,8 @@ from common import Budget, count_flops, lr_budget, sync
 from latentdiff.codecs.autoencoder import Autoencoder
 from latentdiff.data import ImageData
 from latentdiff.pipeline import LatentDiffusion
-from latentdiff.pipeline.config import PRESETS, Config
+from latentdiff.pipeline.config import Config
+from latentdiff.pipeline.presets import PRESETS
 from latentdiff.training.autoencoder import autoencoder_stage
 from latentdiff.training.diffusion import denoiser_stage
 from latentdiff.training.latents import encode_dataset

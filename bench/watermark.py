@@ -31,7 +31,14 @@ from latentdiff.evaluation.features import ClassifierExtractor
 from latentdiff.evaluation.metrics import fd_from_features
 from latentdiff.pipeline import LatentDiffusion
 from latentdiff.pipeline.control import img2img
-from latentdiff.pipeline.watermark import DEFAULT_P_VALUE, WatermarkKey, noise_estimate, score_threshold, scores
+from latentdiff.pipeline.watermark import (
+    DEFAULT_P_VALUE,
+    WatermarkKey,
+    noise_estimate,
+    patterns,
+    score_threshold,
+    scores,
+)
 from latentdiff.utils.files import write_text_atomic
 
 
@@ -118,7 +125,8 @@ def main(argv=None) -> dict:
     # FD needs more samples than feature dimensions (129 for the 128-d classifier); equal set sizes
     fd = ({name: fd_from_features(f_real, ext.features(sets[name][:args.samples])) for name in ("wm", "A", "B")}
           if args.samples > ext.dim else None)
-    t_star = score_threshold(DEFAULT_P_VALUE)
+    k = patterns(model.autoencoder.latent_shape)
+    t_star = score_threshold(DEFAULT_P_VALUE, k)
     rows = []
     for attack, fn in ATTACKS.items():
         t = {name: scores(noise_estimate(model, fn(imgs)), key).numpy()
@@ -134,7 +142,8 @@ def main(argv=None) -> dict:
                "tpr_at_measured_fpr_0.1%": float((t["wm"] > t_emp).mean()) if t_emp is not None else None}
         rows.append(row)
         print(json.dumps(row), f"{time.time() - t_start:.0f} s", flush=True)
-    result = {"model": args.model, "bits": math.prod(model.autoencoder.latent_shape), "score_threshold": t_star,
+    result = {"model": args.model, "bits": math.prod(model.autoencoder.latent_shape), "patterns": k,
+              "score_threshold": t_star,
               "p_threshold": DEFAULT_P_VALUE, "steps": args.steps, "fd": fd, "rows": rows,
               "seconds": round(time.time() - t_start), "threads": torch.get_num_threads()}
     print(json.dumps(result))
@@ -146,7 +155,8 @@ def main(argv=None) -> dict:
 
 
 def markdown(r: dict) -> str:
-    lines = [(f"Model `{r['model']}`: {r['bits']} latent coordinates; detected when the correlation is ≥ "
+    lines = [(f"Model `{r['model']}`: {r['bits']} latent coordinates, {r['patterns']} patterns per key; detected when "
+              f"the best pattern's correlation is ≥ "
               f"{r['score_threshold']:.2f} (stated p ≤ {r['p_threshold']:g}); samples with {r['steps']} DDIM steps; "
               "edits are SDEdit at strength 0.5 of real test images with the key."), "",
              ("| attack | TPR samples, p ≤ 1e-3 | TPR edits, p ≤ 1e-3 | FPR real | FPR unwatermarked samples | "

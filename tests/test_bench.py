@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from latentdiff.pipeline import LatentDiffusion
-from latentdiff.pipeline.config import PRESETS
+from latentdiff.pipeline.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 130  # the evaluation needs >= 129 samples (128-d features)

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from latentdiff.errors import ConfigError
-from latentdiff.pipeline.config import PRESETS, config_from_dict, load_config
+from latentdiff.pipeline.config import config_from_dict, load_config
+from latentdiff.pipeline.presets import PRESETS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

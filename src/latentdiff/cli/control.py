@@ -293,13 +293,12 @@ def _check_endpoints(*ends: str) -> None:
             raise DataError(f"image file not found: {end}")
 
 
-def _endpoint(text: str, pipe, steps, label, prompt=None, key=None):
-    """`seed:K` -> that seed's starting noise (keyed with `key`); an image file -> its DDIM inversion.
-    Returns (noise, is_image)."""
+def _endpoint(text: str, pipe, steps, label, prompt=None):
+    """`seed:K` -> that seed's starting noise; an image file -> its DDIM inversion. Returns (noise, is_image)."""
     from latentdiff.pipeline.control import invert, seed_noise
 
     if text.startswith("seed:"):
-        return seed_noise(pipe, _seed_of(text), key), False
+        return seed_noise(pipe, _seed_of(text)), False
     image, _ = load_image(text, pipe)
     return invert(pipe, image, steps=steps, labels=label, guidance=1.0,
                   **({"prompt": prompt} if prompt is not None else {})), True
@@ -345,12 +344,18 @@ def interpolate(opts):
     prompts = None
     if opts.prompt is not None or opts.prompt_b is not None:
         prompts = (opts.prompt or "", opts.prompt_b if opts.prompt_b is not None else opts.prompt)
-    # Two seeds: both ends keyed, so every frame is (slerp keeps shared signs); an image end brings its own noise.
+    # Two seeds: both ends keyed with one pattern, so every frame is (slerp keeps shared signs); an image end
+    # brings its own noise.
     key = _key(opts, pipe) if opts.a.startswith("seed:") and opts.b.startswith("seed:") else None
-    na, img_a = _endpoint(opts.a, pipe, opts.steps, None if classes is None else classes[0],
-                          None if prompts is None else prompts[0], key)
-    nb, img_b = _endpoint(opts.b, pipe, opts.steps, None if classes is None else classes[1],
-                          None if prompts is None else prompts[1], key)
+    if key is not None:
+        from latentdiff.pipeline.control import seed_pair_noise
+
+        (na, nb), img_a, img_b = seed_pair_noise(pipe, _seed_of(opts.a), _seed_of(opts.b), key), False, False
+    else:
+        na, img_a = _endpoint(opts.a, pipe, opts.steps, None if classes is None else classes[0],
+                              None if prompts is None else prompts[0])
+        nb, img_b = _endpoint(opts.b, pipe, opts.steps, None if classes is None else classes[1],
+                              None if prompts is None else prompts[1])
     # An inverted image is only reproduced by the unguided model it was inverted with.
     guidance = 1.0 if (img_a or img_b) else opts.guidance
     if guidance is None:

@@ -25,7 +25,7 @@ from latentdiff.diffusion.denoiser import DenoiserFn
 from latentdiff.errors import ConfigError, DataError
 from latentdiff.guidance.cfg import blend
 from latentdiff.pipeline.request import SampleRequest
-from latentdiff.pipeline.watermark import WatermarkKey, keyed_noise
+from latentdiff.pipeline.watermark import WatermarkKey, keyed_noise, pattern_index
 from latentdiff.sampling.grids import timesteps
 from latentdiff.sampling.samplers import SAMPLERS, ddim, ddim_invert
 from latentdiff.utils.images import to_tensor
@@ -227,10 +227,22 @@ def invert(pipe, images, request: SampleRequest | None = None, **fields) -> torc
     return ddim_invert(bound_denoiser(pipe, req), z0, pipe.denoiser.schedule, grid(pipe, req))
 
 
-def seed_noise(pipe, seed: int, watermark: WatermarkKey | None = None) -> torch.Tensor:
-    """The starting noise `generate(1, seed=seed, watermark=watermark)` uses, (1, c, h, w)."""
+def seed_noise(pipe, seed: int, watermark: WatermarkKey | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
+    """The starting noise `generate(1, seed=seed, watermark=watermark)` uses, (1, c, h, w); `index` (1,) picks the
+    key's pattern instead of the seed's own."""
     noise = torch.randn((1, *pipe.autoencoder.latent_shape), generator=generator(pipe, seed), device=pipe.device)
-    return noise if watermark is None else keyed_noise(noise, watermark)
+    return noise if watermark is None else keyed_noise(noise, watermark, index)
+
+
+def seed_pair_noise(pipe, seed_a: int, seed_b: int, watermark: WatermarkKey | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two ends of a seed interpolation. With a key both take seed A's pattern, so every slerp frame keeps all
+    its signs (slerp weights are non-negative: a sign shared by both ends survives); end B is then seed B's noise
+    magnitudes with A's pattern, not `generate(seed=seed_b, watermark=…)` itself."""
+    if watermark is None:
+        return seed_noise(pipe, seed_a), seed_noise(pipe, seed_b)
+    index = pattern_index(seed_noise(pipe, seed_a))
+    return seed_noise(pipe, seed_a, watermark, index), seed_noise(pipe, seed_b, watermark, index)
 
 
 def _frame_weights(frames: int, device) -> torch.Tensor:
@@ -277,11 +289,11 @@ def interpolate_seeds(pipe, seed_a: int, seed_b: int, frames: int, *, classes=No
                       **fields) -> np.ndarray:
     """Frames between the DDIM samples of two seeds (the ends equal ``generate(1, seed=..., sampler='ddim')``).
 
-    With a `watermark` key both ends carry the key's signs, and so does every frame: slerp weights are
-    non-negative, so a coordinate with the same sign at both ends keeps it."""
+    With a `watermark` key both ends carry one pattern of the key (see :func:`seed_pair_noise`), and so does every
+    frame."""
     if request is None:
         fields.setdefault("guidance", pipe.cfg.sample.guidance)
-    return interpolate_noise(pipe, seed_noise(pipe, seed_a, watermark), seed_noise(pipe, seed_b, watermark), frames,
+    return interpolate_noise(pipe, *seed_pair_noise(pipe, seed_a, seed_b, watermark), frames,
                              classes=classes, request=request, callback=callback, **fields)
 
 
