@@ -119,7 +119,9 @@ def resume_check(stage: str, config: dict, sections: tuple[str, ...] | None = No
         if not isinstance(saved, dict):
             raise ModelError("no stored config")
         keep = (lambda k: k.split(".", 1)[0] in sections) if sections else (lambda k: True)
-        old, new = {**_defaults(), **_flatten(saved)}, _flatten(config)
+        old, new = _flatten(saved), _flatten(config)
+        defaults = _defaults()
+        old.update({k: defaults[k] for k in new.keys() - old.keys() if k in defaults})
         differ = sorted(k for k in old.keys() | new.keys()
                         if keep(k) and not _may_change(k) and _norm(old.get(k)) != _norm(new.get(k)))
         if differ:
