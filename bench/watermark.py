@@ -86,12 +86,14 @@ def load_real(model, n_real: int, n_edit: int):
 
 
 def conditions(model, n: int) -> dict:
-    """Every class in turn, or the training captions in turn (text models)."""
+    """Every class in turn, or the training captions in a fixed shuffled order (text models): the data set lists
+    them by category, so the first n in order would be nearly all smileys, which invert better than the rest."""
     if model.has_text:
         from latentdiff.data.emoji import load_emoji
 
         captions = load_emoji("train", bundled=False).captions
-        return {"prompt": [captions[i % len(captions)] for i in range(n)]}
+        order = np.random.default_rng(1).permutation(len(captions))
+        return {"prompt": [captions[order[i % len(captions)]] for i in range(n)]}
     return {"labels": list(np.arange(n) % model.num_classes)} if model.num_classes else {}
 
 
