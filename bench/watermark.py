@@ -1,17 +1,18 @@
-"""Watermark benchmark: TPR at a measured FPR per attack, and FD with and without the watermark.
+"""Watermark benchmark: TPR at a measured FPR per attack and per layer, and FD with and without the watermark.
 
     nice -n 15 python bench/watermark.py --model pretrained:fashion-mnist --real 2000 --samples 400 \
         --json docs/bench/watermark.json --md docs/bench/watermark.md
 
-Sets: `--samples` watermarked samples (key W), `--edits` real test images edited with the key (SDEdit at
-strength 0.5, the `edit` command's path), `--negatives` unwatermarked samples (seed A; its first `--samples`
-and a second set, seed B, give the FD spread), `--real` real test images (not the edited ones). Every class in
-turn, the model's default guidance, `--steps` DDIM steps. Attacks: none, JPEG quality 75, 0.5× downscale +
-upscale (bilinear), Gaussian noise σ = 2/255 (clipped, rounded), each applied to every set. For each attack:
-TPR at the stated p-value threshold (1e-3) and the measured FPR of that threshold on real images and on
-unwatermarked samples, plus the empirical TPR at the lowest threshold whose measured FPR ≤ 0.1%.
-FD (shipped classifier features) of each sample set against the real images: the watermarked set's FD
-should sit within the A-vs-B seed-to-seed spread.
+Sets: `--samples` watermarked samples (key W: both layers), `--edits` real test images edited with the key (SDEdit
+at strength 0.5, the `edit` command's path) and as many inpainted with it (RePaint, the right half regenerated:
+decoder mark only), `--negatives` unwatermarked samples (seed A; its first `--samples` and a second set, seed B,
+give the FD spread), `--real` real test images (not the edited ones). Every class in turn, the model's default
+guidance, `--steps` DDIM steps. Attacks: none, JPEG quality 75, 0.5× downscale + upscale (bilinear), Gaussian
+noise σ = 2/255 (clipped, rounded), each applied to every set. For each attack and layer (noise mark, decoder
+mark, both: the smaller p-value times 2, as `verify` does): TPR at the stated p-value threshold (1e-3) and the
+measured FPR of that threshold on real images and on unwatermarked samples, plus the empirical TPR (both layers)
+at the lowest threshold whose measured FPR ≤ 0.1%. FD (shipped classifier features) of each sample set against
+the real images: the watermarked set's FD should sit within the A-vs-B seed-to-seed spread.
 """
 
 from __future__ import annotations
@@ -31,12 +32,14 @@ from latentdiff.evaluation.features import ClassifierExtractor
 from latentdiff.evaluation.metrics import fd_from_features
 from latentdiff.pipeline import LatentDiffusion
 from latentdiff.pipeline.control import img2img
+from latentdiff.pipeline.decoder_mark import has_marknet, load_marknet, mark_score, message
+from latentdiff.pipeline.inpaint import inpaint
 from latentdiff.pipeline.watermark import (
     DEFAULT_P_VALUE,
     WatermarkKey,
     noise_estimate,
+    p_value,
     patterns,
-    score_threshold,
     scores,
 )
 from latentdiff.utils.files import write_text_atomic
@@ -119,8 +122,11 @@ def main(argv=None) -> dict:
     model = LatentDiffusion.load(args.model)
     key = WatermarkKey(b"benchmark key: a stand-in for an installation secret", "bench")
     real, to_edit, edit_cond, ext = load_real(model, args.real, args.edits)
+    half = np.zeros(to_edit.shape[1:3], dtype=bool)
+    half[:, half.shape[1] // 2:] = True
     sets = {"wm": generate(model, args.samples, args.steps, 3, key),
             "edit": img2img(model, to_edit, 0.5, steps=args.steps, sampler="ddim", seed=4, watermark=key, **edit_cond),
+            "inpaint": inpaint(model, to_edit, half, steps=args.steps, seed=5, watermark=key, **edit_cond),
             "A": generate(model, args.negatives, args.steps, 1), "B": generate(model, args.samples, args.steps, 2)}
     print(f"generated in {time.time() - t_start:.0f} s", flush=True)
     f_real = ext.features(real)
@@ -128,24 +134,16 @@ def main(argv=None) -> dict:
     fd = ({name: fd_from_features(f_real, ext.features(sets[name][:args.samples])) for name in ("wm", "A", "B")}
           if args.samples > ext.dim else None)
     k = patterns(model.autoencoder.latent_shape)
-    t_star = score_threshold(DEFAULT_P_VALUE, k)
+    c, h, w = model.image_shape
+    nets = load_marknet(h, c) if has_marknet(h, c) else None
     rows = []
     for attack, fn in ATTACKS.items():
-        t = {name: scores(noise_estimate(model, fn(imgs)), key).numpy()
-             for name, imgs in (("wm", sets["wm"]), ("edit", sets["edit"]), ("samples", sets["A"]), ("real", real))}
-        neg = np.concatenate([t["samples"], t["real"]])
-        # empirical: the lowest threshold whose measured FPR over all negatives is ≤ 0.1%
-        t_emp = float(np.sort(neg)[-max(1, int(len(neg) * 1e-3)) - 1]) if len(neg) >= 1000 else None
-        row = {"attack": attack, "tpr": float((t["wm"] >= t_star).mean()), "tpr_edit": float((t["edit"] >= t_star).mean()),
-               "fpr_real": float((t["real"] >= t_star).mean()), "fpr_samples": float((t["samples"] >= t_star).mean()),
-               "n_wm": len(t["wm"]), "n_edit": len(t["edit"]), "n_real": len(t["real"]), "n_samples": len(t["samples"]),
-               **{f"mean_score_{k}": float(v.mean()) for k, v in t.items()},
-               "max_score_negatives": float(neg.max()), "min_score_wm": float(t["wm"].min()),
-               "tpr_at_measured_fpr_0.1%": float((t["wm"] > t_emp).mean()) if t_emp is not None else None}
-        rows.append(row)
-        print(json.dumps(row), f"{time.time() - t_start:.0f} s", flush=True)
+        p = {name: layer_p_values(model, nets, fn(imgs), key, k) for name, imgs in sets.items() if name != "B"}
+        p["real"] = layer_p_values(model, nets, fn(real), key, k)
+        rows.append(attack_row(attack, p))
+        print(json.dumps(rows[-1]), f"{time.time() - t_start:.0f} s", flush=True)
     result = {"model": args.model, "bits": math.prod(model.autoencoder.latent_shape), "patterns": k,
-              "score_threshold": t_star,
+              "decoder_mark": None if nets is None else {k_: nets.meta[k_] for k_ in ("bits", "psnr", "steps")},
               "p_threshold": DEFAULT_P_VALUE, "steps": args.steps, "fd": fd, "rows": rows,
               "seconds": round(time.time() - t_start), "threads": torch.get_num_threads()}
     print(json.dumps(result))
@@ -156,20 +154,66 @@ def main(argv=None) -> dict:
     return result
 
 
+LAYERS = ("both", "noise", "decoder")
+
+
+def layer_p_values(model, nets, images: np.ndarray, key: WatermarkKey, k: int) -> dict[str, np.ndarray]:
+    """The stated p-value of each image under each layer, and of both together (2 × the smaller, as `verify`)."""
+    t = scores(noise_estimate(model, images), key).numpy()
+    out = {"noise": np.array([p_value(float(v), k) for v in t]), "noise_score": t}
+    if nets is not None:
+        d = mark_score(nets, images, message(key, int(nets.meta["bits"])))
+        out.update(decoder=np.array([p_value(float(v)) for v in d]), decoder_score=d)
+        out["both"] = np.minimum(1.0, 2 * np.minimum(out["noise"], out["decoder"]))
+    else:
+        out["both"] = out["noise"]
+    return out
+
+
+def attack_row(attack: str, p: dict[str, dict[str, np.ndarray]]) -> dict:
+    """TPR and FPR at the stated 1e-3 for each layer, mean scores, and the TPR at a measured FPR ≤ 0.1%."""
+    row = {"attack": attack, **{f"n_{name}": len(v["noise"]) for name, v in p.items()}}
+    for layer in LAYERS:
+        if layer not in p["wm"]:
+            continue
+        sfx = "" if layer == "both" else f"_{layer}"
+        for name in ("wm", "edit", "inpaint"):
+            row[f"tpr_{name}{sfx}"] = float((p[name][layer] <= DEFAULT_P_VALUE).mean())
+        for name in ("real", "A"):
+            row[f"fpr_{name}{sfx}"] = float((p[name][layer] <= DEFAULT_P_VALUE).mean())
+    for score in ("noise_score", "decoder_score"):
+        if score in p["wm"]:
+            row.update({f"mean_{score}_{name}": float(v[score].mean()) for name, v in p.items()})
+    neg = -np.log(np.concatenate([p["A"]["both"], p["real"]["both"]]))
+    # empirical: the lowest threshold whose measured FPR over all negatives is ≤ 0.1%
+    t_emp = float(np.sort(neg)[-max(1, int(len(neg) * 1e-3)) - 1]) if len(neg) >= 1000 else None
+    row["tpr_at_measured_fpr_0.1%"] = (float((-np.log(p["wm"]["both"]) > t_emp).mean())
+                                       if t_emp is not None else None)
+    return row
+
+
 def markdown(r: dict) -> str:
-    lines = [(f"Model `{r['model']}`: {r['bits']} latent coordinates, {r['patterns']} patterns per key; detected when "
-              f"the best pattern's correlation is ≥ "
-              f"{r['score_threshold']:.2f} (stated p ≤ {r['p_threshold']:g}); samples with {r['steps']} DDIM steps; "
-              "edits are SDEdit at strength 0.5 of real test images with the key."), "",
-             ("| attack | TPR samples, p ≤ 1e-3 | TPR edits, p ≤ 1e-3 | FPR real | FPR unwatermarked samples | "
-              "TPR at measured FPR ≤ 0.1% | mean correlation wm / edit / real / samples |"),
+    dec = r.get("decoder_mark")
+    lines = [(f"Model `{r['model']}`: noise mark on {r['bits']} latent coordinates ({r['patterns']} patterns per key)"
+              + (f", decoder mark of {dec['bits']} bits (nets trained {dec['steps']} steps, PSNR {dec['psnr']:.1f} dB)"
+                 if dec else ", no decoder mark for this size")
+              + f"; detected when the stated p-value (false-positive rate) is ≤ {r['p_threshold']:g}; samples with "
+              f"{r['steps']} DDIM steps; edits are SDEdit at strength 0.5 of real test images with the key, inpaints "
+              "regenerate their right half (RePaint)."), "",
+             "Each cell: both layers (as `verify`) / noise mark alone / decoder mark alone.", "",
+             ("| attack | TPR samples | TPR edits | TPR inpaints | FPR real | FPR unwatermarked samples | "
+              "TPR (both) at measured FPR ≤ 0.1% |"),
              "|---|---|---|---|---|---|---|"]
+
+    def cell(row, stem, pct=".1%"):
+        vals = [row.get(stem + sfx) for sfx in ("", "_noise", "_decoder")]
+        return " / ".join("–" if v is None else format(v, pct) for v in vals)
+
     for w in r["rows"]:
         emp = "n/a" if w["tpr_at_measured_fpr_0.1%"] is None else f"{w['tpr_at_measured_fpr_0.1%']:.1%}"
-        lines.append(f"| {w['attack']} | {w['tpr']:.1%} (n={w['n_wm']}) | {w['tpr_edit']:.1%} (n={w['n_edit']}) | "
-                     f"{w['fpr_real']:.2%} (n={w['n_real']}) | {w['fpr_samples']:.2%} (n={w['n_samples']}) | {emp} | "
-                     f"{w['mean_score_wm']:.2f} / {w['mean_score_edit']:.2f} / {w['mean_score_real']:.2f} / "
-                     f"{w['mean_score_samples']:.2f} |")
+        lines.append(f"| {w['attack']} | {cell(w, 'tpr_wm')} (n={w['n_wm']}) | {cell(w, 'tpr_edit')} (n={w['n_edit']}) | "
+                     f"{cell(w, 'tpr_inpaint')} (n={w['n_inpaint']}) | {cell(w, 'fpr_real', '.2%')} (n={w['n_real']}) | "
+                     f"{cell(w, 'fpr_A', '.2%')} (n={w['n_A']}) | {emp} |")
     fd = r["fd"]
     lines += ["", "FD not measured (needs more than 128 samples per set)." if fd is None else
               f"FD vs real (classifier features): watermarked {fd['wm']:.2f}; unwatermarked seed A "

@@ -126,8 +126,11 @@ def _request(opts, pipe, n: int, **fields):
 
 
 # RePaint draws fresh noise at every step and keeps the known pixels, so a key in its start noise is not
-# detectable afterwards (measured: p ≈ 0.97 with half the image regenerated): the record says so instead.
-REPAINT_NOTE = "not applied: inpainting draws fresh noise at every step (RePaint), so a keyed start does not survive"
+# detectable afterwards (measured: p ≈ 0.97 with half the image regenerated): the regenerated pixels carry the
+# decoder mark only, and the record says so.
+REPAINT_NOTE = ("noise mark not applied: inpainting draws fresh noise at every step (RePaint), so a keyed start "
+                "does not survive; the regenerated pixels carry the decoder mark")
+INVERTED_NOTE = "noise mark not applied: frames between inverted images reproduce those images' own noise"
 
 
 def _key(opts, pipe):
@@ -136,15 +139,17 @@ def _key(opts, pipe):
     return output_key(opts, pipe)
 
 
-def _meta(opts, pipe, name: str, inputs, request, key, note: str | None = None, **extra) -> dict:
+def _meta(opts, pipe, name: str, inputs, request, key, note: str | None = None, noise_mark: bool = True,
+          **extra) -> dict:
     """The provenance record: the command, its inputs, the resolved request and the operation's own settings.
-    `key`: the watermark key that went into the noise the operation added (SDEdit, seed interpolation: see
-    docs/responsible-generation.md), or None with `note` saying why there is none."""
+    `key`: the watermark key the output was made with (None: --no-watermark); `noise_mark`: whether the operation
+    put it into noise it added (SDEdit, seed interpolation: see docs/responsible-generation.md), else `note`
+    says why not."""
     from latentdiff.cli.outputs import output_record
 
     return output_record(opts, pipe, {"command": name, "inputs": [Path(str(p)).name for p in inputs],
-                                      **request.to_dict(), **extra}, key,
-                         **({"watermark_note": note} if key is None and note else {}))
+                                      **request.to_dict(), **extra}, key, noise_mark=noise_mark,
+                         **({"watermark_note": note} if note and not noise_mark else {}))
 
 
 def _save(img: np.ndarray, out: Path, meta: dict, opts, pipe=None):
@@ -217,10 +222,11 @@ def inpaint(opts):
         mask = load_mask(opts.mask, size, hw) if opts.mask else rect_mask(opts.rect, size, hw)
     if not mask.any():
         raise DataError("the mask is empty: nothing to inpaint (white pixels, >= 128, mark what to regenerate)")
-    request = _request(opts, pipe, len(image))
-    result = run(pipe, image, mask, request, resample=opts.resample)
+    request, key = _request(opts, pipe, len(image)), _key(opts, pipe)
+    result = run(pipe, image, mask, request, resample=opts.resample, watermark=key)
     _save(result[0], out, _meta(opts, pipe, "inpaint", [opts.image] + ([opts.mask] if opts.mask else []), request,
-                                None, REPAINT_NOTE, rect=opts.rect, span=opts.span, resample=opts.resample), opts, pipe)
+                                key, REPAINT_NOTE, False, rect=opts.rect, span=opts.span, resample=opts.resample),
+          opts, pipe)
 
 
 @command("repair", help="Detect damaged pixels (isolated black/white specks, thin bright or dark lines) unless --mask "
@@ -237,10 +243,11 @@ def repair(opts):
     pipe = _load_pipe(opts)
     image, size = load_image(opts.image, pipe)
     mask = load_mask(opts.mask, size, pipe.image_shape[1:]) if opts.mask else None
-    request = _request(opts, pipe, len(image))
-    result, used = run(pipe, image, mask, request, resample=opts.resample)
+    request, key = _request(opts, pipe, len(image)), _key(opts, pipe)
+    result, used = run(pipe, image, mask, request, resample=opts.resample, watermark=key)
     _save(result[0], out, _meta(opts, pipe, "repair", [opts.image] + ([opts.mask] if opts.mask else []), request,
-                                None, REPAINT_NOTE, resample=opts.resample, damaged_pixels=int(used.sum())), opts)
+                                key, REPAINT_NOTE, False, resample=opts.resample, damaged_pixels=int(used.sum())),
+          opts)
     print(f"repaired {int(used.sum())} pixels ({'given mask' if opts.mask else 'detected damage'})")
 
 
@@ -345,9 +352,9 @@ def interpolate(opts):
     if opts.prompt is not None or opts.prompt_b is not None:
         prompts = (opts.prompt or "", opts.prompt_b if opts.prompt_b is not None else opts.prompt)
     # Two seeds: both ends keyed with one pattern, so every frame is (slerp keeps shared signs); an image end
-    # brings its own noise.
-    key = _key(opts, pipe) if opts.a.startswith("seed:") and opts.b.startswith("seed:") else None
-    if key is not None:
+    # brings its own noise, and the frames carry the decoder mark only.
+    key, seeds = _key(opts, pipe), opts.a.startswith("seed:") and opts.b.startswith("seed:")
+    if key is not None and seeds:
         from latentdiff.pipeline.control import seed_pair_noise
 
         (na, nb), img_a, img_b = seed_pair_noise(pipe, _seed_of(opts.a), _seed_of(opts.b), key), False, False
@@ -361,9 +368,10 @@ def interpolate(opts):
     if guidance is None:
         guidance = pipe.cfg.sample.guidance
     request = pipe.request(opts.frames, guidance=guidance, steps=opts.steps, seed=opts.seed)
-    frames = interpolate_noise(pipe, na, nb, opts.frames, classes=classes, prompts=prompts, request=request)
+    frames = interpolate_noise(pipe, na, nb, opts.frames, classes=classes, prompts=prompts, request=request,
+                               watermark=key)
     meta = _meta(opts, pipe, "interpolate", [p for p in (opts.a, opts.b) if not p.startswith("seed:")], request, key,
-                 "not applied: frames between inverted images reproduce those images' own noise",
+                 INVERTED_NOTE, seeds,
                  endpoints=[Path(p).name for p in (opts.a, opts.b)], frames=opts.frames,
                  classes=None if classes is None else list(classes),
                  **({"prompts": list(prompts)} if prompts is not None else {}))

@@ -57,9 +57,14 @@ def _text(r: dict) -> str:
     else:
         lines.append(f"  C2PA: {c['status']}" + (f" ({c['detail']})" if c.get("detail") else ""))
     if wm.get("p_value") is not None:
-        lines.append(f"  watermark: {'detected' if wm['detected'] else 'not detected'}, correlation {wm['score']:.2f} "
-                     f"({wm['agree']}/{wm['bits']} key signs over {wm['tiles']} tile(s)), p-value ≤ {wm['p_value']:.3g} "
-                     f"(false-positive rate; threshold {wm['threshold_p']:g}), key: {wm['key']}")
+        lines.append(f"  watermark: {'detected' if wm['detected'] else 'not detected'}, p-value ≤ {wm['p_value']:.3g} "
+                     f"(false-positive rate; threshold {wm['threshold_p']:g}) over {wm['tiles']} tile(s), "
+                     f"key: {wm['key']}")
+        noise, dec = wm["layers"]["noise"], wm["layers"].get("decoder")
+        lines.append(f"    noise mark: correlation {noise['score']:.2f} ({noise['agree']}/{noise['bits']} key signs), "
+                     f"p ≤ {noise['p_value']:.3g}")
+        lines.append(f"    decoder mark: score {dec['score']:.2f} ({dec['bits']} bits), p ≤ {dec['p_value']:.3g}" if dec
+                     else "    decoder mark: not tested (no decoder-mark nets for this image size)")
     else:
         lines.append(f"  watermark: not tested ({wm.get('detail')})")
     if rec:

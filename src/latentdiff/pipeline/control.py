@@ -79,10 +79,11 @@ def encode_images(pipe, images) -> torch.Tensor:
         return pipe.autoencoder.to_latent(x)
 
 
-def decode_latents(pipe, z: torch.Tensor) -> np.ndarray:
-    """Normalised latents -> uint8 images N×H×W×C (a non-finite result is an error, see ``LatentDiffusion.decode``)."""
+def decode_latents(pipe, z: torch.Tensor, watermark: WatermarkKey | None = None) -> np.ndarray:
+    """Normalised latents -> uint8 images N×H×W×C (a non-finite result is an error, see ``LatentDiffusion.decode``);
+    with a `watermark` key they carry its decoder mark."""
     with torch.no_grad():
-        return pipe.decode(z)
+        return pipe.decode(z, watermark=watermark) if watermark is not None else pipe.decode(z)
 
 
 def reconstruct(pipe, images) -> np.ndarray:
@@ -148,7 +149,8 @@ def img2img(pipe, images, strength: float, request: SampleRequest | None = None,
     `callback(i, n, x0_hat)` is the sampler's per-step callback (an exception raised there stops at once)."""
     z0 = encode_images(pipe, images)
     req = resolve(pipe, request, len(z0), **fields)
-    return decode_latents(pipe, sdedit_latent(pipe, z0, strength, bound_denoiser(pipe, req), req, callback, watermark))
+    z = sdedit_latent(pipe, z0, strength, bound_denoiser(pipe, req), req, callback, watermark)
+    return decode_latents(pipe, z, watermark)
 
 
 def combine(pipe, images, weights, strength: float = 0.5, request: SampleRequest | None = None, *, callback=None,
@@ -175,7 +177,7 @@ def combine(pipe, images, weights, strength: float = 0.5, request: SampleRequest
     fn = bound_denoiser(pipe, req)
     if input_classes and pipe.num_classes and req.labels is None:
         fn = _class_mixture(pipe, req, predict_classes(pipe, z, req.seed), w)
-    return decode_latents(pipe, sdedit_latent(pipe, mix, strength, fn, req, callback, watermark))
+    return decode_latents(pipe, sdedit_latent(pipe, mix, strength, fn, req, callback, watermark), watermark)
 
 
 def _class_mixture(pipe, req: SampleRequest, classes: list[int], weights: np.ndarray) -> DenoiserFn:
@@ -253,12 +255,14 @@ def _frame_weights(frames: int, device) -> torch.Tensor:
 
 def interpolate_noise(pipe, noise_a: torch.Tensor, noise_b: torch.Tensor, frames: int, *,
                       classes: tuple[int, int] | int | None = None, prompts: tuple[str, str] | None = None,
-                      request: SampleRequest | None = None, callback=None, **fields) -> np.ndarray:
+                      request: SampleRequest | None = None, callback=None, watermark: WatermarkKey | None = None,
+                      **fields) -> np.ndarray:
     """Slerp between two starting noises (1, c, h, w), blend the two ends' classes, regenerate with DDIM.
 
     `classes`: one class for both ends, or (class at A, class at B) blended frame by frame; `prompts`
     likewise (prompt at A, prompt at B) on a text model. The request's guidance defaults to 1 (an inverted
-    image is only reproduced by the unguided model it was inverted with).
+    image is only reproduced by the unguided model it was inverted with). `watermark`: the key of the decoder
+    mark put on every frame (the noises carry whatever mark they already have).
     """
     if prompts is not None:
         pa, pb = prompts
@@ -269,7 +273,8 @@ def interpolate_noise(pipe, noise_a: torch.Tensor, noise_b: torch.Tensor, frames
             w = _frame_weights(frames, noise_a.device)
             noise = slerp(noise_a.expand(n, -1, -1, -1), noise_b.expand(n, -1, -1, -1), w)
             fn = blend(bound_denoiser(pipe, req_a), bound_denoiser(pipe, pipe.request(req_a, prompt=pb)), w.float())
-            return decode_latents(pipe, ddim(fn, noise, pipe.denoiser.schedule, grid(pipe, req_a), callback=callback))
+            z = ddim(fn, noise, pipe.denoiser.schedule, grid(pipe, req_a), callback=callback)
+            return decode_latents(pipe, z, watermark)
     w = _frame_weights(frames, noise_a.device)  # (frames,)
     noise = slerp(noise_a.expand(len(w), -1, -1, -1), noise_b.expand(len(w), -1, -1, -1), w)
     if request is None:
@@ -281,7 +286,7 @@ def interpolate_noise(pipe, noise_a: torch.Tensor, noise_b: torch.Tensor, frames
         a, b = (classes, classes) if np.ndim(classes) == 0 else tuple(classes)
         fa, fb = (bound_denoiser(pipe, pipe.request(req, labels=k)) for k in (a, b))
         fn = fa if a == b else blend(fa, fb, w.float())
-    return decode_latents(pipe, ddim(fn, noise, pipe.denoiser.schedule, grid(pipe, req), callback=callback))
+    return decode_latents(pipe, ddim(fn, noise, pipe.denoiser.schedule, grid(pipe, req), callback=callback), watermark)
 
 
 def interpolate_seeds(pipe, seed_a: int, seed_b: int, frames: int, *, classes=None,
@@ -294,7 +299,7 @@ def interpolate_seeds(pipe, seed_a: int, seed_b: int, frames: int, *, classes=No
     if request is None:
         fields.setdefault("guidance", pipe.cfg.sample.guidance)
     return interpolate_noise(pipe, *seed_pair_noise(pipe, seed_a, seed_b, watermark), frames,
-                             classes=classes, request=request, callback=callback, **fields)
+                             classes=classes, request=request, callback=callback, watermark=watermark, **fields)
 
 
 def interpolate_images(pipe, img_a, img_b, frames: int, *, classes=None, request: SampleRequest | None = None,
@@ -348,4 +353,4 @@ def class_arithmetic(pipe, images, add_class: int, sub_class: int, *, amount: fl
     if strength > 0:
         req = resolve(pipe, request, len(z), **{**fields, "labels": add_class})
         z = sdedit_latent(pipe, z, strength, bound_denoiser(pipe, req), req, watermark=watermark)
-    return decode_latents(pipe, z)
+    return decode_latents(pipe, z, watermark)

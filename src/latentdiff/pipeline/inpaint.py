@@ -85,12 +85,13 @@ def inpaint_latent(schedule, fn: DenoiserFn, z_known: torch.Tensor, m: torch.Ten
 
 
 def inpaint(pipe, images, mask, request: SampleRequest | None = None, *, resample: int = 0, paste_back: bool = True,
-            callback=None, **fields) -> np.ndarray:
+            callback=None, watermark=None, **fields) -> np.ndarray:
     """Regenerate the pixels where `mask` is true, keep the rest.
 
     `mask`: H×W or N×H×W, true/1 = regenerate. With `paste_back` the known pixels of the result
     are the input's bytes exactly; without it the result is the decoded latent, whose known part is
-    the codec's reconstruction of the input.
+    the codec's reconstruction of the input. `watermark`: a key whose decoder mark the regenerated pixels carry
+    (RePaint's fresh noise at every step leaves no room for the noise mark).
     """
     images = check_images(pipe, images)
     mask = check_mask(pipe, mask, len(images))
@@ -99,7 +100,7 @@ def inpaint(pipe, images, mask, request: SampleRequest | None = None, *, resampl
     req = resolve(pipe, request, len(z0), **fields)
     z = inpaint_latent(pipe.denoiser.schedule, bound_denoiser(pipe, req), z0, m, grid(pipe, req),
                        resample=int(resample), generator=generator(pipe, req.seed), callback=callback)
-    out = decode_latents(pipe, z)
+    out = decode_latents(pipe, z, watermark)
     if paste_back:
         out = np.where(mask[..., None], out, images)
     return out

@@ -25,6 +25,7 @@ from latentdiff.pipeline import directory as store
 from latentdiff.pipeline.config import Config, uses_bf16
 from latentdiff.pipeline.memory import check_memory
 from latentdiff.pipeline.request import ModelDefaults, SampleRequest
+from latentdiff.pipeline.decoder_mark import embed, has_marknet, load_marknet, message
 from latentdiff.pipeline.watermark import WatermarkKey, keyed_noise
 from latentdiff.pipeline.runtime import COMPILE_MODES, CompiledNet, under_bf16_autocast
 from latentdiff.sampling.samplers import sample
@@ -202,7 +203,8 @@ class LatentDiffusion:
         arithmetic and the decoder always run in float32; `progress(b)` is called after each batch, and
         `callback(start, step, steps, x0_hat)` after every sampler step of the batch whose first sample is
         `start` (x0_hat: the normalised latent estimate; an exception raised there stops generation at once).
-        `watermark`: a :class:`WatermarkKey` puts the invisible mark into z_T (opt-in here; the CLI and
+        `watermark`: a :class:`WatermarkKey` puts the invisible mark into z_T and, where decoder-mark nets ship for
+        the image size, the key's message into the decoded images (opt-in here; the CLI and
         :func:`latentdiff.pipeline.provenance.write_output` callers pass the installation's key).
         """
         req = self.request(request, **fields)
@@ -221,7 +223,7 @@ class LatentDiffusion:
             step = (lambda i, n, x0, s=start: callback(s, i, n, x0)) if callback else None
             z0 = sample(fn, noise, self.denoiser.schedule, sampler=req.sampler, steps=req.steps, spacing=req.spacing,
                         generator=gen, callback=step, **options)
-            out.append(self.decode(z0, req))
+            out.append(self.decode(z0, req, watermark))
             if progress:
                 progress(b)
         return np.concatenate(out), (labels.cpu().numpy() if labels is not None else None)
@@ -238,9 +240,11 @@ class LatentDiffusion:
         noise = torch.randn((batch, *self.autoencoder.latent_shape), generator=generator, device=self.device)
         return keyed_noise(noise, watermark) if watermark is not None else noise
 
-    def decode(self, z0: torch.Tensor, request: SampleRequest | None = None) -> np.ndarray:
+    def decode(self, z0: torch.Tensor, request: SampleRequest | None = None, watermark: WatermarkKey | None = None
+               ) -> np.ndarray:
         """Normalised latents -> uint8 images N×H×W×C; a non-finite result is an error naming the likely cause,
-        never an image of garbage."""
+        never an image of garbage. With a `watermark` key the decoder mark (``decoder_mark.py``) carries the key's
+        message, where nets ship for this image size."""
         images = self.autoencoder.from_latent(z0)
         if not bool(torch.isfinite(images).all()):
             scales = (f" (guidance {request.guidance:g}, classifier scale {request.classifier_scale:g})"
@@ -248,6 +252,9 @@ class LatentDiffusion:
             raise ModelError(f"sampling produced non-finite values (NaN or inf){scales}: the guidance scales are "
                              "probably too large for this model, so lower them; if it persists, the model's "
                              "weights or latent statistics are broken")
+        if watermark is not None and has_marknet(self.image_shape[1], self.image_shape[0]):
+            nets = load_marknet(self.image_shape[1], self.image_shape[0])
+            images = embed(nets, images, message(watermark, int(nets.meta["bits"])))
         return to_uint8(images)
 
     def compiled_denoiser(self, mode: bool | str = True) -> Denoiser:

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from latentdiff.errors import DataError
+from latentdiff.pipeline.decoder_mark import MARK_BITS, has_marknet
 from latentdiff.pipeline.keys import signing_identity
 from latentdiff.pipeline.watermark import WatermarkKey
 from latentdiff.utils.files import atomic_path
@@ -54,15 +55,27 @@ def model_sha256(model) -> str | None:
     return model._provenance_sha256
 
 
+def watermark_record(model, key: WatermarkKey | None, noise_mark: bool = True, note: str | None = None) -> dict:
+    """The record's "watermark" entry. `scheme`: the noise mark ("gaussian-shading-zT"), or None where the operation
+    added no keyed noise (`note` says why); `decoder_mark`: the decoder layer, where nets ship for the model's
+    image size and the model decodes with it. Without a key: disabled (--no-watermark), or as `note` says."""
+    c, h, _ = model.image_shape
+    decoder = key is not None and hasattr(model, "initial_noise") and has_marknet(h, c)
+    if key is None or not (noise_mark or decoder):
+        return {"scheme": None, "disabled": note is None, **({"note": note} if note else {})}
+    return {"scheme": "gaussian-shading-zT" if noise_mark else None,
+            **({"decoder_mark": f"marknet-{MARK_BITS}bit"} if decoder else {}),
+            "key": key.label, "key_id": key.fingerprint, **({"note": note} if note and not noise_mark else {})}
+
+
 def generation_record(model, model_name: str, request: dict, watermark: WatermarkKey | None,
-                      sign: bool = True, watermark_note: str | None = None, **extra) -> dict:
+                      sign: bool = True, watermark_note: str | None = None, noise_mark: bool = True, **extra) -> dict:
     """The provenance record of one output: model (name, SHA-256), request, watermark, signing intent.
-    Without a key the watermark is recorded as disabled (--no-watermark), or as `watermark_note` says."""
+    `watermark`: the key the output was made with; `noise_mark`: False where the operation added no keyed noise
+    (inpainting, frames between images), which `watermark_note` explains (see :func:`watermark_record`)."""
     from latentdiff import __version__
 
-    wm = ({"scheme": "gaussian-shading-zT", "key": watermark.label, "key_id": watermark.fingerprint}
-          if watermark is not None else {"scheme": None, "disabled": watermark_note is None,
-                                         **({"note": watermark_note} if watermark_note else {})})
+    wm = watermark_record(model, watermark, noise_mark, watermark_note)
     # flat: the request's fields sit beside the provenance keys (the record format since issue 8)
     return {**request, "software": f"latentdiff {__version__}", "synthetic": True,
             "model": {"name": str(model_name), "sha256": model_sha256(model),

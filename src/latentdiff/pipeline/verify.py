@@ -2,8 +2,8 @@
 
 Verdicts: "tampered" (a C2PA manifest whose signature or hashes do not match: exit 3), "generated"
 (a valid signature or a detected watermark: exit 0), "not detected" (exit 1). A PNG grid of samples is cut
-back into its tiles (layout from the record, else guessed from the size) and the watermark test pools the
-noise estimates of all tiles into one correlation (``watermark.pooled``), whose p-value bound still holds.
+back into its tiles (layout from the record, else guessed from the size) and each watermark layer is tested on
+every tile; the best tile counts, with its p-value multiplied by the number of tiles, so the bound still holds.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from latentdiff.errors import DataError
+from latentdiff.pipeline.decoder_mark import has_marknet, load_marknet, mark_detection
 from latentdiff.pipeline.provenance import read_c2pa, read_record
 from latentdiff.pipeline.watermark import DEFAULT_P_VALUE, DETECT_STEPS, WatermarkKey, noise_estimate, pooled
 
@@ -57,16 +58,24 @@ def tiles(img: np.ndarray, tile_hw: tuple[int, int]) -> np.ndarray | None:
 
 
 def detect_pooled(model, cells: np.ndarray, keys: list[WatermarkKey], steps: int = DETECT_STEPS) -> dict:
-    """The best key's pooled detection over `cells`; the p-value is multiplied by the number of keys tried
-    (Bonferroni), so trying the development key too never raises the false-positive rate."""
+    """The best key's detection over `cells`, both layers: the noise mark (pooled over the tiles, ``watermark.py``)
+    and, where nets ship for the image size, the decoder mark (``decoder_mark.py``). The p-value of a key is the
+    smaller layer's times the number of layers, times the number of keys tried (Bonferroni: valid however the
+    layers and keys depend on each other), so trying two layers and the development key never raises the
+    false-positive rate. `score`, `agree` and `bits` are the noise mark's; `layers` holds each layer's own."""
+    c, h, _ = model.image_shape
     e = noise_estimate(model, cells, steps)
+    nets = load_marknet(h, c) if has_marknet(h, c) else None
     best = None
     for key in keys:
         det = pooled(e, key)
-        p = min(1.0, det.p_value * len(keys))
+        layers = {"noise": {"score": round(det.score, 3), "agree": det.agree, "bits": det.bits, "p_value": det.p_value}}
+        if nets is not None:
+            layers["decoder"] = mark_detection(nets, cells, key)
+        p = min(1.0, min(v["p_value"] for v in layers.values()) * len(layers) * len(keys))
         if best is None or p < best["p_value"]:
             best = {"key": key.label, "key_id": key.fingerprint, "score": round(det.score, 3), "agree": det.agree,
-                    "bits": det.bits, "p_value": p, "tiles": len(cells)}
+                    "bits": det.bits, "p_value": p, "tiles": len(cells), "layers": layers}
     return best
 
 

@@ -33,21 +33,22 @@ class Cancelled(Exception):
     """Raised from the per-step callback to stop a batch in which a job was cancelled."""
 
 
-NOT_FROM_NOISE = ("not applied: inpainting draws fresh noise at every step, and frames between inverted images "
-                  "reproduce those images' own noise")
+NOT_FROM_NOISE = ("noise mark not applied: inpainting draws fresh noise at every step, and frames between inverted "
+                  "images reproduce those images' own noise; the decoder mark is")
 
 
 def save_image(img: np.ndarray, path, pipe, model: str, record: dict, watermark: WatermarkKey | None,
-               sign: bool = True, audio: bool = False) -> Path | None:
+               sign: bool = True, audio: bool = False, noise_mark: bool = True) -> Path | None:
     """THE one place a served image is written: atomically, through the provenance writer (the record in the
     PNG, a C2PA signature when the `provenance` extra is installed), like every CLI output. `watermark`: the key
-    that went into the noise it was made from (it is in the pixels already), or None for inpainting and for an
-    interpolation between images.
+    it was made with (its marks are in the pixels already); `noise_mark`: False for inpainting and for an
+    interpolation between images, which carry the decoder mark only.
     With `audio` (an audio model's log-mel image) the PNG is the spectrogram with low frequencies at the
     bottom, and a WAV (Griffin-Lim) with the same record is written beside it; returns the WAV's path."""
-    note = None if watermark is not None else NOT_FROM_NOISE
+    note = None if noise_mark else NOT_FROM_NOISE
     extra = {"griffin_lim_iters": pipe.cfg.mel.griffin_lim_iters} if audio else {}
-    full = generation_record(pipe, model, record, watermark, sign=sign, watermark_note=note, **extra)
+    full = generation_record(pipe, model, record, watermark, sign=sign, watermark_note=note, noise_mark=noise_mark,
+                             **extra)
     write_output(path, img[::-1] if audio else img, full, sign=sign)
     if not audio:
         return None
@@ -127,9 +128,8 @@ class Worker(threading.Thread):
         try:
             for i, img in enumerate(images):
                 name = f"{job.id}-{i:03d}.png"
-                key = self.watermark if self._keyed(job) else None
-                wav = save_image(img, self.queue.store.images_dir / name, pipe, job.model, job.record, key,
-                                 audio=audio)
+                wav = save_image(img, self.queue.store.images_dir / name, pipe, job.model, job.record, self.watermark,
+                                 audio=audio, noise_mark=self._keyed(job))
                 names.append(name)
                 if wav is not None:
                     sounds.append(wav.name)
@@ -140,7 +140,8 @@ class Worker(threading.Thread):
 
     @staticmethod
     def _keyed(job: Job) -> bool:
-        """Every job adds keyed noise except inpainting (RePaint) and an interpolation between two images."""
+        """Every job adds keyed noise except inpainting (RePaint) and an interpolation between two images (those
+        carry the decoder mark only)."""
         return job.kind not in ("inpaint", "interpolate") or "seeds" in job.spec.options
 
     def _callback(self, pipe, jobs: list[Job]):
@@ -173,7 +174,8 @@ class Worker(threading.Thread):
         if spec.kind == "edit":
             return [control.img2img(pipe, spec.images, opt["strength"], req, callback=callback, watermark=key)]
         if spec.kind == "inpaint":
-            return [inpaint.inpaint(pipe, spec.images, spec.mask, req, resample=opt["resample"], callback=callback)]
+            return [inpaint.inpaint(pipe, spec.images, spec.mask, req, resample=opt["resample"], callback=callback,
+                                    watermark=key)]
         if spec.kind == "combine":
             return [control.combine(pipe, spec.images, opt["weights"], opt["strength"], req, callback=callback,
                                     watermark=key)]
@@ -183,4 +185,4 @@ class Worker(threading.Thread):
                                               watermark=key)]
         one = req.replace(n=1, guidance=1.0, labels=None if req.labels is None else req.labels[0])
         ends = [control.invert(pipe, spec.images[k:k + 1], one) for k in (0, 1)]
-        return [control.interpolate_noise(pipe, *ends, opt["frames"], request=req, callback=callback)]
+        return [control.interpolate_noise(pipe, *ends, opt["frames"], request=req, callback=callback, watermark=key)]
