@@ -130,7 +130,10 @@ def test_detects_marked_samples_not_unmarked_or_real(model, marked):
     wm, plain = marked
     real = np.array(_bundled_arrays()["test_images"][:4])[..., None]
     hit = detect_pooled(model, wm, [KEY])
-    assert hit["p_value"] < 1e-3 and hit["score"] > 5 and hit["bits"] == 196
+    assert hit["p_value"] < 1e-3 and hit["bits"] == 196 and hit["layers"]["decoder"]["p_value"] < 1e-3
+    # the noise mark on its own: well above the null's mean best correlation (about 2.8), though the decoder
+    # mark's residual lowers it (bench/watermark.py measures by how much)
+    assert hit["layers"]["noise"]["score"] == hit["score"] > 3.5
     assert detect_pooled(model, plain, [KEY])["p_value"] > 1e-3
     assert detect_pooled(model, real, [KEY])["p_value"] > 1e-3
 

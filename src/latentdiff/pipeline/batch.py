@@ -42,8 +42,8 @@ def generate_batch(pipe, requests: list[SampleRequest],
     """uint8 images (n_j, H, W, C) for each resolved request, from one sampler call over all of them.
 
     `callback(i, n, x0_hat)` is the sampler's per-step callback over the whole batch (rows in request
-    order); an exception raised there stops at once. `watermark`: a key put into every job's z_T, as
-    ``generate(watermark=...)`` does.
+    order); an exception raised there stops at once. `watermark`: a key put into every job's z_T and decoder
+    mark, as ``generate(watermark=...)`` does.
     """
     if not requests:
         return []
@@ -60,6 +60,6 @@ def generate_batch(pipe, requests: list[SampleRequest],
     fn = pipe.guided_denoiser(first, labels)
     z0 = sample(fn, noise, pipe.denoiser.schedule, sampler=first.sampler, steps=first.steps, spacing=first.spacing,
                 callback=callback)
-    images = pipe.decode(z0, first)
+    images = pipe.decode(z0, first, watermark)
     bounds = np.cumsum([0] + [r.n for r in requests])
     return [images[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
