@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -162,3 +163,27 @@ def test_generate_with_a_key_carries_the_decoder_mark_and_the_record_says_so():
     rec = generation_record(model, "m", {}, KEY, watermark_note="noise mark not applied: test", noise_mark=False)
     assert rec["watermark"]["scheme"] is None and rec["watermark"]["decoder_mark"] == "marknet-64bit"
     assert rec["watermark"]["note"] == "noise mark not applied: test" and rec["watermark"]["key_id"] == KEY.fingerprint
+
+
+@needs_fashion_nets
+def test_cli_inpaint_carries_the_decoder_mark_and_verify_finds_it(tmp_path, monkeypatch):
+    """RePaint leaves no room for the noise mark, so the regenerated pixels carry the decoder mark alone; the record
+    says which layer is there, and verify reports each layer."""
+    from conftest import run_cli
+
+    monkeypatch.setenv("LATENTDIFF_CONFIG_DIR", str(tmp_path / "config"))  # the development key
+    monkeypatch.delenv("LATENTDIFF_WATERMARK_KEY", raising=False)
+    real = tmp_path / "real.png"
+    Image.fromarray(_fashion_subset(1)[0, ..., 0]).save(real)
+    out = tmp_path / "ip.png"
+    code, _, err = run_cli("inpaint", real, "--rect", "0,0,28,14", "--model", "pretrained:fashion-mnist", "--out",
+                           out, "--no-sign", "--device", "cpu")
+    assert code == 0, err
+    code, stdout, _ = run_cli("verify", out, "--json")
+    rep = json.loads(stdout)[0]
+    wm = rep["record"]["watermark"]
+    assert wm["scheme"] is None and wm["decoder_mark"] == "marknet-64bit" and "noise mark not applied" in wm["note"]
+    assert code == 0 and rep["verdict"] == "generated" and rep["c2pa"]["status"] == "absent"
+    assert rep["watermark"]["layers"]["decoder"]["p_value"] < 1e-3 and rep["watermark"]["detected"]
+    code, stdout, _ = run_cli("verify", real)
+    assert code == 1 and "decoder mark: score" in stdout and "noise mark: correlation" in stdout
