@@ -134,7 +134,7 @@ def main(argv=None) -> dict:
     fd = ({name: fd_from_features(f_real, ext.features(sets[name][:args.samples])) for name in ("wm", "A", "B")}
           if args.samples > ext.dim else None)
     k = patterns(model.autoencoder.latent_shape)
-    c, h, w = model.image_shape
+    c, h, _ = model.image_shape
     nets = load_marknet(h, c) if has_marknet(h, c) else None
     rows = []
     for attack, fn in ATTACKS.items():

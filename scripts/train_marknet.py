@@ -14,17 +14,16 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from latentdiff.pipeline import LatentDiffusion
-from latentdiff.pipeline.decoder_mark import MARK_BITS, asset_path, mark_score
-from latentdiff.pipeline.control import reconstruct
-from latentdiff.training.marknet import train_marknet
 from latentdiff.models.marknet import MARKNET_ARCH_VERSION
+from latentdiff.pipeline import LatentDiffusion
+from latentdiff.pipeline.control import reconstruct
+from latentdiff.pipeline.decoder_mark import MARK_BITS, asset_path, embed_uint8, load_marknet, mark_score
+from latentdiff.training.marknet import train_marknet
 from latentdiff.utils.state import save_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from watermark import ATTACKS  # noqa: E402  (the benchmark's own attacks, on uint8 images)
+from watermark import ATTACKS
 
 
 def covers(model, limit: int) -> tuple[np.ndarray, np.ndarray]:
@@ -63,8 +62,6 @@ def main() -> None:
     save_state(out, tensors, {"arch_version": MARKNET_ARCH_VERSION, "trained_for": args.model, **summary})
     rng = np.random.default_rng(1)
     message = rng.integers(0, 2, MARK_BITS)
-    from latentdiff.pipeline.decoder_mark import embed_uint8, load_marknet
-
     nets = load_marknet(size, c, path=out)
     marked = embed_uint8(nets, held, message)
     diff = marked.astype(np.float64) - held

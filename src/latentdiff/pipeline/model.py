@@ -23,11 +23,11 @@ from latentdiff.guidance.gradient import classifier_guidance
 from latentdiff.models.unet import UNet
 from latentdiff.pipeline import directory as store
 from latentdiff.pipeline.config import Config, uses_bf16
+from latentdiff.pipeline.decoder_mark import embed, has_marknet, load_marknet, message
 from latentdiff.pipeline.memory import check_memory
 from latentdiff.pipeline.request import ModelDefaults, SampleRequest
-from latentdiff.pipeline.decoder_mark import embed, has_marknet, load_marknet, message
-from latentdiff.pipeline.watermark import WatermarkKey, keyed_noise
 from latentdiff.pipeline.runtime import COMPILE_MODES, CompiledNet, under_bf16_autocast
+from latentdiff.pipeline.watermark import WatermarkKey, keyed_noise
 from latentdiff.sampling.samplers import sample
 from latentdiff.utils.images import to_uint8
 
