@@ -117,8 +117,8 @@ def test_shipped_fashion_nets_mark_survive_jpeg_and_leave_real_images_alone():
     marked = embed_uint8(nets, real, m)
     psnr = 10 * np.log10(255**2 / np.mean((marked.astype(float) - real) ** 2))
     assert psnr > 35
-    # real photos with black backgrounds are the hard case (bench/watermark.py measures samples): 93.5 % and
-    # 88.5 % of these 200 when the nets were shipped
+    # real images are harder than samples (bench/watermark.py measures samples): 93.5 % and 88.5 % of these 200
+    # when the nets were shipped
     for images, rate in ((marked, 0.9), (_jpeg(marked), 0.85)):
         p = np.array([p_value(float(v)) for v in mark_score(nets, images, m)])
         assert (p <= 1e-3).mean() > rate
