@@ -117,6 +117,9 @@ def test_shipped_fashion_nets_mark_survive_jpeg_and_leave_real_images_alone():
     marked = embed_uint8(nets, real, m)
     psnr = 10 * np.log10(255**2 / np.mean((marked.astype(float) - real) ** 2))
     assert psnr > 35
+    assert np.array_equal(embed_uint8(nets, real, m, scale=0.0), real)  # the residual is all the mark adds
+    half = embed_uint8(nets, real, m, scale=0.5).astype(float) - real
+    assert 10 * np.log10(255**2 / np.mean(half**2)) == pytest.approx(psnr + 6.02, abs=0.5)
     # real images are harder than samples (bench/watermark.py measures samples): 93.5 % and 88.5 % of these 200
     # when the nets were shipped
     for images, rate in ((marked, 0.9), (_jpeg(marked), 0.85)):

@@ -85,17 +85,20 @@ def message(key: WatermarkKey, bits: int = MARK_BITS) -> np.ndarray:
 
 
 @torch.no_grad()
-def embed(nets: MarkNets, x: torch.Tensor, bits: np.ndarray) -> torch.Tensor:
-    """Decoded images N×C×H×W in [-1, 1] -> the same images carrying the message `bits` (in [-1, 1])."""
+def embed(nets: MarkNets, x: torch.Tensor, bits: np.ndarray, scale: float | None = None) -> torch.Tensor:
+    """Decoded images N×C×H×W in [-1, 1] -> the same images carrying the message `bits` (in [-1, 1]). The residual
+    is multiplied by `scale` (default: the nets' ``scale``, chosen after training to trade strength for the
+    sample distribution; see docs/responsible-generation.md)."""
     emb = nets.embedder
+    scale = float(nets.meta.get("scale", 1.0)) if scale is None else float(scale)
     m = torch.as_tensor(np.asarray(bits), dtype=torch.float32)[None].expand(len(x), -1)
     x32 = x.float().clamp(-1, 1).cpu()
-    return (x32 + emb(x32, m)).clamp(-1, 1).to(x.device, x.dtype)
+    return (x32 + scale * emb(x32, m)).clamp(-1, 1).to(x.device, x.dtype)
 
 
-def embed_uint8(nets: MarkNets, images: np.ndarray, bits: np.ndarray) -> np.ndarray:
+def embed_uint8(nets: MarkNets, images: np.ndarray, bits: np.ndarray, scale: float | None = None) -> np.ndarray:
     """uint8 N×H×W×C images -> the same images carrying `bits` (uint8)."""
-    out = embed(nets, to_tensor(np.ascontiguousarray(images)), bits)
+    out = embed(nets, to_tensor(np.ascontiguousarray(images)), bits, scale)
     return torch.round((out + 1) * 127.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
