@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 
@@ -14,6 +15,7 @@ from latentdiff.errors import ModelError
 from latentdiff.pipeline.decoder_mark import (
     MARK_BITS,
     MarkNets,
+    asset_path,
     embed_uint8,
     has_marknet,
     load_marknet,
@@ -163,6 +165,8 @@ def test_generate_with_a_key_carries_the_decoder_mark_and_the_record_says_so():
     assert (np.array([p_value(float(v)) for v in mark_score(nets, plain, m)]) <= 1e-3).mean() == 0
     rec = generation_record(model, "pretrained:fashion-mnist", {"seed": 3}, KEY)
     assert rec["watermark"]["scheme"] == "gaussian-shading-zT" and rec["watermark"]["decoder_mark"] == "marknet-64bit"
+    digest = hashlib.sha256(asset_path(28, 1).read_bytes()).hexdigest()
+    assert rec["watermark"]["decoder_mark_nets"] == digest[:16]  # which nets made the mark
     rec = generation_record(model, "m", {}, KEY, watermark_note="noise mark not applied: test", noise_mark=False)
     assert rec["watermark"]["scheme"] is None and rec["watermark"]["decoder_mark"] == "marknet-64bit"
     assert rec["watermark"]["note"] == "noise mark not applied: test" and rec["watermark"]["key_id"] == KEY.fingerprint

@@ -54,6 +54,12 @@ def has_marknet(size: int, channels: int) -> bool:
     return asset_path(size, channels).is_file()
 
 
+@functools.lru_cache(maxsize=8)
+def marknet_id(size: int, channels: int) -> str:
+    """The first 16 hex digits of the SHA-256 of the shipped nets' file: which pair marked an image."""
+    return hashlib.sha256(asset_path(size, channels).read_bytes()).hexdigest()[:16]
+
+
 class MarkNets:
     """The embedder and extractor for one image size, in eval mode on the CPU."""
 

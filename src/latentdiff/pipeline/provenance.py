@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from latentdiff.errors import DataError
-from latentdiff.pipeline.decoder_mark import MARK_BITS, has_marknet
+from latentdiff.pipeline.decoder_mark import MARK_BITS, has_marknet, marknet_id
 from latentdiff.pipeline.keys import signing_identity
 from latentdiff.pipeline.watermark import WatermarkKey
 from latentdiff.utils.files import atomic_path
@@ -57,14 +57,15 @@ def model_sha256(model) -> str | None:
 
 def watermark_record(model, key: WatermarkKey | None, noise_mark: bool = True, note: str | None = None) -> dict:
     """The record's "watermark" entry. `scheme`: the noise mark ("gaussian-shading-zT"), or None where the operation
-    added no keyed noise (`note` says why); `decoder_mark`: the decoder layer, where nets ship for the model's
-    image size and the model decodes with it. Without a key: disabled (--no-watermark), or as `note` says."""
+    added no keyed noise (`note` says why); `decoder_mark` and `decoder_mark_nets` (a hash of the nets' file): the
+    decoder layer, where nets ship for the model's image size and the model decodes with it. Without a key:
+    disabled (--no-watermark), or as `note` says."""
     c, h, _ = model.image_shape
     decoder = key is not None and hasattr(model, "initial_noise") and has_marknet(h, c)
     if key is None or not (noise_mark or decoder):
         return {"scheme": None, "disabled": note is None, **({"note": note} if note else {})}
     return {"scheme": "gaussian-shading-zT" if noise_mark else None,
-            **({"decoder_mark": f"marknet-{MARK_BITS}bit"} if decoder else {}),
+            **({"decoder_mark": f"marknet-{MARK_BITS}bit", "decoder_mark_nets": marknet_id(h, c)} if decoder else {}),
             "key": key.label, "key_id": key.fingerprint, **({"note": note} if note and not noise_mark else {})}
 
 
