@@ -32,7 +32,7 @@ from latentdiff.evaluation.features import ClassifierExtractor
 from latentdiff.evaluation.metrics import fd_from_features
 from latentdiff.pipeline import LatentDiffusion
 from latentdiff.pipeline.control import img2img
-from latentdiff.pipeline.decoder_mark import has_marknet, load_marknet, mark_score, message
+from latentdiff.pipeline.decoder_mark import mark_score, message, nets_for
 from latentdiff.pipeline.inpaint import inpaint
 from latentdiff.pipeline.watermark import (
     DEFAULT_P_VALUE,
@@ -134,8 +134,7 @@ def main(argv=None) -> dict:
     fd = ({name: fd_from_features(f_real, ext.features(sets[name][:args.samples])) for name in ("wm", "A", "B")}
           if args.samples > ext.dim else None)
     k = patterns(model.autoencoder.latent_shape)
-    c, h, _ = model.image_shape
-    nets = load_marknet(h, c) if has_marknet(h, c) else None
+    nets = nets_for(model.image_shape)
     rows = []
     for attack, fn in ATTACKS.items():
         p = {name: layer_p_values(model, nets, fn(imgs), key, k) for name, imgs in sets.items() if name != "B"}

@@ -84,6 +84,12 @@ def load_marknet(size: int, channels: int, path: str | Path | None = None) -> Ma
     return MarkNets(emb.eval(), ext.eval(), meta)
 
 
+def nets_for(image_shape: tuple[int, int, int]) -> MarkNets | None:
+    """The shipped nets for a model's (C, H, W) images, or None where none ship (the noise mark only)."""
+    c, h, _ = image_shape
+    return load_marknet(h, c) if has_marknet(h, c) else None
+
+
 def message(key: WatermarkKey, bits: int = MARK_BITS) -> np.ndarray:
     """The key's message: `bits` bits (0/1, uint8) of HMAC-SHA256(secret, "latentdiff-decoder-mark")."""
     digest = hmac.new(key.secret, b"latentdiff-decoder-mark", hashlib.sha256).digest()

@@ -23,7 +23,7 @@ from latentdiff.guidance.gradient import classifier_guidance
 from latentdiff.models.unet import UNet
 from latentdiff.pipeline import directory as store
 from latentdiff.pipeline.config import Config, uses_bf16
-from latentdiff.pipeline.decoder_mark import embed, has_marknet, load_marknet, message
+from latentdiff.pipeline.decoder_mark import embed, message, nets_for
 from latentdiff.pipeline.memory import check_memory
 from latentdiff.pipeline.request import ModelDefaults, SampleRequest
 from latentdiff.pipeline.runtime import COMPILE_MODES, CompiledNet, under_bf16_autocast
@@ -252,8 +252,8 @@ class LatentDiffusion:
             raise ModelError(f"sampling produced non-finite values (NaN or inf){scales}: the guidance scales are "
                              "probably too large for this model, so lower them; if it persists, the model's "
                              "weights or latent statistics are broken")
-        if watermark is not None and has_marknet(self.image_shape[1], self.image_shape[0]):
-            nets = load_marknet(self.image_shape[1], self.image_shape[0])
+        nets = nets_for(self.image_shape) if watermark is not None else None
+        if nets is not None:
             images = embed(nets, images, message(watermark, int(nets.meta["bits"])))
         return to_uint8(images)
 

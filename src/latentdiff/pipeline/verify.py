@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from latentdiff.errors import DataError
-from latentdiff.pipeline.decoder_mark import has_marknet, load_marknet, mark_detection
+from latentdiff.pipeline.decoder_mark import mark_detection, nets_for
 from latentdiff.pipeline.provenance import read_c2pa, read_record
 from latentdiff.pipeline.watermark import DEFAULT_P_VALUE, DETECT_STEPS, WatermarkKey, noise_estimate, pooled
 
@@ -63,9 +63,8 @@ def detect_pooled(model, cells: np.ndarray, keys: list[WatermarkKey], steps: int
     smaller layer's times the number of layers, times the number of keys tried (Bonferroni: valid however the
     layers and keys depend on each other), so trying two layers and the development key never raises the
     false-positive rate. `score`, `agree` and `bits` are the noise mark's; `layers` holds each layer's own."""
-    c, h, _ = model.image_shape
     e = noise_estimate(model, cells, steps)
-    nets = load_marknet(h, c) if has_marknet(h, c) else None
+    nets = nets_for(model.image_shape)
     best = None
     for key in keys:
         det = pooled(e, key)
