@@ -21,7 +21,9 @@ import argparse
 import io
 import json
 import math
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import torch
@@ -114,6 +116,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--edits", type=int, default=500)
     ap.add_argument("--negatives", type=int, default=2000)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--workers", type=int, default=1,
+                    help="processes that test the attacks in parallel (forked after generation, one thread each)")
     ap.add_argument("--json")
     ap.add_argument("--md")
     args = ap.parse_args(argv)
@@ -135,16 +139,19 @@ def main(argv=None) -> dict:
           if args.samples > ext.dim else None)
     k = patterns(model.autoencoder.latent_shape)
     nets = nets_for(model.image_shape)
-    rows = []
-    for attack, fn in ATTACKS.items():
-        p = {name: layer_p_values(model, nets, fn(imgs), key, k) for name, imgs in sets.items() if name != "B"}
-        p["real"] = layer_p_values(model, nets, fn(real), key, k)
-        rows.append(attack_row(attack, p))
-        print(json.dumps(rows[-1]), f"{time.time() - t_start:.0f} s", flush=True)
+    _ATTACK_CONTEXT.update(model=model, nets=nets, key=key, k=k, real=real, t_start=t_start,
+                           sets={name: imgs for name, imgs in sets.items() if name != "B"})
+    if args.workers > 1:
+        ctx = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=torch.set_num_threads,
+                                 initargs=(1,)) as pool:
+            rows = list(pool.map(attacked_row, ATTACKS))
+    else:
+        rows = [attacked_row(attack) for attack in ATTACKS]
     result = {"model": args.model, "bits": math.prod(model.autoencoder.latent_shape), "patterns": k,
               "decoder_mark": None if nets is None else {k_: nets.meta[k_] for k_ in ("bits", "psnr", "steps")},
               "p_threshold": DEFAULT_P_VALUE, "steps": args.steps, "fd": fd, "rows": rows,
-              "seconds": round(time.time() - t_start), "threads": torch.get_num_threads()}
+              "seconds": round(time.time() - t_start), "threads": torch.get_num_threads(), "workers": args.workers}
     print(json.dumps(result))
     if args.json:
         write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
@@ -154,6 +161,17 @@ def main(argv=None) -> dict:
 
 
 LAYERS = ("both", "noise", "decoder")
+_ATTACK_CONTEXT: dict = {}  # what attacked_row reads: set by main before the workers fork
+
+
+def attacked_row(attack: str) -> dict:
+    """One attack applied to every set (and the real images), tested by each layer."""
+    c, fn = _ATTACK_CONTEXT, ATTACKS[attack]
+    p = {name: layer_p_values(c["model"], c["nets"], fn(imgs), c["key"], c["k"]) for name, imgs in c["sets"].items()}
+    p["real"] = layer_p_values(c["model"], c["nets"], fn(c["real"]), c["key"], c["k"])
+    row = attack_row(attack, p)
+    print(json.dumps(row), f"{time.time() - c['t_start']:.0f} s", flush=True)
+    return row
 
 
 def layer_p_values(model, nets, images: np.ndarray, key: WatermarkKey, k: int) -> dict[str, np.ndarray]:

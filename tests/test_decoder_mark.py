@@ -101,8 +101,11 @@ def test_straight_through_attacks():
 def test_training_learns_bits_through_the_attacks():
     rng = np.random.default_rng(0)
     covers = _fashion_subset(64)
-    # warmup=1: the bits alone (the residual penalty's effect is tested on the shipped nets: PSNR > 35 dB)
-    emb, ext, summary = train_marknet(covers, bits=8, steps=200, batch=16, width=16, warmup=1.0)
+    # warmup=1: no null term, and the residual only kept from saturating (PSNR ≥ 6 dB); the penalty's effect at
+    # the real target is tested on the shipped nets: PSNR > 35 dB
+    emb, ext, summary = train_marknet(covers, bits=8, steps=200, batch=16, width=16, warmup=1.0, psnr=6,
+                                      start_psnr=6)
+    assert summary["psnr"] > 5
     assert summary["size"] == 28 and summary["train_bit_accuracy"] > 0.7
     with torch.no_grad():
         x = torch.from_numpy(covers[:8]).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -146,6 +149,29 @@ def test_wrong_architecture_version_is_refused(tmp_path):
         load_marknet(8, 1, path=path)
     with pytest.raises(ModelError, match="not shipped"):
         load_marknet(8, 1, path=tmp_path / "missing.safetensors")
+
+
+def test_version_1_nets_load_as_before_and_zero_mean_nets_keep_each_channels_mean(tmp_path):
+    from latentdiff.models.marknet import MarkEmbedder, MarkExtractor
+    from latentdiff.utils.state import save_state
+
+    def save(version: int, emb, name: str, **meta) -> MarkNets:
+        ext = MarkExtractor(3, 8, 4, 4)
+        tensors = {**{f"embedder.{k}": v for k, v in emb.state_dict().items()},
+                   **{f"extractor.{k}": v for k, v in ext.state_dict().items()}}
+        save_state(tmp_path / name, tensors, {"arch_version": version, "bits": 4, "width": 4, **meta})
+        return load_marknet(8, 3, path=tmp_path / name)
+
+    torch.manual_seed(0)
+    emb = MarkEmbedder(3, 8, 4, 4)
+    old, new = save(1, emb, "v1.safetensors"), save(2, emb, "v2.safetensors", zero_mean=True)
+    assert not old.embedder.zero_mean and new.embedder.zero_mean
+    x, m = torch.rand(5, 3, 8, 8) * 2 - 1, torch.randint(0, 2, (5, 4)).float()
+    with torch.no_grad():
+        r_old, r_new = old.embedder(x, m), new.embedder(x, m)
+    assert r_old.mean((2, 3)).abs().max() > 1e-3  # an untrained residual has a colour cast...
+    torch.testing.assert_close(r_new.mean((2, 3)), torch.zeros(5, 3), atol=1e-6, rtol=0)  # ...removed
+    torch.testing.assert_close(r_new, r_old - r_old.mean((2, 3), keepdim=True))  # and nothing else changes
 
 
 needs_fashion_nets = pytest.mark.skipif(not has_marknet(28, 1), reason="the 28×28 decoder-mark nets are not shipped")

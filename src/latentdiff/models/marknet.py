@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MARKNET_ARCH_VERSION = 1  # bump when a layer below changes; the assets' headers record it
+MARKNET_ARCH_VERSION = 2  # bump when a layer below changes; the assets' headers record it
+# Version 1 had no zero-mean option; its nets load as version 2 with zero_mean = False, and behave as before.
+LOADABLE_VERSIONS = (1, 2)
 
 
 def _conv(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
@@ -27,11 +29,16 @@ class MarkEmbedder(nn.Module):
 
     The net works at half resolution (2×2 average) and its residual is upsampled bilinearly: a smooth residual
     survives a 0.5× rescale and JPEG, and it costs a quarter of the compute. The message enters twice: broadcast
-    to every pixel (as in HiDDeN) and as a learned spatial field, which lets the net place each bit."""
+    to every pixel (as in HiDDeN) and as a learned spatial field, which lets the net place each bit.
 
-    def __init__(self, channels: int, size: int, bits: int, width: int = 32, field: int = 8):
+    With ``zero_mean`` each channel of the residual has its spatial mean subtracted, so the mark cannot shift an
+    image's average colour. Without it, the emoji nets of version 1 tinted every image (−2.2 levels of green on
+    average), and that tint alone cost more FD than the rest of the residual (docs/responsible-generation.md)."""
+
+    def __init__(self, channels: int, size: int, bits: int, width: int = 32, field: int = 8,
+                 zero_mean: bool = False):
         super().__init__()
-        self.size, self.bits, self.field_channels = size, bits, field
+        self.size, self.bits, self.field_channels, self.zero_mean = size, bits, field, zero_mean
         self.half = (size + 1) // 2
         self.field = nn.Linear(bits, field * self.half * self.half)
         self.features = nn.Sequential(*_conv(channels, width), *_conv(width, width))
@@ -45,7 +52,8 @@ class MarkEmbedder(nn.Module):
         field = self.field(signs).view(n, self.field_channels, self.half, self.half)
         broadcast = signs[:, :, None, None].expand(n, self.bits, self.half, self.half)
         residual = self.mix(torch.cat([self.features(small), broadcast, field, small], 1))
-        return F.interpolate(residual, size=(h, w), mode="bilinear", align_corners=False)
+        residual = F.interpolate(residual, size=(h, w), mode="bilinear", align_corners=False)
+        return residual - residual.mean((2, 3), keepdim=True) if self.zero_mean else residual
 
 
 class MarkExtractor(nn.Module):

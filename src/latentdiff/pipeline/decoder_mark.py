@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from latentdiff.errors import ModelError
-from latentdiff.models.marknet import MARKNET_ARCH_VERSION, MarkEmbedder, MarkExtractor
+from latentdiff.models.marknet import LOADABLE_VERSIONS, MARKNET_ARCH_VERSION, MarkEmbedder, MarkExtractor
 from latentdiff.pipeline.watermark import WatermarkKey, p_value
 from latentdiff.utils.images import to_tensor
 from latentdiff.utils.state import load_into, load_state
@@ -74,11 +74,12 @@ def load_marknet(size: int, channels: int, path: str | Path | None = None) -> Ma
     if not path.is_file():
         raise ModelError(f"no decoder-mark networks for {size}×{size}×{channels} images ({path.name} is not shipped)")
     tensors, meta = load_state(path)
-    if meta.get("arch_version") != MARKNET_ARCH_VERSION:
+    if meta.get("arch_version") not in LOADABLE_VERSIONS:
         raise ModelError(f"{path.name} was made for decoder-mark architecture {meta.get('arch_version')}, this "
                          f"version needs {MARKNET_ARCH_VERSION}: retrain it with scripts/train_marknet.py")
     bits, width = int(meta["bits"]), int(meta.get("width", 32))
-    emb, ext = MarkEmbedder(channels, size, bits, width), MarkExtractor(channels, size, bits, width)
+    emb = MarkEmbedder(channels, size, bits, width, zero_mean=bool(meta.get("zero_mean", False)))
+    ext = MarkExtractor(channels, size, bits, width)
     load_into(emb, {k[9:]: v for k, v in tensors.items() if k.startswith("embedder.")}, path, "the embedder")
     load_into(ext, {k[10:]: v for k, v in tensors.items() if k.startswith("extractor.")}, path, "the extractor")
     return MarkNets(emb.eval(), ext.eval(), meta)

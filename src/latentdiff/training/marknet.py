@@ -7,8 +7,8 @@ back (antialiased bilinear, like PIL's), or Gaussian noise σ ≤ 4/255; every i
 JPEG and rounding are not differentiable and pass the gradient straight through (the identity), as in
 Stable Signature. The loss is the bits' cross-entropy on the marked images, plus a term that pulls the
 extractor's tanh(logits) on *unmarked* covers (same attacks) to 0, so that an unmarked image reads as "no
-message" rather than as some fixed one, plus λ·MSE of the residual. λ is adapted during training so that the
-residual's MSE settles at the PSNR asked for (``psnr``).
+message" rather than as some fixed one, plus a hinge λ·max(0, MSE/target − 1) on the residual, with λ adapted
+during training so that the residual's MSE settles at the PSNR asked for (``psnr``).
 """
 
 from __future__ import annotations
@@ -84,21 +84,26 @@ def mse_for_psnr(psnr: float) -> float:
 
 
 def train_marknet(covers: np.ndarray, bits: int = 64, steps: int = 3000, batch: int = 64, psnr: float = 38.0,
-                  lr: float = 1e-3, seed: int = 0, width: int = 32, warmup: float = 0.2
-                  ) -> tuple[MarkEmbedder, MarkExtractor, dict]:
+                  lr: float = 1e-3, seed: int = 0, width: int = 32, warmup: float = 0.2,
+                  zero_mean: bool = False, start_psnr: float = 10.0) -> tuple[MarkEmbedder, MarkExtractor, dict]:
     """Train an embedder and extractor on uint8 N×H×W×C `covers`; returns them (eval mode) and a summary.
 
-    For the first `warmup` of the steps only the bits count (with the null term from the start, the extractor
-    settles on "no message" for everything and never learns); the null term and the residual penalty then ramp
-    in over as many steps again."""
+    For the first `warmup` of the steps the null term is off (with it from the start, the extractor settles on
+    "no message" for everything and never learns); it then ramps in over as many steps again. The residual's
+    PSNR target rises from `start_psnr` to `psnr` over the same 2·`warmup`: with no bound at the start the
+    residual grows until the clamp to [-1, 1] saturates, no gradient passes, and the bits are never learned. The
+    penalty is a hinge on the MSE above the target, with a weight λ adapted to hold it there: a penalty below
+    the target shrinks the untrained residual to nothing before the bits can be learned.
+    `zero_mean` subtracts each channel's mean from the residual (``models.marknet.MarkEmbedder``)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     n, size, _, channels = covers.shape
-    emb, ext = MarkEmbedder(channels, size, bits, width), MarkExtractor(channels, size, bits, width)
+    emb = MarkEmbedder(channels, size, bits, width, zero_mean=zero_mean)
+    ext = MarkExtractor(channels, size, bits, width)
     opt = torch.optim.Adam([*emb.parameters(), *ext.parameters()], lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.05)
     data = torch.from_numpy(covers).permute(0, 3, 1, 2).float() / 127.5 - 1
-    target, log_lam, t0, hist = mse_for_psnr(psnr), 0.0, time.time(), []
+    log_lam, t0, hist = 0.0, time.time(), []
     for step in range(steps):
         x = data[torch.from_numpy(rng.integers(0, n, batch))]
         m = torch.from_numpy(rng.integers(0, 2, (batch, bits))).float()
@@ -109,14 +114,14 @@ def train_marknet(covers: np.ndarray, bits: int = 64, steps: int = 3000, batch: 
         bce = F.binary_cross_entropy_with_logits(logits[:batch], m)
         null = torch.tanh(logits[batch:]).pow(2).mean()
         mse = delta.pow(2).mean()
-        ramp = min(1.0, max(0.0, (step / steps - warmup) / warmup))  # no constraints until the bits are learned
-        loss = bce + ramp * (null + math.exp(log_lam) * mse / target)
+        ramp = min(1.0, max(0.0, (step / steps - warmup) / warmup))  # no null term until the bits are learned
+        target = mse_for_psnr(start_psnr + (psnr - start_psnr) * min(1.0, step / (2 * warmup * steps)))
+        loss = bce + ramp * null + math.exp(log_lam) * F.relu(mse / target - 1)  # a hinge: free below the target
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        if ramp > 0:
-            log_lam += 0.02 * (1 if mse.item() > target else -1)  # keep the residual's MSE at the target
+        log_lam = min(8.0, max(-8.0, log_lam + 0.02 * (1 if mse.item() > target else -1)))  # MSE at the target
         acc = float(((logits[:batch] > 0).float() == m).float().mean())
         hist.append((bce.item(), null.item(), mse.item(), acc))
         if step % 200 == 0 or step == steps - 1:
@@ -126,5 +131,6 @@ def train_marknet(covers: np.ndarray, bits: int = 64, steps: int = 3000, batch: 
     b, nl, ms, a = np.mean(hist[-200:], 0)
     summary = {"bits": bits, "size": size, "channels": channels, "steps": steps, "batch": batch, "psnr_target": psnr,
                "psnr": round(10 * math.log10(4 / max(ms, 1e-12)), 2), "train_bit_accuracy": round(float(a), 4),
-               "seconds": round(time.time() - t0), "covers": int(n), "width": width}
+               "seconds": round(time.time() - t0), "covers": int(n), "width": width,
+               "zero_mean": zero_mean}
     return emb.eval(), ext.eval(), summary

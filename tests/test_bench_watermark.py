@@ -1,0 +1,63 @@
+"""Smoke test of bench/watermark.py on a handful of images: the parallel attack workers give the serial result."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "watermark.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_watermark", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_watermark"] = module  # the forked workers pickle attacked_row by its module's name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_workers_give_the_serial_rows_and_the_outputs_are_written(bench, tmp_path):
+    argv = ["--model", "pretrained:fashion-mnist", "--real", "6", "--samples", "4", "--edits", "2", "--negatives", "4",
+            "--steps", "2"]
+    serial = bench.main(argv + ["--json", str(tmp_path / "w.json"), "--md", str(tmp_path / "w.md")])
+    parallel = bench.main(argv + ["--workers", "2"])
+    assert [r["attack"] for r in serial["rows"]] == list(bench.ATTACKS) == [r["attack"] for r in parallel["rows"]]
+    assert json.dumps(serial["rows"]) == json.dumps(parallel["rows"])
+    assert serial["fd"] is None  # 4 samples: fewer than the features' dimensions
+    assert json.loads((tmp_path / "w.json").read_text())["rows"] == serial["rows"]
+    assert "| clean |" in (tmp_path / "w.md").read_text()
+
+
+def test_fd_cost_parts_split_the_residual_into_its_colour_cast_and_the_rest(tmp_path, monkeypatch):
+    import numpy as np
+    import torch
+
+    from latentdiff.models.marknet import MarkEmbedder, MarkExtractor
+    from latentdiff.pipeline.decoder_mark import MarkNets
+
+    monkeypatch.syspath_prepend(str(BENCH.parent))  # the strength bench imports its helpers from bench/watermark.py
+    spec = importlib.util.spec_from_file_location("bench_strength", BENCH.parent / "decoder_mark_strength.py")
+    strength = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(strength)
+    torch.manual_seed(0)
+    plain = np.random.default_rng(0).integers(60, 200, (6, 8, 8, 3)).astype(np.uint8)  # no clipping
+    bits = np.array([1, 0, 1, 1])
+
+    def parts(zero_mean: bool) -> dict:
+        emb = MarkEmbedder(3, 8, 4, 4, zero_mean=zero_mean)
+        torch.nn.init.constant_(emb.mix[-1].bias, 0.2)  # a cast of 0.2·127.5 levels
+        nets = MarkNets(emb.eval(), MarkExtractor(3, 8, 4, 4).eval(), {"bits": 4})
+        # a stand-in for the FD cost: the squared shift of the mean colour, which only a cast moves
+        return strength.fd_cost_parts(nets, bits, plain, lambda imgs: float(
+            ((imgs.astype(np.float64).mean((0, 1, 2)) - plain.mean((0, 1, 2))) ** 2).sum()))
+
+    cast = parts(False)
+    assert min(cast["mean_cast_per_channel"]) > 10
+    assert cast["fd_cost_cast_only"] == pytest.approx(cast["fd_cost_full"], rel=0.02)
+    assert cast["fd_cost_without_cast"] < 0.01 * cast["fd_cost_full"]
+    assert cast["fd_cost_gaussian_same_psnr"] < 0.01 * cast["fd_cost_full"]
+    flat = parts(True)
+    assert max(abs(v) for v in flat["mean_cast_per_channel"]) < 0.5 and flat["fd_cost_full"] < 0.5
