@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from latentdiff.errors import ModelError
-from latentdiff.models.marknet import LOADABLE_VERSIONS, MARKNET_ARCH_VERSION, MarkEmbedder, MarkExtractor
+from latentdiff.models.marknet import LOADABLE_VERSIONS, MarkEmbedder, MarkExtractor
 from latentdiff.pipeline.watermark import WatermarkKey, p_value
 from latentdiff.utils.images import to_tensor
 from latentdiff.utils.state import load_into, load_state
@@ -76,7 +76,7 @@ def load_marknet(size: int, channels: int, path: str | Path | None = None) -> Ma
     tensors, meta = load_state(path)
     if meta.get("arch_version") not in LOADABLE_VERSIONS:
         raise ModelError(f"{path.name} was made for decoder-mark architecture {meta.get('arch_version')}, this "
-                         f"version needs {MARKNET_ARCH_VERSION}: retrain it with scripts/train_marknet.py")
+                         f"version reads {', '.join(map(str, LOADABLE_VERSIONS))}: retrain it with scripts/train_marknet.py")
     bits, width = int(meta["bits"]), int(meta.get("width", 32))
     emb = MarkEmbedder(channels, size, bits, width, zero_mean=bool(meta.get("zero_mean", False)))
     ext = MarkExtractor(channels, size, bits, width)
