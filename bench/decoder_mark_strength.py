@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 from watermark import ATTACKS, generate, load_real
@@ -82,7 +83,7 @@ def main(argv=None) -> dict:
     parts = fd_cost_parts(nets, bits, plain, lambda imgs: fd_from_features(f_real, ext.features(imgs)) - fd_plain)
     print(json.dumps(parts), flush=True)
     result = {"model": args.model, "samples": args.samples, "real": args.real, "steps": args.steps,
-              "nets": args.nets or "shipped", "fd_unmarked": round(float(fd_plain), 3), "fpr": fpr, "rows": rows,
+              "nets": Path(args.nets).name if args.nets else "shipped",  # a name, never a machine's path "fd_unmarked": round(float(fd_plain), 3), "fpr": fpr, "rows": rows,
               "fd_cost_parts": parts,
               "shipped_scale": float(nets.meta.get("scale", 1.0)), "seconds": round(time.time() - t0)}
     print(json.dumps(result))
