@@ -83,7 +83,8 @@ def main(argv=None) -> dict:
     parts = fd_cost_parts(nets, bits, plain, lambda imgs: fd_from_features(f_real, ext.features(imgs)) - fd_plain)
     print(json.dumps(parts), flush=True)
     result = {"model": args.model, "samples": args.samples, "real": args.real, "steps": args.steps,
-              "nets": Path(args.nets).name if args.nets else "shipped",  # a name, never a machine's path "fd_unmarked": round(float(fd_plain), 3), "fpr": fpr, "rows": rows,
+              "nets": Path(args.nets).name if args.nets else "shipped",  # a name, never a machine's path
+              "fd_unmarked": round(float(fd_plain), 3), "fpr": fpr, "rows": rows,
               "fd_cost_parts": parts,
               "shipped_scale": float(nets.meta.get("scale", 1.0)), "seconds": round(time.time() - t0)}
     print(json.dumps(result))
