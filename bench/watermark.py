@@ -5,14 +5,14 @@
 
 Sets: `--samples` watermarked samples (key W: both layers), `--edits` real test images edited with the key (SDEdit
 at strength 0.5, the `edit` command's path) and as many inpainted with it (RePaint, the right half regenerated:
-decoder mark only), `--negatives` unwatermarked samples (seed A; its first `--samples` and a second set, seed B,
-give the FD spread), `--real` real test images (not the edited ones). Every class in turn, the model's default
-guidance, `--steps` DDIM steps. Attacks: none, JPEG quality 75, 0.5× downscale + upscale (bilinear), Gaussian
+decoder mark only), `--negatives` unwatermarked samples (seed A; its first `--samples` and `--fd-seeds` − 1
+more sets, seeds B, C, …, give the FD spread), `--real` real test images (not the edited ones). Every class in
+turn, the model's default guidance, `--steps` DDIM steps. Attacks: none, JPEG quality 75, 0.5× downscale + upscale (bilinear), Gaussian
 noise σ = 2/255 (clipped, rounded), each applied to every set. For each attack and layer (noise mark, decoder
 mark, both: the smaller p-value times 2, as `verify` does): TPR at the stated p-value threshold (1e-3) and the
 measured FPR of that threshold on real images and on unwatermarked samples, plus the empirical TPR (both layers)
 at the lowest threshold whose measured FPR ≤ 0.1%. FD (shipped classifier features) of each sample set against
-the real images: the watermarked set's FD should sit within the A-vs-B seed-to-seed spread.
+the real images: the watermarked set's FD should sit within the range of the unwatermarked seeds' FDs.
 """
 
 from __future__ import annotations
@@ -116,11 +116,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--edits", type=int, default=500)
     ap.add_argument("--negatives", type=int, default=2000)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--fd-seeds", type=int, default=2,
+                    help="unwatermarked sample sets (seeds) whose FDs give the seed-to-seed spread (at least 2)")
     ap.add_argument("--workers", type=int, default=1,
                     help="processes that test the attacks in parallel (forked after generation, one thread each)")
     ap.add_argument("--json")
     ap.add_argument("--md")
     args = ap.parse_args(argv)
+    if args.fd_seeds < 2:
+        ap.error("--fd-seeds must be at least 2: a spread needs two sets")
     torch.manual_seed(0)
     t_start = time.time()
     model = LatentDiffusion.load(args.model)
@@ -131,16 +135,20 @@ def main(argv=None) -> dict:
     sets = {"wm": generate(model, args.samples, args.steps, 3, key),
             "edit": img2img(model, to_edit, 0.5, steps=args.steps, sampler="ddim", seed=4, watermark=key, **edit_cond),
             "inpaint": inpaint(model, to_edit, half, steps=args.steps, seed=5, watermark=key, **edit_cond),
-            "A": generate(model, args.negatives, args.steps, 1), "B": generate(model, args.samples, args.steps, 2)}
+            "A": generate(model, args.negatives, args.steps, 1)}
+    # more unwatermarked sets for the FD spread: B (seed 2) as before, then seeds 10, 11, …
+    fd_sets = ["A", *(chr(ord("B") + i) for i in range(args.fd_seeds - 1))]
+    sets.update({name: generate(model, args.samples, args.steps, 2 if name == "B" else 8 + i)
+                 for i, name in enumerate(fd_sets[1:], start=1)})
     print(f"generated in {time.time() - t_start:.0f} s", flush=True)
     f_real = ext.features(real)
     # FD needs more samples than feature dimensions (129 for the 128-d classifier); equal set sizes
-    fd = ({name: fd_from_features(f_real, ext.features(sets[name][:args.samples])) for name in ("wm", "A", "B")}
+    fd = ({name: fd_from_features(f_real, ext.features(sets[name][:args.samples])) for name in ("wm", *fd_sets)}
           if args.samples > ext.dim else None)
     k = patterns(model.autoencoder.latent_shape)
     nets = nets_for(model.image_shape)
     _ATTACK_CONTEXT.update(model=model, nets=nets, key=key, k=k, real=real, t_start=t_start,
-                           sets={name: imgs for name, imgs in sets.items() if name != "B"})
+                           sets={name: imgs for name, imgs in sets.items() if name not in fd_sets[1:]})
     if args.workers > 1:
         ctx = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=torch.set_num_threads,
@@ -231,11 +239,20 @@ def markdown(r: dict) -> str:
         lines.append(f"| {w['attack']} | {cell(w, 'tpr_wm')} (n={w['n_wm']}) | {cell(w, 'tpr_edit')} (n={w['n_edit']}) | "
                      f"{cell(w, 'tpr_inpaint')} (n={w['n_inpaint']}) | {cell(w, 'fpr_real', '.2%')} (n={w['n_real']}) | "
                      f"{cell(w, 'fpr_A', '.2%')} (n={w['n_A']}) | {emp} |")
-    fd = r["fd"]
-    lines += ["", "FD not measured (needs more than 128 samples per set)." if fd is None else
-              f"FD vs real (classifier features): watermarked {fd['wm']:.2f}; unwatermarked seed A "
-              f"{fd['A']:.2f}, seed B {fd['B']:.2f} (seed-to-seed spread {abs(fd['A'] - fd['B']):.2f}).", ""]
+    lines += ["", fd_line(r["fd"]), ""]
     return "\n".join(lines)
+
+
+def fd_line(fd: dict | None) -> str:
+    """The FD sentence: the watermarked set's FD next to the unwatermarked seeds' range."""
+    if fd is None:
+        return "FD not measured (needs more than 128 samples per set)."
+    plain = {name: v for name, v in fd.items() if name != "wm"}
+    lo, hi = min(plain.values()), max(plain.values())
+    where = "inside" if lo <= fd["wm"] <= hi else "outside"
+    return (f"FD vs real (classifier features): watermarked {fd['wm']:.2f}; unwatermarked "
+            + ", ".join(f"seed {name} {v:.2f}" for name, v in plain.items())
+            + f" (range {lo:.2f}–{hi:.2f}, spread {hi - lo:.2f}): the watermarked FD is {where} the range.")
 
 
 if __name__ == "__main__":

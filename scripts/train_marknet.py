@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--psnr", type=float, default=38.0)
     ap.add_argument("--zero-mean", action="store_true", help="subtract each channel's mean from the residual")
+    ap.add_argument("--jpeg-gradient", choices=("model", "identity"), default="model",
+                    help="the JPEG attack's gradient: the JPEG model's (training/jpeg_model.py) or the identity")
     ap.add_argument("--limit", type=int, default=10000, help="training images used (each also reconstructed)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -56,7 +58,7 @@ def main() -> None:
     model = LatentDiffusion.load(args.model)
     train, held = covers(model, args.limit)
     emb, ext, summary = train_marknet(train, MARK_BITS, args.steps, args.batch, args.psnr,
-                                       zero_mean=args.zero_mean)
+                                       zero_mean=args.zero_mean, jpeg_gradient=args.jpeg_gradient)
     c, size, _ = model.image_shape
     out = Path(args.out or asset_path(size, c))
     tensors = {**{f"embedder.{k}": v for k, v in emb.state_dict().items()},

@@ -21,7 +21,7 @@ def bench():
 
 def test_workers_give_the_serial_rows_and_the_outputs_are_written(bench, tmp_path):
     argv = ["--model", "pretrained:fashion-mnist", "--real", "6", "--samples", "4", "--edits", "2", "--negatives", "4",
-            "--steps", "2", "--workers", "2", "--json", str(tmp_path / "w.json"), "--md", str(tmp_path / "w.md")]
+            "--steps", "2", "--fd-seeds", "3", "--workers", "2", "--json", str(tmp_path / "w.json"), "--md", str(tmp_path / "w.md")]
     parallel = bench.main(argv)
     assert [r["attack"] for r in parallel["rows"]] == list(bench.ATTACKS)
     # the same attack in this process, on the context main left behind: equal up to the float rounding of one
@@ -34,6 +34,15 @@ def test_workers_give_the_serial_rows_and_the_outputs_are_written(bench, tmp_pat
     assert parallel["fd"] is None  # 4 samples: fewer than the features' dimensions
     assert json.loads((tmp_path / "w.json").read_text())["rows"] == parallel["rows"]
     assert "| clean |" in (tmp_path / "w.md").read_text()
+    assert "A" in bench._ATTACK_CONTEXT["sets"] and not {"B", "C"} & set(bench._ATTACK_CONTEXT["sets"])
+
+
+def test_fd_line_puts_the_watermarked_fd_against_every_seed(bench):
+    assert "outside the range" in bench.fd_line({"wm": 3.87, "A": 3.62, "B": 3.76})
+    line = bench.fd_line({"wm": 3.70, "A": 3.62, "B": 3.76, "C": 3.90})
+    assert "seed C 3.90" in line and "range 3.62–3.90, spread 0.28" in line and "inside the range" in line
+    with pytest.raises(SystemExit):
+        bench.main(["--fd-seeds", "1"])
 
 
 def test_fd_cost_parts_split_the_residual_into_its_colour_cast_and_the_rest(tmp_path, monkeypatch):
@@ -66,3 +75,28 @@ def test_fd_cost_parts_split_the_residual_into_its_colour_cast_and_the_rest(tmp_
     assert cast["fd_cost_gaussian_same_psnr"] < 0.01 * cast["fd_cost_full"]
     flat = parts(True)
     assert max(abs(v) for v in flat["mean_cast_per_channel"]) < 0.5 and flat["fd_cost_full"] < 0.5
+
+
+@pytest.mark.filterwarnings("ignore:feature_stats")
+def test_strength_bench_main_writes_every_key_and_names_the_nets_file_only(tmp_path, monkeypatch):
+    import shutil
+
+    from latentdiff.pipeline.decoder_mark import asset_path
+
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    spec = importlib.util.spec_from_file_location("bench_strength_main", BENCH.parent / "decoder_mark_strength.py")
+    strength = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(strength)
+    nets = tmp_path / "candidate nets.safetensors"
+    shutil.copy(asset_path(28, 1), nets)
+    out = tmp_path / "s.json"
+    result = strength.main(["--model", "pretrained:fashion-mnist", "--samples", "6", "--real", "8", "--steps", "2",
+                            "--scales", "1", "0.5", "--nets", str(nets), "--json", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert result["nets"] == "candidate nets.safetensors"  # the name: no machine's path in a committed result
+    assert set(result) >= {"fd_unmarked", "fpr", "rows", "fd_cost_parts", "shipped_scale", "seconds"}
+    assert set(result["fpr"]) == set(strength.ATTACKS)
+    full, half = result["rows"]
+    assert set(full["tpr"]) == set(strength.ATTACKS)
+    assert half["psnr"] == pytest.approx(full["psnr"] + 6.02, abs=0.6)  # half the residual: a quarter of its power
+    assert full["tpr"]["clean"] >= half["tpr"]["clean"]

@@ -4,11 +4,13 @@ attacks the mark must survive.
 Each step draws cover images (real images and the autoencoder's reconstructions of them: what the decoder
 makes), random message bits, and one attack per image: none, JPEG at quality 50–95, a downscale to 0.4–0.8× and
 back (antialiased bilinear, like PIL's), or Gaussian noise σ ≤ 4/255; every image is then rounded to 8 bits.
-JPEG and rounding are not differentiable and pass the gradient straight through (the identity), as in
-Stable Signature. The loss is the bits' cross-entropy on the marked images, plus a term that pulls the
-extractor's tanh(logits) on *unmarked* covers (same attacks) to 0, so that an unmarked image reads as "no
-message" rather than as some fixed one, plus a hinge λ·max(0, MSE/target − 1) on the residual, with λ adapted
-during training so that the residual's MSE settles at the PSNR asked for (``psnr``).
+Rounding is not differentiable and passes the gradient straight through (the identity), as in Stable
+Signature. JPEG's forward pass is the real encoder; its gradient is that of a differentiable model of it
+(``training/jpeg_model.py``), so the embedder learns which parts of its residual JPEG erases. The loss is the
+bits' cross-entropy on the marked images, plus a term that pulls the extractor's tanh(logits) on *unmarked*
+covers (same attacks) to 0, so that an unmarked image reads as "no message" rather than as some fixed one, plus
+a hinge λ·max(0, MSE/target − 1) on the residual, with λ adapted during training so that the residual's MSE
+settles at the PSNR asked for (``psnr``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from latentdiff.models.marknet import MarkEmbedder, MarkExtractor
+from latentdiff.training.jpeg_model import jpeg_model
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +41,10 @@ def quantize(x: torch.Tensor) -> torch.Tensor:
     return straight_through(x, torch.round((x.clamp(-1, 1) + 1) * 127.5) / 127.5 - 1)
 
 
-def jpeg_tensor(x: torch.Tensor, quality: int) -> torch.Tensor:
-    """Each image of N×C×H×W in [-1, 1] through a JPEG encode and decode at `quality` (straight-through)."""
+def jpeg_tensor(x: torch.Tensor, quality: int, gradient: str = "model") -> torch.Tensor:
+    """Each image of N×C×H×W in [-1, 1] through a JPEG encode and decode at `quality`. The gradient is that of
+    the JPEG model (`gradient` "model") or the identity ("identity", how the version-1 and the first version-2
+    nets were trained)."""
     arr = torch.round((x.detach().clamp(-1, 1) + 1) * 127.5).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     out = []
     for img in arr:
@@ -47,7 +52,9 @@ def jpeg_tensor(x: torch.Tensor, quality: int) -> torch.Tensor:
         Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(buf, "JPEG", quality=int(quality))
         out.append(np.asarray(Image.open(io.BytesIO(buf.getvalue()))).reshape(img.shape))
     y = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float().to(x.device) / 127.5 - 1
-    return straight_through(x, y)
+    if gradient == "identity":
+        return straight_through(x, y)
+    return straight_through(jpeg_model((x + 1) * 127.5, int(quality)) / 127.5 - 1, y)
 
 
 def rescale(x: torch.Tensor, factor: float) -> torch.Tensor:
@@ -58,10 +65,10 @@ def rescale(x: torch.Tensor, factor: float) -> torch.Tensor:
     return F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
 
 
-def attack(x: torch.Tensor, kind: int, rng: np.random.Generator) -> torch.Tensor:
+def attack(x: torch.Tensor, kind: int, rng: np.random.Generator, jpeg_gradient: str = "model") -> torch.Tensor:
     """One of the training attacks (0 none, 1 JPEG, 2 rescale, 3 noise) on a batch, then 8-bit rounding."""
     if kind == 1:
-        x = jpeg_tensor(x, int(rng.integers(50, 96)))
+        x = jpeg_tensor(x, int(rng.integers(50, 96)), jpeg_gradient)
     elif kind == 2:
         x = rescale(x, float(rng.uniform(0.4, 0.8)))
     elif kind == 3:
@@ -69,12 +76,12 @@ def attack(x: torch.Tensor, kind: int, rng: np.random.Generator) -> torch.Tensor
     return quantize(x)
 
 
-def attacked(x: torch.Tensor, kinds: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+def attacked(x: torch.Tensor, kinds: np.ndarray, rng: np.random.Generator, jpeg_gradient: str = "model") -> torch.Tensor:
     """Each image of the batch through its own attack (grouped by kind)."""
     out = torch.empty_like(x)
     for kind in np.unique(kinds):
         idx = torch.from_numpy(np.flatnonzero(kinds == kind))
-        out[idx] = attack(x[idx], int(kind), rng)
+        out[idx] = attack(x[idx], int(kind), rng, jpeg_gradient)
     return out
 
 
@@ -85,7 +92,8 @@ def mse_for_psnr(psnr: float) -> float:
 
 def train_marknet(covers: np.ndarray, bits: int = 64, steps: int = 3000, batch: int = 64, psnr: float = 38.0,
                   lr: float = 1e-3, seed: int = 0, width: int = 32, warmup: float = 0.2,
-                  zero_mean: bool = False, start_psnr: float = 10.0) -> tuple[MarkEmbedder, MarkExtractor, dict]:
+                  zero_mean: bool = False, start_psnr: float = 10.0,
+                  jpeg_gradient: str = "model") -> tuple[MarkEmbedder, MarkExtractor, dict]:
     """Train an embedder and extractor on uint8 N×H×W×C `covers`; returns them (eval mode) and a summary.
 
     For the first `warmup` of the steps the null term is off (with it from the start, the extractor settles on
@@ -94,7 +102,10 @@ def train_marknet(covers: np.ndarray, bits: int = 64, steps: int = 3000, batch: 
     residual grows until the clamp to [-1, 1] saturates, no gradient passes, and the bits are never learned. The
     penalty is a hinge on the MSE above the target, with a weight λ adapted to hold it there: a penalty below
     the target shrinks the untrained residual to nothing before the bits can be learned.
-    `zero_mean` subtracts each channel's mean from the residual (``models.marknet.MarkEmbedder``)."""
+    `zero_mean` subtracts each channel's mean from the residual (``models.marknet.MarkEmbedder``);
+    `jpeg_gradient` is "model" (the JPEG model's gradient) or "identity" (``jpeg_tensor``)."""
+    if jpeg_gradient not in ("model", "identity"):
+        raise ValueError(f"jpeg_gradient must be 'model' or 'identity', got {jpeg_gradient!r}")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     n, size, _, channels = covers.shape
@@ -110,7 +121,7 @@ def train_marknet(covers: np.ndarray, bits: int = 64, steps: int = 3000, batch: 
         delta = emb(x, m)
         marked = (x + delta).clamp(-1, 1)
         kinds = rng.integers(0, 4, 2 * batch)
-        logits = ext(attacked(torch.cat([marked, x]), kinds, rng))
+        logits = ext(attacked(torch.cat([marked, x]), kinds, rng, jpeg_gradient))
         bce = F.binary_cross_entropy_with_logits(logits[:batch], m)
         null = torch.tanh(logits[batch:]).pow(2).mean()
         mse = delta.pow(2).mean()
@@ -132,5 +143,5 @@ def train_marknet(covers: np.ndarray, bits: int = 64, steps: int = 3000, batch: 
     summary = {"bits": bits, "size": size, "channels": channels, "steps": steps, "batch": batch, "psnr_target": psnr,
                "psnr": round(10 * math.log10(4 / max(ms, 1e-12)), 2), "train_bit_accuracy": round(float(a), 4),
                "seconds": round(time.time() - t0), "covers": int(n), "width": width,
-               "zero_mean": zero_mean}
+               "zero_mean": zero_mean, "jpeg_gradient": jpeg_gradient}
     return emb.eval(), ext.eval(), summary
