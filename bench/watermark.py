@@ -5,14 +5,14 @@
 
 Sets: `--samples` watermarked samples (key W: both layers), `--edits` real test images edited with the key (SDEdit
 at strength 0.5, the `edit` command's path) and as many inpainted with it (RePaint, the right half regenerated:
-decoder mark only), `--negatives` unwatermarked samples (seed A; its first `--samples` and `--fd-seeds` − 1
-more sets, seeds B, C, …, give the FD spread), `--real` real test images (not the edited ones). Every class in
-turn, the model's default guidance, `--steps` DDIM steps. Attacks: none, JPEG quality 75, 0.5× downscale + upscale (bilinear), Gaussian
-noise σ = 2/255 (clipped, rounded), each applied to every set. For each attack and layer (noise mark, decoder
-mark, both: the smaller p-value times 2, as `verify` does): TPR at the stated p-value threshold (1e-3) and the
-measured FPR of that threshold on real images and on unwatermarked samples, plus the empirical TPR (both layers)
-at the lowest threshold whose measured FPR ≤ 0.1%. FD (shipped classifier features) of each sample set against
-the real images: the watermarked set's FD should sit within the range of the unwatermarked seeds' FDs.
+decoder mark only), `--negatives` unwatermarked samples (seed A; its first `--samples` and `--fd-seeds` − 1 more
+sets, seeds B, C, …, give the FD spread), `--real` real test images (not the edited ones). Every class in turn, the
+model's default guidance, `--steps` DDIM steps. Attacks: none, JPEG quality 75, 0.5× downscale + upscale (bilinear),
+Gaussian noise σ = 2/255 (clipped, rounded), each applied to every set. For each attack and layer (noise mark,
+decoder mark, both: the smaller p-value times 2, as `verify` does): TPR at the stated p-value threshold (1e-3) and
+the measured FPR of that threshold on real images and on unwatermarked samples, plus the empirical TPR (both layers)
+at the lowest threshold whose measured FPR ≤ 0.1%. FD (shipped classifier features) of each sample set against the
+real images: the watermarked set's FD should sit within the range of the unwatermarked seeds' FDs.
 """
 
 from __future__ import annotations

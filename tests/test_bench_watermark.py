@@ -20,8 +20,9 @@ def bench():
 
 
 def test_workers_give_the_serial_rows_and_the_outputs_are_written(bench, tmp_path):
-    argv = ["--model", "pretrained:fashion-mnist", "--real", "6", "--samples", "4", "--edits", "2", "--negatives", "4",
-            "--steps", "2", "--fd-seeds", "3", "--workers", "2", "--json", str(tmp_path / "w.json"), "--md", str(tmp_path / "w.md")]
+    argv = ["--model", "pretrained:fashion-mnist", "--real", "6", "--samples", "4", "--edits", "2",
+            "--negatives", "4", "--steps", "2", "--fd-seeds", "3", "--workers", "2",
+            "--json", str(tmp_path / "w.json"), "--md", str(tmp_path / "w.md")]
     parallel = bench.main(argv)
     assert [r["attack"] for r in parallel["rows"]] == list(bench.ATTACKS)
     # the same attack in this process, on the context main left behind: equal up to the float rounding of one

@@ -76,7 +76,8 @@ def attack(x: torch.Tensor, kind: int, rng: np.random.Generator, jpeg_gradient: 
     return quantize(x)
 
 
-def attacked(x: torch.Tensor, kinds: np.ndarray, rng: np.random.Generator, jpeg_gradient: str = "model") -> torch.Tensor:
+def attacked(x: torch.Tensor, kinds: np.ndarray, rng: np.random.Generator,
+             jpeg_gradient: str = "model") -> torch.Tensor:
     """Each image of the batch through its own attack (grouped by kind)."""
     out = torch.empty_like(x)
     for kind in np.unique(kinds):
