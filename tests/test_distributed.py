@@ -95,7 +95,7 @@ def assert_same_training(one: Path, two: Path, stage: str, names: list[str], ste
       averaged DDP gradient is the 1-process gradient of the same global batch;
     - every step: the logged loss agrees to 1e-5 relative;
     - after `steps`: weights that get a real gradient agree to 2e-4. Weights whose exact gradient
-      is zero (biases in front of a GroupNorm) get gradients of rounding noise, ~1e-10, which Adam
+      is zero (biases in front of a GroupNorm) get gradients of rounding noise, 1e-12 to 1e-7, which Adam
       normalises into steps of up to lr; they differ by O(lr) and are bounded by 2·lr.
     """
     c1, c2 = one / "checkpoints", two / "checkpoints"
@@ -117,7 +117,9 @@ def assert_same_training(one: Path, two: Path, stage: str, names: list[str], ste
     for i, name in enumerate(names):
         w1, w2 = last1[f"model.{name}"], last2[f"model.{name}"]
         rms = (last1[f"optim.{i}.exp_avg_sq"] / (1 - 0.99 ** steps)).sqrt()  # bias-corrected RMS gradient
-        real = rms > 1e-7
+        # measured: real gradients have an RMS ≥ 1e-6; the rounding noise on GroupNorm-fed biases reaches 1.3e-7 on
+        # some CPUs, so the cut sits in the gap between them
+        real = rms > 4e-7
         torch.testing.assert_close(w2[real], w1[real], rtol=0, atol=2e-4, msg=f"weights of {name}")
         torch.testing.assert_close(w2, w1, rtol=0, atol=2 * lr, msg=f"weights of {name}")
     moved = [name for name in names if not torch.equal(last1[f"model.{name}"], first1[f"model.{name}"])]

@@ -108,7 +108,10 @@ def test_server_batches_compatible_jobs_with_per_job_seeds(tmp_path, pipe):
         for body, job in zip(bodies[:2], jobs):
             expected, _ = pipe.generate(body["n"], labels=body["class"], seed=body["seed"], watermark=watermark_key())
             got = np.stack([read_png(client, p)[0] for p in job["images"]])
-            assert np.array_equal(got, expected[..., 0])
+            # the same up to float rounding: a batch of 3 and one of 1 differ by ~1e-6 before the 8-bit rounding,
+            # which flips a pixel by one level where a value sits that close to a half level (1 pixel in 784 seen)
+            diff = np.abs(got.astype(int) - expected[..., 0])
+            assert diff.max() <= 1 and (diff > 0).mean() < 0.005
 
 
 def test_progress_events_and_cancel_within_a_step(tmp_path, slow_pipe):
