@@ -18,7 +18,6 @@ real images: the watermarked set's FD should sit within the range of the unwater
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import multiprocessing
@@ -45,15 +44,11 @@ from latentdiff.pipeline.watermark import (
     scores,
 )
 from latentdiff.utils.files import write_text_atomic
+from latentdiff.utils.images import jpeg_roundtrip
 
 
 def jpeg(images: np.ndarray, quality: int = 75) -> np.ndarray:
-    out = []
-    for img in images:
-        buf = io.BytesIO()
-        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(buf, "JPEG", quality=quality)
-        out.append(np.asarray(Image.open(io.BytesIO(buf.getvalue()))).reshape(img.shape))
-    return np.stack(out)
+    return jpeg_roundtrip(images, quality)
 
 
 def resize_half(images: np.ndarray) -> np.ndarray:

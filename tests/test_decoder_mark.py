@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 
 import numpy as np
@@ -25,6 +24,7 @@ from latentdiff.pipeline.decoder_mark import (
 )
 from latentdiff.pipeline.watermark import WatermarkKey, p_value
 from latentdiff.training.marknet import quantize, rescale, straight_through, train_marknet
+from latentdiff.utils.images import jpeg_roundtrip
 
 KEY = WatermarkKey(b"test secret for the decoder mark", "test")
 
@@ -33,15 +33,6 @@ def _fashion_subset(n: int = 200) -> np.ndarray:
     from latentdiff.data.datasets import load_dataset
 
     return np.ascontiguousarray(load_dataset("bundled", "test", limit=n).images)
-
-
-def _jpeg(images: np.ndarray, quality: int = 75) -> np.ndarray:
-    out = []
-    for img in images:
-        buf = io.BytesIO()
-        Image.fromarray(img[..., 0]).save(buf, "JPEG", quality=quality)
-        out.append(np.asarray(Image.open(io.BytesIO(buf.getvalue())))[..., None])
-    return np.stack(out)
 
 
 def test_message_is_keyed_and_never_the_secret():
@@ -127,7 +118,7 @@ def test_shipped_fashion_nets_mark_survive_jpeg_and_leave_real_images_alone():
     assert 10 * np.log10(255**2 / np.mean(half**2)) == pytest.approx(psnr + 6.02, abs=0.5)
     # real images are harder than samples (bench/watermark.py measures samples): 93.5 % and 88.5 % of these 200
     # when the nets were shipped
-    for images, rate in ((marked, 0.9), (_jpeg(marked), 0.85)):
+    for images, rate in ((marked, 0.9), (jpeg_roundtrip(marked), 0.85)):
         p = np.array([p_value(float(v)) for v in mark_score(nets, images, m)])
         assert (p <= 1e-3).mean() > rate
     p_real = np.array([p_value(float(v)) for v in mark_score(nets, real, m)])

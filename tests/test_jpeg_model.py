@@ -1,11 +1,8 @@
 """The differentiable JPEG model (training/jpeg_model.py) against Pillow's real encoder, and its gradient."""
 
-import io
-
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from latentdiff.data.emoji import load_emoji
 from latentdiff.training.jpeg_model import (
@@ -17,15 +14,11 @@ from latentdiff.training.jpeg_model import (
     soft_round,
 )
 from latentdiff.training.marknet import jpeg_tensor
+from latentdiff.utils.images import jpeg_roundtrip
 
 
 def pil_jpeg(images: np.ndarray, quality: int) -> np.ndarray:
-    out = []
-    for img in images:
-        buf = io.BytesIO()
-        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(buf, "JPEG", quality=quality)
-        out.append(np.asarray(Image.open(io.BytesIO(buf.getvalue()))).reshape(img.shape))
-    return np.stack(out).astype(np.float64)
+    return jpeg_roundtrip(images, quality).astype(np.float64)
 
 
 def test_quant_tables_follow_libjpeg_scaling():

@@ -15,7 +15,6 @@ settles at the PSNR asked for (``psnr``).
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import time
@@ -23,10 +22,10 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from latentdiff.models.marknet import MarkEmbedder, MarkExtractor
 from latentdiff.training.jpeg_model import jpeg_model
+from latentdiff.utils.images import jpeg_roundtrip
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +45,7 @@ def jpeg_tensor(x: torch.Tensor, quality: int, gradient: str = "model") -> torch
     the JPEG model (`gradient` "model") or the identity ("identity", how the version-1 and the first version-2
     nets were trained)."""
     arr = torch.round((x.detach().clamp(-1, 1) + 1) * 127.5).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    out = []
-    for img in arr:
-        buf = io.BytesIO()
-        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(buf, "JPEG", quality=int(quality))
-        out.append(np.asarray(Image.open(io.BytesIO(buf.getvalue()))).reshape(img.shape))
-    y = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float().to(x.device) / 127.5 - 1
+    y = torch.from_numpy(jpeg_roundtrip(arr, quality)).permute(0, 3, 1, 2).float().to(x.device) / 127.5 - 1
     if gradient == "identity":
         return straight_through(x, y)
     return straight_through(jpeg_model((x + 1) * 127.5, int(quality)) / 127.5 - 1, y)

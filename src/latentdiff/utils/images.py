@@ -4,6 +4,7 @@ sample archives (.npz) and folders of PNGs.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -34,6 +35,16 @@ def to_pil(img: np.ndarray) -> Image.Image:
     if img.ndim == 3 and img.shape[-1] == 1:
         img = img[..., 0]
     return Image.fromarray(img, mode="L" if img.ndim == 2 else "RGB")
+
+
+def jpeg_roundtrip(images: np.ndarray, quality: int = 75) -> np.ndarray:
+    """uint8 N×H×W×C images (C = 1 or 3) encoded as JPEG at `quality` by Pillow and decoded again."""
+    out = []
+    for img in images:
+        buf = io.BytesIO()
+        to_pil(img).save(buf, "JPEG", quality=int(quality))
+        out.append(np.asarray(Image.open(io.BytesIO(buf.getvalue()))).reshape(img.shape))
+    return np.stack(out)
 
 
 def save_png(img: np.ndarray, path: str | Path, metadata: dict | None = None, scale: int = 1):
