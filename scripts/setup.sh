@@ -8,4 +8,4 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   "$PY" -m pip install -q "torch==2.13.0"
 fi
-"$PY" -m pip install -q -e ".[dev,onnx,serve,browser,provenance,text]"  # browser: Playwright, driving the system chromium
+"$PY" -m pip install -q -e ".[dev,onnx,serve,browser,provenance,text,tensorboard]"  # browser: Playwright, driving the system chromium
