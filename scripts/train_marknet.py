@@ -15,12 +15,17 @@ from pathlib import Path
 
 import numpy as np
 
-from latentdiff.models.marknet import MARKNET_ARCH_VERSION
 from latentdiff.pipeline import LatentDiffusion
 from latentdiff.pipeline.control import reconstruct
-from latentdiff.pipeline.decoder_mark import MARK_BITS, asset_path, embed_uint8, load_marknet, mark_score
+from latentdiff.pipeline.decoder_mark import (
+    MARK_BITS,
+    asset_path,
+    embed_uint8,
+    load_marknet,
+    mark_score,
+    save_marknet,
+)
 from latentdiff.training.marknet import train_marknet
-from latentdiff.utils.state import save_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from watermark import ATTACKS
@@ -61,9 +66,7 @@ def main() -> None:
                                        zero_mean=args.zero_mean, jpeg_gradient=args.jpeg_gradient)
     c, size, _ = model.image_shape
     out = Path(args.out or asset_path(size, c))
-    tensors = {**{f"embedder.{k}": v for k, v in emb.state_dict().items()},
-               **{f"extractor.{k}": v for k, v in ext.state_dict().items()}}
-    save_state(out, tensors, {"arch_version": MARKNET_ARCH_VERSION, "trained_for": args.model, **summary})
+    save_marknet(out, emb, ext, {"trained_for": args.model, **summary})
     rng = np.random.default_rng(1)
     message = rng.integers(0, 2, MARK_BITS)
     nets = load_marknet(size, c, path=out)

@@ -32,10 +32,10 @@ import numpy as np
 import torch
 
 from latentdiff.errors import ModelError
-from latentdiff.models.marknet import LOADABLE_VERSIONS, MarkEmbedder, MarkExtractor
+from latentdiff.models.marknet import LOADABLE_VERSIONS, MARKNET_ARCH_VERSION, MarkEmbedder, MarkExtractor
 from latentdiff.pipeline.watermark import WatermarkKey, p_value
 from latentdiff.utils.images import to_tensor
-from latentdiff.utils.state import load_into, load_state
+from latentdiff.utils.state import load_into, load_state, save_state
 
 MARK_BITS = 64
 
@@ -76,13 +76,23 @@ def load_marknet(size: int, channels: int, path: str | Path | None = None) -> Ma
     tensors, meta = load_state(path)
     if meta.get("arch_version") not in LOADABLE_VERSIONS:
         raise ModelError(f"{path.name} was made for decoder-mark architecture {meta.get('arch_version')}, this "
-                         f"version reads {', '.join(map(str, LOADABLE_VERSIONS))}: retrain it with scripts/train_marknet.py")
+                         f"version reads {', '.join(map(str, LOADABLE_VERSIONS))}: "
+                         "retrain it with scripts/train_marknet.py")
     bits, width = int(meta["bits"]), int(meta.get("width", 32))
     emb = MarkEmbedder(channels, size, bits, width, zero_mean=bool(meta.get("zero_mean", False)))
     ext = MarkExtractor(channels, size, bits, width)
     load_into(emb, {k[9:]: v for k, v in tensors.items() if k.startswith("embedder.")}, path, "the embedder")
     load_into(ext, {k[10:]: v for k, v in tensors.items() if k.startswith("extractor.")}, path, "the extractor")
     return MarkNets(emb.eval(), ext.eval(), meta)
+
+
+def save_marknet(path: str | Path, embedder: MarkEmbedder, extractor: MarkExtractor, meta: dict,
+                 arch_version: int = MARKNET_ARCH_VERSION) -> None:
+    """Write a pair of nets as ``load_marknet`` reads them: prefixed tensors, `meta` (at least ``bits``; ``width``
+    and ``zero_mean`` when not the defaults) and the architecture version."""
+    tensors = {**{f"embedder.{k}": v for k, v in embedder.state_dict().items()},
+               **{f"extractor.{k}": v for k, v in extractor.state_dict().items()}}
+    save_state(path, tensors, {"arch_version": arch_version, **meta})
 
 
 def nets_for(image_shape: tuple[int, int, int]) -> MarkNets | None:
