@@ -13,7 +13,11 @@ layers together.
 
 Where does the FD cost come from? At scale 1 the residual r is split into its per-image, per-channel mean
 (a colour cast) and the rest, and the paired FD cost of each part alone is measured, next to that of Gaussian
-noise of the same PSNR as the full residual. `--nets` tests another file of nets (an older version, say).
+noise of the same PSNR as the full residual. It is also split into the part that all messages share (the mean
+residual over 8 random messages, 4 pairs of complements, per image) and the message's own part. The mean shift
+it gives pixels at 0 or 255 (where it clips to one sign) is measured alone. `--keys K` measures the paired FD
+cost for K more random keys: a deployment's key is random, and the cost depends on it. `--nets` tests another
+file of nets (an older version, say).
 """
 
 from __future__ import annotations
@@ -38,17 +42,42 @@ def detected(nets, images: np.ndarray, bits: np.ndarray) -> float:
     return float(np.mean([p_value(float(t)) <= DEFAULT_P_VALUE for t in mark_score(nets, images, bits)]))
 
 
-def fd_cost_parts(nets, bits: np.ndarray, plain: np.ndarray, fd_cost) -> dict:
+def fd_cost_parts(nets, bits: np.ndarray, plain: np.ndarray, fd_cost, messages: int = 8) -> dict:
     """The paired FD cost (`fd_cost` of uint8 images) of the full residual at scale 1, of its per-image, per-channel
-    mean alone (a colour cast), of the rest alone, and of Gaussian noise with the residual's standard deviation."""
-    residual = embed_uint8(nets, plain, bits, 1.0).astype(np.float64) - plain
+    mean alone (a colour cast), of the rest alone, of the part shared by all messages (estimated per image as the
+    mean residual of `messages` random messages, drawn as pairs of complements), of the rest alone, of the mean
+    shift of the pixels at 0 or 255 (each image's mean residual there, where it clips to one sign, put on those
+    pixels alone), and of Gaussian noise with the residual's standard deviation."""
+    def residual_for(m: np.ndarray) -> np.ndarray:
+        return embed_uint8(nets, plain, m, 1.0).astype(np.float64) - plain
+
+    residual = residual_for(bits)
     cast = residual.mean((1, 2), keepdims=True)
-    noise = np.random.default_rng(0).normal(0, residual.std(), plain.shape)
+    rng = np.random.default_rng(0)
+    pairs = [rng.integers(0, 2, len(bits)) for _ in range(messages // 2)]  # each with its complement: less noise
+    shared = np.mean([residual_for(m) + residual_for(1 - m) for m in pairs], 0) / 2
+    saturated = (plain == 0) | (plain == 255)  # where the residual can only go one way: it clips
+    n_sat = np.maximum(saturated.sum((1, 2), keepdims=True), 1)
+    sat_shift = (residual * saturated).sum((1, 2), keepdims=True) / n_sat  # per image and channel
+    noise = rng.normal(0, residual.std(), plain.shape)
     variants = {"full": plain + residual, "cast_only": plain + cast, "without_cast": plain + residual - cast,
-                "gaussian_same_psnr": plain + noise}
+                "shared_only": plain + shared, "without_shared": plain + residual - shared,
+                "saturated_shift_only": plain + sat_shift * saturated, "gaussian_same_psnr": plain + noise}
     costs = {f"fd_cost_{name}": round(float(fd_cost(np.clip(np.round(imgs), 0, 255).astype(np.uint8))), 3)
              for name, imgs in variants.items()}
-    return {"mean_cast_per_channel": [round(float(v), 3) for v in cast.mean((0, 1, 2))], **costs}
+    power = {"full": residual, "shared": shared}
+    return {"mean_cast_per_channel": [round(float(v), 3) for v in cast.mean((0, 1, 2))],
+            "saturated_fraction": round(float(saturated.mean()), 4),
+            "mean_shift_on_saturated": round(float((residual * saturated).sum() / max(saturated.sum(), 1)), 3),
+            "residual_power": {k: round(float(np.mean(v**2)), 3) for k, v in power.items()}, **costs}
+
+
+def fd_cost_per_key(nets, plain: np.ndarray, fd_cost, keys: int) -> dict:
+    """The paired FD cost (scale 1) for `keys` random keys: min, mean, max and each."""
+    costs = [float(fd_cost(embed_uint8(nets, plain, message(WatermarkKey(f"random key {k}".encode(), "bench")))))
+             for k in range(keys)]
+    return {"keys": keys, "min": round(min(costs), 3), "mean": round(float(np.mean(costs)), 3),
+            "max": round(max(costs), 3), "each": [round(c, 3) for c in costs]}
 
 
 def main(argv=None) -> dict:
@@ -58,6 +87,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--real", type=int, default=2000)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--scales", type=float, nargs="+", default=[1.0, 0.7, 0.5, 0.35, 0.25])
+    ap.add_argument("--keys", type=int, default=0, help="also measure the FD cost for this many random keys")
     ap.add_argument("--nets", help="a nets file to test instead of the shipped one")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
@@ -80,12 +110,16 @@ def main(argv=None) -> dict:
                      "fd": round(float(fd_from_features(f_real, ext.features(marked))), 3),
                      "tpr": {att: detected(nets, fn(marked), bits) for att, fn in ATTACKS.items()}})
         print(json.dumps(rows[-1]), flush=True)
-    parts = fd_cost_parts(nets, bits, plain, lambda imgs: fd_from_features(f_real, ext.features(imgs)) - fd_plain)
+    def fd_cost(imgs: np.ndarray) -> float:
+        return fd_from_features(f_real, ext.features(imgs)) - fd_plain
+
+    parts = fd_cost_parts(nets, bits, plain, fd_cost)
     print(json.dumps(parts), flush=True)
+    per_key = fd_cost_per_key(nets, plain, fd_cost, args.keys) if args.keys else None
     result = {"model": args.model, "samples": args.samples, "real": args.real, "steps": args.steps,
               "nets": Path(args.nets).name if args.nets else "shipped",  # a name, never a machine's path
               "fd_unmarked": round(float(fd_plain), 3), "fpr": fpr, "rows": rows,
-              "fd_cost_parts": parts,
+              "fd_cost_parts": parts, "fd_cost_per_key": per_key,
               "shipped_scale": float(nets.meta.get("scale", 1.0)), "seconds": round(time.time() - t0)}
     print(json.dumps(result))
     if args.json:

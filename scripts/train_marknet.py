@@ -54,6 +54,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--psnr", type=float, default=38.0)
     ap.add_argument("--zero-mean", action="store_true", help="subtract each channel's mean from the residual")
+    ap.add_argument("--odd", action="store_true",
+                    help="a residual that changes sign with the message: no pattern shared by every message")
+    ap.add_argument("--headroom", type=float, default=0.0,
+                    help="fade the residual out within this many levels of black and white (0: off)")
     ap.add_argument("--jpeg-gradient", choices=("model", "identity"), default="model",
                     help="the JPEG attack's gradient: the JPEG model's (training/jpeg_model.py) or the identity")
     ap.add_argument("--limit", type=int, default=10000, help="training images used (each also reconstructed)")
@@ -63,7 +67,8 @@ def main() -> None:
     model = LatentDiffusion.load(args.model)
     train, held = covers(model, args.limit)
     emb, ext, summary = train_marknet(train, MARK_BITS, args.steps, args.batch, args.psnr,
-                                       zero_mean=args.zero_mean, jpeg_gradient=args.jpeg_gradient)
+                                       zero_mean=args.zero_mean, jpeg_gradient=args.jpeg_gradient, odd=args.odd,
+                                       headroom=args.headroom)
     c, size, _ = model.image_shape
     out = Path(args.out or asset_path(size, c))
     save_marknet(out, emb, ext, {"trained_for": args.model, **summary})

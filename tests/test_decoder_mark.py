@@ -90,14 +90,15 @@ def test_straight_through_attacks():
     assert torch.equal(y, torch.ones(3))
 
 
-def test_training_learns_bits_through_the_attacks():
+@pytest.mark.parametrize("odd", [False, True])
+def test_training_learns_bits_through_the_attacks(odd):
     rng = np.random.default_rng(0)
     covers = _fashion_subset(64)
     # warmup=1: no null term, and the residual only kept from saturating (PSNR ≥ 6 dB); the penalty's effect at
     # the real target is tested on the shipped nets: PSNR > 35 dB
     emb, ext, summary = train_marknet(covers, bits=8, steps=200, batch=16, width=16, warmup=1.0, psnr=6,
-                                      start_psnr=6)
-    assert summary["psnr"] > 5
+                                      start_psnr=6, zero_mean=odd, odd=odd)
+    assert summary["psnr"] > 5 and summary["odd"] == odd
     assert summary["size"] == 28 and summary["train_bit_accuracy"] > 0.7
     with torch.no_grad():
         x = torch.from_numpy(covers[:8]).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -158,6 +159,53 @@ def test_version_1_nets_load_as_before_and_zero_mean_nets_keep_each_channels_mea
     torch.testing.assert_close(r_new.mean((2, 3)), torch.zeros(5, 3), atol=1e-6, rtol=0)  # ...removed
     torch.testing.assert_close(r_new, r_old - r_old.mean((2, 3), keepdim=True))  # and nothing else changes
 
+
+
+def test_odd_nets_flip_their_residual_with_the_message_and_share_no_pattern_across_messages(tmp_path):
+    from latentdiff.models.marknet import MarkEmbedder, MarkExtractor
+
+    torch.manual_seed(0)
+    emb = MarkEmbedder(3, 8, 4, 4, zero_mean=True, odd=True)
+    save_marknet(tmp_path / "v3.safetensors", emb, MarkExtractor(3, 8, 4, 4),
+                 {"bits": 4, "width": 4, "zero_mean": True, "odd": True})
+    nets = load_marknet(8, 3, path=tmp_path / "v3.safetensors")
+    assert nets.embedder.odd and nets.meta["arch_version"] == 3
+    x, m = torch.rand(5, 3, 8, 8) * 2 - 1, torch.randint(0, 2, (5, 4)).float()
+    with torch.no_grad():
+        r, r_flipped = nets.embedder(x, m), nets.embedder(x, 1 - m)
+        all_messages = torch.stack([nets.embedder(x, torch.tensor([[(k >> b) & 1 for b in range(4)]] * 5).float())
+                                    for k in range(16)])
+        plain = MarkEmbedder(3, 8, 4, 4, zero_mean=True)
+        plain.load_state_dict(emb.state_dict())
+        r_plain, r_plain_flipped = plain(x, m), plain(x, 1 - m)
+    assert r.abs().mean() > 1e-3
+    torch.testing.assert_close(r_flipped, -r, atol=1e-6, rtol=0)
+    torch.testing.assert_close(all_messages.mean(0), torch.zeros_like(r), atol=1e-6, rtol=0)  # nothing shared
+    torch.testing.assert_close(r, r_plain - r_plain_flipped)  # the same layers, used twice
+    torch.testing.assert_close(r.mean((2, 3)), torch.zeros(5, 3), atol=1e-6, rtol=0)  # and still zero-mean
+
+
+def test_headroom_leaves_black_and_white_pixels_untouched_and_fades_in_within_its_levels():
+    from latentdiff.models.marknet import MarkEmbedder
+
+    torch.manual_seed(0)
+    emb = MarkEmbedder(3, 8, 4, 4, zero_mean=True, odd=True, headroom=8)
+    plain = MarkEmbedder(3, 8, 4, 4, zero_mean=False, odd=True)
+    plain.load_state_dict(emb.state_dict())
+    x = torch.rand(5, 3, 8, 8) * 1.6 - 0.8  # at least 25 levels from black and white
+    x[:, :, :3] = 1.0  # white rows
+    x[:, 0, :, :2] = -1.0  # black columns in red
+    x[:, 1, 5, :] = 1 - 4 / 127.5  # a row 4 levels below white in green: half the room
+    m = torch.randint(0, 2, (5, 4)).float()
+    with torch.no_grad():
+        r, free = emb(x, m), plain(x, m)
+    assert r[:, :, :3].abs().max() == 0 and r[:, 0, :, :2].abs().max() == 0
+    torch.testing.assert_close(r.mean((2, 3)), torch.zeros(5, 3), atol=1e-6, rtol=0)
+    c = (free - r)[:, :, 3:4, 2:3]  # with full room the residual only loses its weighted mean, a constant
+    room = torch.ones_like(r)
+    room[:, 1, 5], room[:, :, :3], room[:, 0, :, :2] = 0.5, 0, 0
+    torch.testing.assert_close(r, room * (free - c), atol=1e-6, rtol=0)
+    assert c.abs().max() > 1e-3 and free[:, :, :3].abs().min() > 0  # the mean and the fade both did something
 
 needs_fashion_nets = pytest.mark.skipif(not has_marknet(28, 1), reason="the 28×28 decoder-mark nets are not shipped")
 
