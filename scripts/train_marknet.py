@@ -41,7 +41,8 @@ def covers(model, limit: int) -> tuple[np.ndarray, np.ndarray]:
         from latentdiff.data.fashion_mnist import find_fashion_mnist, load_fashion_mnist
 
         root = find_fashion_mnist()
-        train, held = load_fashion_mnist(root, "train")[0][..., None], load_fashion_mnist(root, "test")[0][:500, ..., None]
+        train = load_fashion_mnist(root, "train")[0][..., None]
+        held = load_fashion_mnist(root, "test")[0][:500, ..., None]
     train = train[np.random.default_rng(0).permutation(len(train))[:limit]]
     recon = np.concatenate([reconstruct(model, train[i:i + 256]) for i in range(0, len(train), 256)])
     return np.concatenate([train, recon]), np.concatenate([held, reconstruct(model, held)])
@@ -80,9 +81,11 @@ def main() -> None:
     report = {"psnr_heldout": round(float(10 * np.log10(255**2 / np.mean(diff**2))), 2)}
     for name, fn in ATTACKS.items():
         s_w, s_n = mark_score(nets, fn(marked), message), mark_score(nets, fn(held), message)
-        report[name] = {"mean_score_marked": round(float(s_w.mean()), 3), "min_score_marked": round(float(s_w.min()), 3),
+        report[name] = {"mean_score_marked": round(float(s_w.mean()), 3),
+                        "min_score_marked": round(float(s_w.min()), 3),
                         "frac_marked_ge_3.5": round(float((s_w >= 3.5).mean()), 4),
-                        "mean_score_unmarked": round(float(s_n.mean()), 3), "max_score_unmarked": round(float(s_n.max()), 3)}
+                        "mean_score_unmarked": round(float(s_n.mean()), 3),
+                        "max_score_unmarked": round(float(s_n.max()), 3)}
     print(json.dumps({"summary": summary, "heldout": report}, indent=1))
 
 
