@@ -59,6 +59,8 @@ def main() -> None:
                     help="a residual that changes sign with the message: no pattern shared by every message")
     ap.add_argument("--headroom", type=float, default=0.0,
                     help="fade the residual out within this many levels of black and white (0: off)")
+    ap.add_argument("--restore-mean", action="store_true",
+                    help="record in the nets that embedding puts each channel's mean back after clipping")
     ap.add_argument("--jpeg-gradient", choices=("model", "identity"), default="model",
                     help="the JPEG attack's gradient: the JPEG model's (training/jpeg_model.py) or the identity")
     ap.add_argument("--limit", type=int, default=10000, help="training images used (each also reconstructed)")
@@ -72,7 +74,7 @@ def main() -> None:
                                        headroom=args.headroom)
     c, size, _ = model.image_shape
     out = Path(args.out or asset_path(size, c))
-    save_marknet(out, emb, ext, {"trained_for": args.model, **summary})
+    save_marknet(out, emb, ext, {"trained_for": args.model, **summary, "restore_mean": args.restore_mean})
     rng = np.random.default_rng(1)
     message = rng.integers(0, 2, MARK_BITS)
     nets = load_marknet(size, c, path=out)

@@ -129,6 +129,24 @@ def test_shipped_fashion_nets_mark_survive_jpeg_and_leave_real_images_alone():
     assert (np.array([p_value(float(v)) for v in mark_score(nets, marked, other)]) <= 1e-3).mean() < 0.01
 
 
+@pytest.mark.skipif(not has_marknet(64, 3), reason="the 64×64 colour decoder-mark nets are not shipped")
+def test_shipped_emoji_nets_are_odd_keep_each_channels_mean_and_survive_jpeg():
+    from latentdiff.data.emoji import load_emoji
+
+    nets = load_marknet(64, 3)
+    assert nets.embedder.odd and nets.embedder.zero_mean and nets.meta["restore_mean"]
+    real = load_emoji("heldout", bundled=True).images[:120]
+    m = message(KEY, int(nets.meta["bits"]))
+    marked = embed_uint8(nets, real, m)
+    psnr = 10 * np.log10(255**2 / np.mean((marked.astype(float) - real) ** 2))
+    assert 36 < psnr < 42
+    shift = marked.astype(float).mean((1, 2)) - real.mean((1, 2))  # per image and channel, in levels
+    assert np.abs(shift).max() < 0.05  # the clip at white took nothing from the mean
+    for images in (marked, jpeg_roundtrip(marked)):
+        assert (np.array([p_value(float(v)) for v in mark_score(nets, images, m)]) <= 1e-3).mean() > 0.95
+    assert (np.array([p_value(float(v)) for v in mark_score(nets, real, m)]) <= 1e-3).mean() == 0
+
+
 def test_wrong_architecture_version_is_refused(tmp_path):
     from latentdiff.models.marknet import MarkEmbedder, MarkExtractor
 
@@ -183,6 +201,37 @@ def test_odd_nets_flip_their_residual_with_the_message_and_share_no_pattern_acro
     torch.testing.assert_close(all_messages.mean(0), torch.zeros_like(r), atol=1e-6, rtol=0)  # nothing shared
     torch.testing.assert_close(r, r_plain - r_plain_flipped)  # the same layers, used twice
     torch.testing.assert_close(r.mean((2, 3)), torch.zeros(5, 3), atol=1e-6, rtol=0)  # and still zero-mean
+
+
+def test_restore_mean_gives_back_the_mean_the_clip_took_without_touching_saturated_covers():
+    from latentdiff.models.marknet import MarkEmbedder, MarkExtractor
+    from latentdiff.pipeline.decoder_mark import embed, restore_mean
+
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 16, 16) * 1.6 - 0.8
+    x[:, :, :6] = 1.0  # a white background
+    x[:, 2, 10:] = -1.0  # and black in blue
+    r = torch.randn_like(x) * 0.05
+    r -= r.mean((2, 3), keepdim=True)
+    marked = (x + r).clamp(-1, 1)
+    assert (marked - x)[:, 0].mean((1, 2)).min() < -1e-3  # the clip took part of a zero-mean residual's mean
+    out = restore_mean(x, marked)
+    torch.testing.assert_close((out - x).mean((2, 3)), torch.zeros(4, 3), atol=1e-6, rtol=0)
+    white = x[:, :2] == 1  # in red and green, the clip took only from white pixels
+    assert torch.equal(out[:, :2][white], marked[:, :2][white])  # they keep their darkened mark
+    shift = (out - marked)[:, :2][~white]
+    assert 0 < shift.min() and shift.max() < 0.02  # and the rest rises a little
+
+    emb = MarkEmbedder(3, 16, 4, 4, zero_mean=True)
+    torch.nn.init.normal_(emb.mix[-1].weight, std=0.5)
+    nets = MarkNets(emb.eval(), MarkExtractor(3, 16, 4, 4).eval(), {"bits": 4})
+    bits = np.array([1, 0, 0, 1])
+    plain = embed(nets, x, bits)
+    nets.meta["restore_mean"] = True
+    restored = embed(nets, x, bits)
+    assert (plain - x).mean((2, 3)).abs().max() > 1e-3
+    torch.testing.assert_close((restored - x).mean((2, 3)), torch.zeros(4, 3), atol=1e-6, rtol=0)
+    torch.testing.assert_close(restored, restore_mean(x, plain))
 
 
 def test_headroom_leaves_black_and_white_pixels_untouched_and_fades_in_within_its_levels():

@@ -90,7 +90,7 @@ def load_marknet(size: int, channels: int, path: str | Path | None = None) -> Ma
 def save_marknet(path: str | Path, embedder: MarkEmbedder, extractor: MarkExtractor, meta: dict,
                  arch_version: int = MARKNET_ARCH_VERSION) -> None:
     """Write a pair of nets as ``load_marknet`` reads them: prefixed tensors, `meta` (at least ``bits``; ``width``
-    ``zero_mean``, ``odd`` and ``headroom`` when not the defaults) and the architecture version."""
+    ``zero_mean``, ``odd``, ``headroom`` and ``restore_mean`` when not the defaults) and the architecture version."""
     tensors = {**{f"embedder.{k}": v for k, v in embedder.state_dict().items()},
                **{f"extractor.{k}": v for k, v in extractor.state_dict().items()}}
     save_state(path, tensors, {"arch_version": arch_version, **meta})
@@ -112,12 +112,31 @@ def message(key: WatermarkKey, bits: int = MARK_BITS) -> np.ndarray:
 def embed(nets: MarkNets, x: torch.Tensor, bits: np.ndarray, scale: float | None = None) -> torch.Tensor:
     """Decoded images N×C×H×W in [-1, 1] -> the same images carrying the message `bits` (in [-1, 1]). The residual
     is multiplied by `scale` (default: the nets' ``scale``, chosen after training to trade strength for the
-    sample distribution; see docs/responsible-generation.md)."""
+    sample distribution; see docs/responsible-generation.md). Nets whose metadata says ``restore_mean`` then
+    have each channel's mean put back after the clip to [-1, 1] (``restore_mean``)."""
     emb = nets.embedder
     scale = float(nets.meta.get("scale", 1.0)) if scale is None else float(scale)
     m = torch.as_tensor(np.asarray(bits), dtype=torch.float32)[None].expand(len(x), -1)
     x32 = x.float().clamp(-1, 1).cpu()
-    return (x32 + scale * emb(x32, m)).clamp(-1, 1).to(x.device, x.dtype)
+    marked = (x32 + scale * emb(x32, m)).clamp(-1, 1)
+    return (restore_mean(x32, marked) if nets.meta.get("restore_mean") else marked).to(x.device, x.dtype)
+
+
+def restore_mean(x: torch.Tensor, marked: torch.Tensor) -> torch.Tensor:
+    """`marked` (N×C×H×W in [-1, 1]) with each channel's mean put back to `x`'s, by an equal shift of the pixels
+    that have room for it.
+
+    A zero-mean residual loses its mean where the image clips it: on a white background only its negative half
+    is left, so the mark darkens white backgrounds, and with the emoji nets of version 2 that shift alone cost
+    more FD than the whole mark (docs/responsible-generation.md). The lost mean is given back to the pixels that
+    can move that way and were at least a level from the limit before the mark: raising the darkened pixels of
+    a white background would erase the mark there (three passes, as the shift clips too)."""
+    level = 1 / 127.5
+    for _ in range(3):
+        deficit = (x - marked).sum((2, 3), keepdim=True)  # per image and channel, summed over the pixels
+        room = torch.where(deficit > 0, (x < 1 - level) & (marked < 1), (x > level - 1) & (marked > -1)).float()
+        marked = (marked + room * deficit / room.sum((2, 3), keepdim=True).clamp_min(1)).clamp(-1, 1)
+    return marked
 
 
 def embed_uint8(nets: MarkNets, images: np.ndarray, bits: np.ndarray, scale: float | None = None) -> np.ndarray:
