@@ -37,14 +37,16 @@ class MarkEmbedder(nn.Module):
     average), and that tint alone cost more FD than the rest of the residual (docs/responsible-generation.md).
 
     With ``odd`` the residual is r(x, s) − r(x, −s) for the message signs s, so it changes sign with every bit
-    and has no part that all messages share. Without it, the emoji nets of version 2 spent 40 % of the
-    residual's power on such a shared pattern. It carries no bit, and it cost twice the FD of the same power in
-    the message's part (docs/responsible-generation.md).
+    and has no part that all messages share. Without it, the emoji nets of version 2 spent 42 % of the
+    residual's power on such a shared pattern. It carries no bit, and alone it cost more FD than the whole mark
+    (docs/responsible-generation.md).
 
     With ``headroom`` h (in 8-bit levels) each pixel's residual is multiplied by its distance to black or white
     over h, capped at 1: a white pixel can only be darkened, so a mark there darkens white backgrounds on
     average, and that shift cost the version-2 emoji nets most of their FD. ``zero_mean`` then takes the mean
-    out in proportion to that weight, so saturated pixels stay as they are."""
+    out in proportion to that weight, so saturated pixels stay as they are. Nets trained so lost most of their
+    robustness to JPEG, which keeps a flat background's mark best; no shipped nets use it (the shipped emoji
+    nets give the lost mean back after the clip instead: ``pipeline.decoder_mark.restore_mean``)."""
 
     def __init__(self, channels: int, size: int, bits: int, width: int = 32, field: int = 8,
                  zero_mean: bool = False, odd: bool = False, headroom: float = 0.0):
