@@ -57,8 +57,6 @@ def main() -> None:
     ap.add_argument("--zero-mean", action="store_true", help="subtract each channel's mean from the residual")
     ap.add_argument("--odd", action="store_true",
                     help="a residual that changes sign with the message: no pattern shared by every message")
-    ap.add_argument("--headroom", type=float, default=0.0,
-                    help="fade the residual out within this many levels of black and white (0: off)")
     ap.add_argument("--restore-mean", action="store_true",
                     help="record in the nets that embedding puts each channel's mean back after clipping")
     ap.add_argument("--jpeg-gradient", choices=("model", "identity"), default="model",
@@ -70,8 +68,7 @@ def main() -> None:
     model = LatentDiffusion.load(args.model)
     train, held = covers(model, args.limit)
     emb, ext, summary = train_marknet(train, MARK_BITS, args.steps, args.batch, args.psnr,
-                                       zero_mean=args.zero_mean, jpeg_gradient=args.jpeg_gradient, odd=args.odd,
-                                       headroom=args.headroom)
+                                       zero_mean=args.zero_mean, jpeg_gradient=args.jpeg_gradient, odd=args.odd)
     c, size, _ = model.image_shape
     out = Path(args.out or asset_path(size, c))
     save_marknet(out, emb, ext, {"trained_for": args.model, **summary, "restore_mean": args.restore_mean})

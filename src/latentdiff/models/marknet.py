@@ -39,50 +39,37 @@ class MarkEmbedder(nn.Module):
     With ``odd`` the residual is r(x, s) − r(x, −s) for the message signs s, so it changes sign with every bit
     and has no part that all messages share. Without it, the emoji nets of version 2 spent 42 % of the
     residual's power on such a shared pattern. It carries no bit, and alone it cost more FD than the whole mark
-    (docs/responsible-generation.md).
-
-    With ``headroom`` h (in 8-bit levels) each pixel's residual is multiplied by its distance to black or white
-    over h, capped at 1: a white pixel can only be darkened, so a mark there darkens white backgrounds on
-    average, and that shift cost the version-2 emoji nets most of their FD. ``zero_mean`` then takes the mean
-    out in proportion to that weight, so saturated pixels stay as they are. Nets trained so lost most of their
-    robustness to JPEG, which keeps a flat background's mark best; no shipped nets use it (the shipped emoji
-    nets give the lost mean back after the clip instead: ``pipeline.decoder_mark.restore_mean``)."""
+    (docs/responsible-generation.md)."""
 
     def __init__(self, channels: int, size: int, bits: int, width: int = 32, field: int = 8,
-                 zero_mean: bool = False, odd: bool = False, headroom: float = 0.0):
+                 zero_mean: bool = False, odd: bool = False):
         super().__init__()
         self.size, self.bits, self.field_channels = size, bits, field
-        self.zero_mean, self.odd, self.headroom = zero_mean, odd, float(headroom)
+        self.zero_mean, self.odd = zero_mean, odd
         self.half = (size + 1) // 2
         self.field = nn.Linear(bits, field * self.half * self.half)
         self.features = nn.Sequential(*_conv(channels, width), *_conv(width, width))
         self.mix = nn.Sequential(*_conv(width + bits + field + channels, width), *_conv(width, width),
                                  nn.Conv2d(width, channels, 3, padding=1))
 
-    def _residual(self, small: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    def _residual(self, feats: torch.Tensor, small: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
         n = len(small)
         field = self.field(signs).view(n, self.field_channels, self.half, self.half)
         broadcast = signs[:, :, None, None].expand(n, self.bits, self.half, self.half)
-        return self.mix(torch.cat([self.features(small), broadcast, field, small], 1))
+        return self.mix(torch.cat([feats, broadcast, field, small], 1))
 
     def forward(self, x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
         small = F.adaptive_avg_pool2d(x, (self.half, self.half))
+        feats = self.features(small)  # once, also for both signs of `odd`
         signs = bits.float() * 2 - 1
-        if self.odd:  # both signs in one batch: the image features are computed twice, a small net's cost
-            both = self._residual(torch.cat([small, small]), torch.cat([signs, -signs]))
+        if self.odd:
+            both = self._residual(feats.repeat(2, 1, 1, 1), small.repeat(2, 1, 1, 1), torch.cat([signs, -signs]))
             residual = both[:n] - both[n:]
         else:
-            residual = self._residual(small, signs)
+            residual = self._residual(feats, small, signs)
         residual = F.interpolate(residual, size=(h, w), mode="bilinear", align_corners=False)
-        if not self.headroom:
-            return residual - residual.mean((2, 3), keepdim=True) if self.zero_mean else residual
-        room = ((1 - x.abs()) * (127.5 / self.headroom)).clamp(0, 1)  # 0 at black and white, 1 inside
-        residual = residual * room
-        if self.zero_mean:  # the mean taken out where there is room, so saturated pixels stay untouched
-            mean = residual.sum((2, 3), keepdim=True) / room.sum((2, 3), keepdim=True).clamp_min(1e-6)
-            residual = residual - room * mean
-        return residual
+        return residual - residual.mean((2, 3), keepdim=True) if self.zero_mean else residual
 
 
 class MarkExtractor(nn.Module):

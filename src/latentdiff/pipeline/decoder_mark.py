@@ -80,7 +80,7 @@ def load_marknet(size: int, channels: int, path: str | Path | None = None) -> Ma
                          "retrain it with scripts/train_marknet.py")
     bits, width = int(meta["bits"]), int(meta.get("width", 32))
     emb = MarkEmbedder(channels, size, bits, width, zero_mean=bool(meta.get("zero_mean", False)),
-                       odd=bool(meta.get("odd", False)), headroom=float(meta.get("headroom", 0.0)))
+                       odd=bool(meta.get("odd", False)))
     ext = MarkExtractor(channels, size, bits, width)
     load_into(emb, {k[9:]: v for k, v in tensors.items() if k.startswith("embedder.")}, path, "the embedder")
     load_into(ext, {k[10:]: v for k, v in tensors.items() if k.startswith("extractor.")}, path, "the extractor")
@@ -89,8 +89,8 @@ def load_marknet(size: int, channels: int, path: str | Path | None = None) -> Ma
 
 def save_marknet(path: str | Path, embedder: MarkEmbedder, extractor: MarkExtractor, meta: dict,
                  arch_version: int = MARKNET_ARCH_VERSION) -> None:
-    """Write a pair of nets as ``load_marknet`` reads them: prefixed tensors, `meta` (at least ``bits``; ``width``
-    ``zero_mean``, ``odd``, ``headroom`` and ``restore_mean`` when not the defaults) and the architecture version."""
+    """Write a pair of nets as ``load_marknet`` reads them: prefixed tensors, `meta` (at least ``bits``; ``width``,
+    ``zero_mean``, ``odd`` and ``restore_mean`` when not the defaults) and the architecture version."""
     tensors = {**{f"embedder.{k}": v for k, v in embedder.state_dict().items()},
                **{f"extractor.{k}": v for k, v in extractor.state_dict().items()}}
     save_state(path, tensors, {"arch_version": arch_version, **meta})

@@ -88,8 +88,7 @@ def mse_for_psnr(psnr: float) -> float:
 def train_marknet(covers: np.ndarray, bits: int = 64, steps: int = 3000, batch: int = 64, psnr: float = 38.0,
                   lr: float = 1e-3, seed: int = 0, width: int = 32, warmup: float = 0.2,
                   zero_mean: bool = False, start_psnr: float = 10.0,
-                  jpeg_gradient: str = "model", odd: bool = False,
-                  headroom: float = 0.0) -> tuple[MarkEmbedder, MarkExtractor, dict]:
+                  jpeg_gradient: str = "model", odd: bool = False) -> tuple[MarkEmbedder, MarkExtractor, dict]:
     """Train an embedder and extractor on uint8 N×H×W×C `covers`; returns them (eval mode) and a summary.
 
     For the first `warmup` of the steps the null term is off (with it from the start, the extractor settles on
@@ -98,15 +97,15 @@ def train_marknet(covers: np.ndarray, bits: int = 64, steps: int = 3000, batch: 
     residual grows until the clamp to [-1, 1] saturates, no gradient passes, and the bits are never learned. The
     penalty is a hinge on the MSE above the target, with a weight λ adapted to hold it there: a penalty below
     the target shrinks the untrained residual to nothing before the bits can be learned.
-    `zero_mean` subtracts each channel's mean from the residual, `odd` makes it change sign with the message and
-    `headroom` fades it out at black and white (``models.marknet.MarkEmbedder``);
+    `zero_mean` subtracts each channel's mean from the residual and `odd` makes it change sign with the message
+    (``models.marknet.MarkEmbedder``);
     `jpeg_gradient` is "model" (the JPEG model's gradient) or "identity" (``jpeg_tensor``)."""
     if jpeg_gradient not in ("model", "identity"):
         raise ValueError(f"jpeg_gradient must be 'model' or 'identity', got {jpeg_gradient!r}")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     n, size, _, channels = covers.shape
-    emb = MarkEmbedder(channels, size, bits, width, zero_mean=zero_mean, odd=odd, headroom=headroom)
+    emb = MarkEmbedder(channels, size, bits, width, zero_mean=zero_mean, odd=odd)
     ext = MarkExtractor(channels, size, bits, width)
     opt = torch.optim.Adam([*emb.parameters(), *ext.parameters()], lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.05)
@@ -140,6 +139,5 @@ def train_marknet(covers: np.ndarray, bits: int = 64, steps: int = 3000, batch: 
     summary = {"bits": bits, "size": size, "channels": channels, "steps": steps, "batch": batch, "psnr_target": psnr,
                "psnr": round(10 * math.log10(4 / max(ms, 1e-12)), 2), "train_bit_accuracy": round(float(a), 4),
                "seconds": round(time.time() - t0), "covers": int(n), "width": width,
-               "zero_mean": zero_mean, "odd": odd, "headroom": headroom,
-               "jpeg_gradient": jpeg_gradient}
+               "zero_mean": zero_mean, "odd": odd, "jpeg_gradient": jpeg_gradient}
     return emb.eval(), ext.eval(), summary
